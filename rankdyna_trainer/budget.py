@@ -1,0 +1,131 @@
+"""One global parameter budget shared by every compression method.
+
+A singular group of an ``m x n`` matrix costs ``m + n`` parameters, but a matrix never costs more than
+its dense ``m * n``: past the break-even rank it is cheaper to store it dense, so further groups are free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+
+def matrix_cost(rank: int, out_features: int, in_features: int) -> int:
+    """Parameters needed to store a rank-``rank`` ``out_features x in_features`` matrix (factorized or dense)."""
+    return min(rank * (out_features + in_features), out_features * in_features)
+
+
+def keeps_dense(rank: int, out_features: int, in_features: int) -> bool:
+    """Whether storing the matrix dense is no larger than storing its ``rank`` factors."""
+    return rank * (out_features + in_features) >= out_features * in_features
+
+
+@dataclass(frozen=True)
+class ParameterBudget:
+    """Cubic budget schedule over optimizer steps (AdaLoRA's schedule, counted in parameters).
+
+    ``[0, warmup_steps)``: no pruning, scores accumulate. ``[warmup_steps, final_start)``: the budget falls
+    cubically from the initial to the target and groups are reallocated every ``interval`` steps.
+    ``[final_start, total_steps)``: one last allocation at the target, then the pattern is frozen.
+    """
+
+    dense_params: int
+    initial_fraction: float
+    target_fraction: float
+    total_steps: int
+    warmup_steps: int
+    final_steps: int
+    interval: int = 1
+
+    @classmethod
+    def from_fractions(
+        cls,
+        dense_params: int,
+        initial_fraction: float,
+        target_fraction: float,
+        total_steps: int,
+        warmup_fraction: float,
+        final_fraction: float,
+        interval: int = 1,
+    ) -> "ParameterBudget":
+        if total_steps is None or total_steps <= 0:
+            raise ValueError(
+                f"The number of optimizer steps must be known and positive to schedule the budget, got "
+                f"{total_steps!r}. Set `max_steps` in TrainingArguments when the dataset has no length."
+            )
+        warmup_steps = round(warmup_fraction * total_steps)
+        final_steps = round(final_fraction * total_steps)
+        if total_steps - warmup_steps - final_steps < 1:
+            raise ValueError(
+                f"The schedule leaves no step to prune in: {total_steps} steps with warmup_fraction="
+                f"{warmup_fraction} ({warmup_steps} steps) and final_fraction={final_fraction} ({final_steps} "
+                "steps). Train for more steps or lower the two fractions."
+            )
+        return cls(dense_params, initial_fraction, target_fraction, total_steps, warmup_steps, final_steps, interval)
+
+    @property
+    def final_start(self) -> int:
+        return self.total_steps - self.final_steps
+
+    def fraction_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.initial_fraction
+        if step >= self.final_start:
+            return self.target_fraction
+        progress = (step - self.warmup_steps) / (self.final_start - self.warmup_steps)
+        return self.target_fraction + (self.initial_fraction - self.target_fraction) * (1 - progress) ** 3
+
+    def params_at(self, step: int) -> int:
+        return int(self.fraction_at(step) * self.dense_params)
+
+    def is_reallocation_step(self, step: int) -> bool:
+        if step == self.final_start:
+            return True
+        in_pruning = self.warmup_steps <= step < self.final_start
+        return in_pruning and (step - self.warmup_steps) % self.interval == 0
+
+    def tracks_scores(self, step: int) -> bool:
+        """Scores are needed up to and including the last allocation."""
+        return step <= self.final_start
+
+
+def allocate_groups(
+    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget_params: int
+) -> list[torch.Tensor]:
+    """Keep the highest-scoring singular groups of all matrices together within ``budget_params``.
+
+    Greedy by score over the marginal cost of each group (``m + n`` until the matrix reaches its dense
+    size, zero after). Matrices that end up at or past break-even keep all their groups, since they are
+    stored dense anyway. Runs as a handful of batched tensor ops with no host synchronisation.
+
+    Returns one boolean keep-mask per matrix, aligned with ``scores``.
+    """
+    device = scores[0].device
+    lengths = torch.tensor([len(s) for s in scores], device=device)
+    out_f = torch.tensor([m for m, _ in shapes], device=device, dtype=torch.int64)[:, None]
+    in_f = torch.tensor([n for _, n in shapes], device=device, dtype=torch.int64)[:, None]
+    group_cost, dense_cost = out_f + in_f, out_f * in_f
+
+    # -inf padding sorts last; the stable sort keeps any real -inf score ahead of the padding.
+    padded = pad_sequence([s.detach().float() for s in scores], batch_first=True, padding_value=float("-inf"))
+    sorted_scores, order = padded.sort(dim=1, descending=True, stable=True)
+    position = torch.arange(1, padded.shape[1] + 1, device=device)[None, :]
+    valid = position <= lengths[:, None]
+    marginal = torch.minimum(position * group_cost, dense_cost) - torch.minimum((position - 1) * group_cost, dense_cost)
+
+    flat_scores, flat_cost = sorted_scores[valid], marginal.expand_as(valid)[valid]
+    ranking = flat_scores.argsort(descending=True, stable=True)
+    fits = flat_cost[ranking].cumsum(0) <= budget_params
+    keep_flat = torch.zeros_like(fits)
+    keep_flat[ranking] = fits
+
+    keep_sorted = torch.zeros_like(valid)
+    keep_sorted[valid] = keep_flat
+    kept = keep_sorted.sum(dim=1, keepdim=True)
+    dense_anyway = kept * group_cost >= dense_cost
+    keep_sorted = keep_sorted | (dense_anyway & valid)
+
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    return [keep[i, : len(s)] for i, s in enumerate(scores)]
