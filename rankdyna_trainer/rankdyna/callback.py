@@ -127,7 +127,7 @@ class RankDynaCallback(TrainerCallback):
         logs.update(values)
         if state.log_history:
             state.log_history[-1].update(values)
-        skipped = int(self.scores.skipped_steps)
+        skipped = self.scores.skipped_steps
         if skipped > self._reported_skips:
             logger.warning(
                 "RankDyna skipped %d optimizer step(s) with non-finite gradients when updating importance scores.",
