@@ -6,8 +6,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification, Trainer, TrainingArguments
 
-from rankdyna_trainer import (RankDynaCallback, RankDynaConfig, export_model, load_compressed_model, prepare_model,
-                              save_compressed_model)
+from rankdyna_trainer import (
+    RankDynaCallback,
+    RankDynaConfig,
+    export_model,
+    load_compressed_model,
+    prepare_model,
+    save_compressed_model,
+)
 from rankdyna_trainer.glue import load_glue
 
 pytestmark = pytest.mark.slow

@@ -4,8 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from rankdyna_trainer import (LowRankLinear, RankDynaConfig, export_model, load_compressed_model, prepare_model,
-                              save_compressed_model)
+from rankdyna_trainer import (
+    LowRankLinear,
+    RankDynaConfig,
+    export_model,
+    load_compressed_model,
+    prepare_model,
+    save_compressed_model,
+)
 from rankdyna_trainer.budget import matrix_cost
 from rankdyna_trainer.export import COMPRESSION_CONFIG_FILE
 from rankdyna_trainer.rankdyna import svd_layers
