@@ -26,10 +26,24 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
     return TrainingArguments(**settings)
 
 
-def build_trainer(output_dir, config=None, callbacks=(), n_examples=40, **arg_overrides) -> Trainer:
+def tiny_bert_without_dropout(seed: int = 0):
+    """tiny_bert's architecture and initial weights with dropout off, so differently batched runs can agree."""
+    from transformers import BertForSequenceClassification
+
+    config = tiny_bert().config
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config).eval()
+
+
+def build_trainer(output_dir, config=None, callbacks=(), n_examples=40, dropout=True, **arg_overrides) -> Trainer:
     config = config or small_config()
-    model = prepare_model(tiny_bert(), config)
+    model = prepare_model(tiny_bert() if dropout else tiny_bert_without_dropout(), config)
     model.train()
+    # BERT's forward takes **kwargs, so the Trainer assumes its loss is normalised by num_items_in_batch and
+    # skips dividing by the accumulation steps; BERT's classification loss ignores it (a plain mean), which
+    # would make accumulated gradients gradient_accumulation_steps times too large.
+    model.accepts_loss_kwargs = False
     return Trainer(
         model=model,
         args=training_args(output_dir, **arg_overrides),
