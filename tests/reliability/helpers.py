@@ -36,7 +36,8 @@ def tiny_bert_without_dropout(seed: int = 0):
     return BertForSequenceClassification(config).eval()
 
 
-def build_trainer(output_dir, config=None, callbacks=(), n_examples=40, dropout=True, **arg_overrides) -> Trainer:
+def build_trainer(output_dir, config=None, callbacks=(), n_examples=40, dropout=True, trainer_class=Trainer,
+                  **arg_overrides) -> Trainer:
     config = config or small_config()
     model = prepare_model(tiny_bert() if dropout else tiny_bert_without_dropout(), config)
     model.train()
@@ -44,7 +45,7 @@ def build_trainer(output_dir, config=None, callbacks=(), n_examples=40, dropout=
     # skips dividing by the accumulation steps; BERT's classification loss ignores it (a plain mean), which
     # would make accumulated gradients gradient_accumulation_steps times too large.
     model.accepts_loss_kwargs = False
-    return Trainer(
+    return trainer_class(
         model=model,
         args=training_args(output_dir, **arg_overrides),
         train_dataset=random_classification_dataset(n=n_examples),
