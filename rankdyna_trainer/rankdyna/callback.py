@@ -51,10 +51,12 @@ class RankDynaCallback(TrainerCallback):
         if config is None:
             raise ValueError("RankDynaCallback needs a RankDynaConfig: pass it to the callback or to prepare_model.")
         self.config = config
-        if args.deepspeed or getattr(args, "fsdp", None):
+        backend = _sharding_backend(args)
+        if backend is not None:
             raise ValueError(
-                "RankDyna reads full gradients of every factor on each optimizer step; DeepSpeed and FSDP shard "
-                "them, which is not supported. Use plain data parallelism (torchrun/accelerate DDP)."
+                f"RankDyna does not support {backend}: it reads the full gradient of every factor on each optimizer "
+                "step, which FSDP and DeepSpeed ZeRO shard across processes (DeepSpeed without ZeRO is untested, so "
+                "it is refused too). Use plain data parallelism (torchrun, or accelerate launch with multi-GPU DDP)."
             )
         self._names, self._layers = list(layers), list(layers.values())
         self.budget = ParameterBudget.from_fractions(
@@ -167,6 +169,18 @@ class RankDynaCallback(TrainerCallback):
         }
         with open(os.path.join(directory, RANK_PATTERN_FILE), "w") as f:
             json.dump(pattern, f, indent=2)
+
+
+def _sharding_backend(args) -> str | None:
+    """DeepSpeed or FSDP if either is on, from TrainingArguments or from an ``accelerate launch`` config."""
+    def launched_with(name: str) -> bool:
+        return os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() in ("1", "true")
+
+    if getattr(args, "deepspeed", None) or launched_with("DEEPSPEED"):
+        return "DeepSpeed"
+    if getattr(args, "fsdp", None) or launched_with("FSDP"):
+        return "FSDP"
+    return None
 
 
 def _is_distributed() -> bool:
