@@ -39,7 +39,7 @@ def test_allocation_is_identical_on_every_process_at_every_reallocation(two_proc
     dumps = two_process_run / "dumps"
     rank0, rank1 = _load(dumps / "allocations_rank0.json"), _load(dumps / "allocations_rank1.json")
     assert [r["step"] for r in rank0] == [r["step"] for r in rank1]
-    assert len(rank0) >= 5, "the schedule should reallocate several times in this run"
+    assert [r["step"] for r in rank0] == [2, 4, 6, 8, 10, 12, 14, 16]
     for a, b in zip(rank0, rank1):
         assert a["gates"] == b["gates"], f"masks differ at step {a['step']}"
         # The scores themselves agree (not only the masks that rank 0 broadcasts): the processes saw
