@@ -121,7 +121,8 @@ def read_compression_config(directory: str) -> dict:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}): the file is truncated or corrupt; export the "
                              "model again.") from err
-    if not isinstance(layout, dict) or layout.get("format_version") != FORMAT_VERSION or not isinstance(layout.get("modules"), dict):
+    if not (isinstance(layout, dict) and layout.get("format_version") == FORMAT_VERSION
+            and isinstance(layout.get("modules"), dict)):
         raise ValueError(f"{path} is not a valid compression config (format_version {FORMAT_VERSION} with a "
                          f"'modules' mapping expected).")
     return layout
