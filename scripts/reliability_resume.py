@@ -36,7 +36,8 @@ full = build_trainer(out / "full", callbacks=[full_history])
 full.train()
 full_state = state_of(full.model)
 
-print("| resume after step | rank patterns equal at every later step | max abs diff (weights) | max abs diff (importance buffers) |")
+print("| resume after step | rank patterns equal at every later step | max abs diff (weights) "
+      "| max abs diff (importance buffers) |")
 print("|---|---|---|---|")
 for step in args.crash_steps:
     run_dir = out / f"crash{step}"

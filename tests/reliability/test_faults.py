@@ -9,8 +9,15 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from rankdyna_trainer.export import COMPRESSION_CONFIG_FILE, LowRankLinear, load_compressed_model, save_compressed_model
-from rankdyna_trainer.rankdyna import (RANK_PATTERN_FILE, RankDynaCallback, RankDynaConfig, export_model,
-                                       kept_params, prepare_model, svd_layers)
+from rankdyna_trainer.rankdyna import (
+    RANK_PATTERN_FILE,
+    RankDynaCallback,
+    RankDynaConfig,
+    export_model,
+    kept_params,
+    prepare_model,
+    svd_layers,
+)
 from rankdyna_trainer.resume import last_complete_checkpoint
 from tests.conftest import tiny_bert, tiny_llama
 
