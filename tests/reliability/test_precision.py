@@ -98,3 +98,21 @@ def test_fp16_loss_scale_does_not_reach_the_scores(tmp_path, unscaled_by_clippin
     assert any(v.abs().sum() > 0 for v in reference.values())
     for key, value in reference.items():
         torch.testing.assert_close(scaled[key], value, rtol=1e-5, atol=1e-9, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_scores_like_plain_backward(tmp_path, use_reentrant):
+    # Checkpointing re-runs each layer's forward during backward; the gate gradient must still be counted once.
+    plain = build_trainer(tmp_path / "plain", dropout=False, max_steps=6)
+    checkpointed = build_trainer(tmp_path / "ckpt", dropout=False, max_steps=6, gradient_checkpointing=True,
+                                 gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    calls = []
+    next(iter(svd_layers(checkpointed.model).values())).register_forward_hook(lambda *_: calls.append(1))
+    plain.train()
+    checkpointed.train()
+    assert len(calls) == 2 * 6, "each layer's forward should run twice per step (forward + recomputation)"
+    a, b = state_of(plain.model), state_of(checkpointed.model)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "sensitivity_gate" in k)
+    for key in a:
+        if "sensitivity" in key or "uncertainty" in key or key.endswith(".gate"):
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-7, msg=lambda m: f"{key}: {m}")
