@@ -10,7 +10,8 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 def split_matrix_name(name: str) -> tuple[int | None, str]:
-    """``bert.encoder.layer.3.attention.self.query`` -> ``(3, "attention.self.query")``; no index -> ``(None, name)``."""
+    """``bert.encoder.layer.3.attention.self.query`` -> ``(3, "attention.self.query")``; without an index
+    ``(None, name)``."""
     match = _LAYER_INDEX.search(name)
     if match is None:
         return None, name

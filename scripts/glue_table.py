@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run_glue  # noqa: E402
+
 from rankdyna_trainer.glue_metrics import main_metric  # noqa: E402
 
 COMMON_ARGS = ["--model_name_or_path", "minilm", "--do_train", "--do_eval", "--max_seq_length", "128",
@@ -78,20 +79,21 @@ def table_row(task: str, method: str, results: dict, wall_s: float) -> dict:
         "task": task, "method": method, "main_metric": main_metric(task), "metrics": metrics,
         "params_fraction": compression["params_fraction"] if compression else 1.0,
         "compressed_params": compression["compressed_params"] if compression else None,
+        "train_rows": results["train"]["train_samples"], "dev_rows": evals["eval_samples"],
         "train_runtime_s": results["train"]["train_runtime"], "wall_s": wall_s,
     }
 
 
 def render(rows: list[dict], commands: list[str], args, argv: list[str]) -> str:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    lines = [f"Dense fine-tuning vs RankDyna (budget {args.budget}), packaged MiniLM (all-MiniLM-L6-v2), full GLUE "
-             f"train and dev sets; {date}.",
+    lines = [f"Dense fine-tuning vs RankDyna (budget {args.budget}), packaged MiniLM (all-MiniLM-L6-v2); {date}.",
              "",
-             "| task | method | dev metrics | targeted weights kept | train time (s) |",
-             "|---|---|---|---|---|"]
+             "| task | method | train rows | dev rows | dev metrics | targeted weights kept | train time (s) |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         metrics = ", ".join(f"{name} {100 * value:.1f}" for name, value in row["metrics"].items())
-        lines.append(f"| {row['task']} | {row['method']} | {metrics} | {100 * row['params_fraction']:.1f}% "
+        lines.append(f"| {row['task']} | {row['method']} | {row['train_rows']} | {row['dev_rows']} | {metrics} "
+                     f"| {100 * row['params_fraction']:.1f}% "
                      f"| {row['train_runtime_s']:.0f} |")
     lines += ["", "Commands (one per row, as run by `python scripts/glue_table.py "
               + shlex.join(argv) + "`):", "", "```"]

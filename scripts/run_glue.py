@@ -162,7 +162,8 @@ def check_arguments(model_args, data_args, rankdyna_args, search_args, training_
     if not (training_args.do_train or training_args.do_eval or search_args.hyperparameter_search):
         raise ValueError("Nothing to do: pass --do_train and/or --do_eval (or --hyperparameter_search N).")
     if search_args.hyperparameter_search < 0:
-        raise ValueError(f"--hyperparameter_search takes a number of trials >= 0, got {search_args.hyperparameter_search}.")
+        raise ValueError(f"--hyperparameter_search takes a number of trials >= 0, "
+                         f"got {search_args.hyperparameter_search}.")
 
 
 # --------------------------------------------------------------------------------------------------------------

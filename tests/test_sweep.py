@@ -23,7 +23,8 @@ def test_optuna_space_samples_inside_the_wandb_space():
         assert hp_space(trial) == values  # asked again (as model_init does), a trial gives the same values
         assert 1e-5 <= values["learning_rate"] <= 1e-3
         assert values["rankdyna_budget"] in (0.3, 0.5)
-        assert isinstance(values["rankdyna_reallocation_interval"], int) and 2 <= values["rankdyna_reallocation_interval"] <= 9
+        interval = values["rankdyna_reallocation_interval"]
+        assert isinstance(interval, int) and 2 <= interval <= 9
         assert 0.0 <= values["warmup_steps"] <= 0.2 and values["seed"] == 7
         study.tell(trial, 0.0)
     distribution = study.trials[0].distributions["learning_rate"]

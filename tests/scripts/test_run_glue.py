@@ -36,8 +36,15 @@ TINY = ["--model_name_or_path", "minilm", "--max_seq_length", "32", "--max_train
 MINILM_TARGET_PARAMS = 6 * (4 * 384 * 384 + 2 * 384 * 1536)  # 6 layers: q, k, v, attn-out (h x h) + FFN in/out
 
 
+def _offline_runs(tmp_path) -> list[str]:
+    import wandb
+
+    wandb.teardown()  # wandb-core writes run files asynchronously; shutting it down waits for the writes
+    return offline_run_files(str(tmp_path / "wandb"))
+
+
 def _history(tmp_path) -> list[dict]:
-    runs = offline_run_files(str(tmp_path / "wandb"))
+    runs = _offline_runs(tmp_path)
     assert len(runs) == 1, runs
     return history_rows(runs[0])
 
@@ -74,7 +81,8 @@ def test_rankdyna_on_pair_task_trains_compresses_saves_and_evaluates(glue_dir, m
                       return_tensors="pt")
     with torch.no_grad():
         predicted = model(**batch).logits.argmax(-1)
-    assert evals["eval_accuracy"] == pytest.approx((predicted == torch.tensor(list(dev["label"]))).float().mean().item())
+    by_hand = (predicted == torch.tensor(list(dev["label"]))).float().mean().item()
+    assert evals["eval_accuracy"] == pytest.approx(by_hand)
 
     png = out / "rank_heatmap.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -130,7 +138,7 @@ def test_hyperparameter_search_runs_optuna_trials_as_wandb_runs(glue_dir, minilm
     assert best["best_hyperparameters"]["rankdyna_budget"] in space["rankdyna_budget"]["values"]
     lr = space["learning_rate"]
     assert lr["min"] <= best["best_hyperparameters"]["learning_rate"] <= lr["max"]
-    runs = offline_run_files(str(tmp_path / "wandb"))
+    runs = _offline_runs(tmp_path)
     assert len(runs) == 2  # one W&B run per trial
     for run in runs:
         logged = {key for row in history_rows(run) for key in row}
@@ -194,7 +202,8 @@ def test_glue_dir_without_the_task_folder(tmp_path, glue_dir):
 def test_file_with_the_wrong_columns(tmp_path, glue_dir):
     sst2_as_rte = tmp_path / "train.tsv"
     shutil.copy(Path(glue_dir) / "SST-2" / "dev.tsv", sst2_as_rte)
-    with pytest.raises(ValueError, match=r"lacks the columns \['sentence1', 'sentence2'\] that GLUE rte needs; it has \['sentence', 'label'\]"):
+    expected = r"lacks the columns \['sentence1', 'sentence2'\] that GLUE rte needs; it has \['sentence', 'label'\]"
+    with pytest.raises(ValueError, match=expected):
         run_glue.main(_argv(tmp_path, "--task_name", "rte", "--train_file", str(sst2_as_rte)))
 
 
