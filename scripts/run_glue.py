@@ -159,6 +159,9 @@ def check_arguments(model_args, data_args, rankdyna_args, search_args, training_
         raise ValueError(f"{flags} only take effect with --rankdyna; add --rankdyna to compress, or drop them.")
     if rankdyna_args.rankdyna:
         rankdyna_args.to_config()  # RankDynaConfig validates every value
+        if not (training_args.do_train or search_args.hyperparameter_search):
+            raise ValueError("--rankdyna compresses while training: add --do_train. To evaluate a compressed model, "
+                             "pass its folder as --model_name_or_path without --rankdyna.")
     if not (training_args.do_train or training_args.do_eval or search_args.hyperparameter_search):
         raise ValueError("Nothing to do: pass --do_train and/or --do_eval (or --hyperparameter_search N).")
     if search_args.hyperparameter_search < 0:
@@ -352,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["eval"] = eval_metrics
 
     finish_wandb()
-    print_where_results_are(training_args.output_dir, compression is not None and training_args.do_train)
+    print_where_results_are(training_args.output_dir, training_args.do_eval,
+                            compression is not None and training_args.do_train)
     return results
 
 
@@ -395,8 +399,10 @@ def finish_wandb() -> None:
         run.finish()
 
 
-def print_where_results_are(output_dir: str, compressed: bool) -> None:
-    lines = [f"Results in {output_dir}/:", "  eval_results.json    dev-set metrics (GLUE metric of the task)"]
+def print_where_results_are(output_dir: str, evaluated: bool, compressed: bool) -> None:
+    lines = [f"Results in {output_dir}/:"]
+    if evaluated:
+        lines.append("  eval_results.json    dev-set metrics (GLUE metric of the task)")
     if compressed:
         lines += ["  compression_config.json + model.safetensors   compressed model "
                   "(rankdyna_trainer.load_compressed_model)",

@@ -207,6 +207,12 @@ def test_file_with_the_wrong_columns(tmp_path, glue_dir):
         run_glue.main(_argv(tmp_path, "--task_name", "rte", "--train_file", str(sst2_as_rte)))
 
 
+def test_rankdyna_without_training(tmp_path, glue_dir):
+    with pytest.raises(ValueError, match="--rankdyna compresses while training: add --do_train"):
+        run_glue.main(["--model_name_or_path", "minilm", "--task_name", "rte", "--rankdyna", "--do_eval",
+                       "--output_dir", str(tmp_path)])
+
+
 def test_nothing_to_do(tmp_path, glue_dir):
     with pytest.raises(ValueError, match="Nothing to do"):
         run_glue.main(["--model_name_or_path", "minilm", "--task_name", "rte", "--output_dir", str(tmp_path)])
