@@ -177,7 +177,11 @@ def load_raw_datasets(data_args, training_args, need_train: bool):
     if data_args.train_file or data_args.validation_file:
         raw = load_glue_files(task, data_args.train_file, data_args.validation_file)
     else:
-        raw = load_glue(task, data_args.glue_dir)
+        try:
+            raw = load_glue(task, data_args.glue_dir)
+        except ConnectionError as err:  # no local folder given, and the hub is out of reach
+            raise ConnectionError(f"{err}. Without a network, point --glue_dir (or $GLUE_DIR) at a local GLUE "
+                                  "folder.") from err
     validation_splits = [s for s in raw if s.startswith("validation")]
     if need_train and "train" not in raw:
         raise ValueError("Training needs a train split: give --train_file or a GLUE folder.")

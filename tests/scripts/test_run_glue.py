@@ -213,6 +213,12 @@ def test_rankdyna_without_training(tmp_path, glue_dir):
                        "--output_dir", str(tmp_path)])
 
 
+def test_without_a_glue_folder_the_hub_is_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLUE_DIR", raising=False)  # conftest sets HF offline, so the hub cannot answer
+    with pytest.raises(ConnectionError, match=r"nyu-mll/glue.*point --glue_dir \(or \$GLUE_DIR\)"):
+        run_glue.main(_argv(tmp_path, "--task_name", "rte"))
+
+
 def test_nothing_to_do(tmp_path, glue_dir):
     with pytest.raises(ValueError, match="Nothing to do"):
         run_glue.main(["--model_name_or_path", "minilm", "--task_name", "rte", "--output_dir", str(tmp_path)])
