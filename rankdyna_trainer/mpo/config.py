@@ -15,13 +15,15 @@ class MPOConfig:
 
     target_budget: float = field(
         default=0.5,
-        metadata={"help": "Parameters kept, as a fraction of the dense parameters of the targeted matrices, in (0, 1]."},
+        metadata={"help": "Parameters kept, as a fraction of the dense parameters of the targeted matrices, "
+                  "in (0, 1]."},
     )
     num_tensors: int = field(
         default=3, metadata={"help": "Local tensors per matrix (odd, >= 3, so there is one central tensor)."}
     )
     target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module-name suffixes (list) or a full-name regex; None: architecture defaults."}
+        default=None,
+        metadata={"help": "Module-name suffixes (list) or a full-name regex; None: architecture defaults."},
     )
     train_central: bool = field(
         default=False,

@@ -42,7 +42,8 @@ def mpo_decompose(weight: torch.Tensor, out_factors: list[int], in_factors: list
     """
     K = len(out_factors)
     if len(in_factors) != K or math.prod(out_factors) != weight.shape[0] or math.prod(in_factors) != weight.shape[1]:
-        raise ValueError(f"Factors {out_factors} x {in_factors} do not multiply to the weight shape {tuple(weight.shape)}.")
+        raise ValueError(f"Factors {out_factors} x {in_factors} do not multiply to the weight shape "
+                         f"{tuple(weight.shape)}.")
     center = K // 2
     # SVDs in at least float32 (half precision is not accurate enough), float64 stays float64.
     W = weight.detach().to(torch.promote_types(weight.dtype, torch.float32)).reshape(*out_factors, *in_factors)

@@ -61,9 +61,10 @@ def test_attention_ranks_match_exhaustive_search_and_favour_v_o():
     for budget in (300, 1000, 1800, 2500, 10_000):
         ranks = attention_ranks(shapes, weights, budget)
         cost = lambda rs: sum(matrix_cost(rs[n], *shapes[n]) for n in shapes)  # noqa: E731
-        feasible = [r for r in range(33) if cost({n: min(int(r * weights[n]), min(shapes[n])) for n in shapes}) <= budget]
+        ranks_at = lambda r: {n: min(int(r * weights[n]), min(shapes[n])) for n in shapes}  # noqa: E731
+        feasible = [r for r in range(33) if cost(ranks_at(r)) <= budget]
         best = max(feasible)
-        assert ranks == {n: min(int(best * weights[n]), min(shapes[n])) for n in shapes}
+        assert ranks == ranks_at(best)
         assert cost(ranks) <= budget
         assert ranks["v"] >= ranks["k"] and ranks["o"] >= ranks["q"]
 
@@ -154,11 +155,13 @@ def test_lorap_meets_budget_prunes_ffn_physically_and_reloads(tmp_path):
     for i in range(2):
         prefix = f"model.layers.{i}."
         # FFN: 64 channels -> floor(0.5 * 64) = 32, exported as plain (smaller) Linear layers.
-        assert modules[prefix + "mlp.gate_proj"] == {"type": "linear", "in_features": 32, "out_features": 32, "bias": False}
+        expected = {"type": "linear", "in_features": 32, "out_features": 32, "bias": False}
+        assert modules[prefix + "mlp.gate_proj"] == expected
         assert modules[prefix + "mlp.down_proj"]["in_features"] == 32
-        attention = {n: model.get_submodule(prefix + "self_attn." + n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        attention = {n: model.get_submodule(f"{prefix}self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
         assert all(isinstance(l, LowRankLinear) for l in attention.values())
-        assert attention["v_proj"].rank > attention["k_proj"].rank and attention["o_proj"].rank > attention["q_proj"].rank
+        assert attention["v_proj"].rank > attention["k_proj"].rank
+        assert attention["o_proj"].rank > attention["q_proj"].rank
     reloaded = _reload_matches(model, modules, "lorap", tmp_path)
     assert reloaded.model.layers[0].mlp.up_proj.weight.shape == (32, 32)
 

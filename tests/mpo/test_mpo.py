@@ -104,7 +104,8 @@ def test_prepare_train_export_reload_on_tiny_llama(tmp_path):
     Trainer(model=model, args=args, train_dataset=_lm_dataset()).train()
     for name, layer in layers.items():
         assert torch.equal(layer.tensors[layer.center], central[name])  # frozen
-    assert any(not torch.equal(t, old) for n, l in layers.items() for t, old in zip(l.auxiliary_tensors(), auxiliary[n]))
+    assert any(not torch.equal(t, old)
+               for n, l in layers.items() for t, old in zip(l.auxiliary_tensors(), auxiliary[n]))
 
     modules = export_mpo(model)
     assert sum(exported_params(e) for e in modules.values()) == sum(l.num_params() for l in layers.values())
