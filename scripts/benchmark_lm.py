@@ -202,8 +202,8 @@ def write_markdown() -> None:
         f"{run.batch_size} training blocks (disjoint from calibration), lr {run.lr}. Held-out: "
         f"{run.eval_sequences} blocks of dev sentences "
         f"({run.eval_sequences * (run.seq_len - 1):,} predicted tokens).",
-        "- Times are wall-clock seconds of compression (+ fine-tuning for RankDyna), measured in this one script run "
-        "on a shared 2-core CPU (other jobs were running): compare them only roughly.",
+        "- Times are wall-clock seconds of compression (+ calibration, + fine-tuning where there is one), measured "
+        "side by side by this script on a shared 2-core CPU (other jobs were running): compare them only roughly.",
         "- Run as `OMP_NUM_THREADS=1 nice -n 10 <command>` with `--threads 1` (the default); the converted model "
         "cache came from `rankdyna_trainer.packaged_models.smollm2_path()`.",
         "- Every compressed model was exported, saved, reloaded with `load_compressed_model`, and evaluated "
@@ -214,7 +214,8 @@ def write_markdown() -> None:
     ]
     for key, r in sorted(((k, v) for k, v in results.items() if not k.startswith("_")),
                          key=lambda kv: (-kv[1]["budget"], list(LABELS).index(kv[1]["method"]))):
-        lines.append(f"| {r['budget']:.0%} | {LABELS[r['method']]} | {r['perplexity']:.2f} | "
+        ppl = f"{r['perplexity']:.2f}" if r["perplexity"] < 1e4 else f"{r['perplexity']:.3g}"
+        lines.append(f"| {r['budget']:.0%} | {LABELS[r['method']]} | {ppl} | "
                      f"{r['target_params']:,} ({r['target_params'] / DENSE_TARGET_PARAMS:.1%}) | "
                      f"{r['total_params']:,} | {r['seconds']:.0f} |")
     missing = [f"{m}@{b}" for m, b in planned_runs(run.methods, run.budgets) if f"{m}@{b}" not in results]

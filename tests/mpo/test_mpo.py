@@ -141,3 +141,15 @@ def test_bad_inputs_fail_early():
         MPOLinear([torch.zeros(1, 2, 2, 1)] * 2, None)
     with pytest.raises(ValueError, match="prepare_mpo"):
         export_mpo(tiny_llama())
+
+
+def test_mpo_type_is_registered_by_importing_the_package_alone():
+    # A fresh interpreter that only loads the export module must still know how to rebuild MPO layers.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "from rankdyna_trainer.export import MODULE_BUILDERS; assert 'mpo' in MODULE_BUILDERS"
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
