@@ -192,13 +192,15 @@ def write_markdown() -> None:
         "",
         "- Commands (run in this order, each adding its rows to the same results file): "
         + "; ".join(f"`{c}`" for c in meta.get("commands", [COMMAND])),
-        f"- Date: {meta.get('date')}; torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"- Date of the last command: {meta.get('date')}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, "
         f"rankdyna_trainer {rankdyna_trainer.__version__}, Python {platform.python_version()}",
         f"- Model: SmolLM2-135M-Instruct (packaged Q4_1 GGUF, dequantized to float32), targeted matrices: "
         f"{len(TARGETS)} (q/k/v/o/gate/up/down x 30 blocks), {DENSE_TARGET_PARAMS:,} dense weight params "
         f"of {DENSE_TOTAL_PARAMS:,} in the model.",
         f"- Text: GLUE sentences (SST-2, CoLA, MRPC, RTE) joined by EOS into blocks of {run.seq_len} tokens. "
-        f"Calibration: {run.calib_sequences} training blocks. RankDyna fine-tune: {run.train_steps} steps x "
+        f"Calibration: {run.calib_sequences} training blocks. Fine-tune (RankDyna and the controls): "
+        f"{run.train_steps} steps x "
         f"{run.batch_size} training blocks (disjoint from calibration), lr {run.lr}. Held-out: "
         f"{run.eval_sequences} blocks of dev sentences "
         f"({run.eval_sequences * (run.seq_len - 1):,} predicted tokens).",
