@@ -35,6 +35,7 @@ from rankdyna_trainer import RankDynaCallback, RankDynaConfig, export_model, pre
 from rankdyna_trainer.export import load_compressed_model, save_compressed_model  # noqa: E402
 from rankdyna_trainer.glue import load_glue  # noqa: E402
 from rankdyna_trainer.lorap import LoRAPConfig, LowRankSVDConfig, compress_lorap, compress_svd  # noqa: E402
+from rankdyna_trainer.mpo import MPOConfig, export_mpo, prepare_mpo  # noqa: E402
 from rankdyna_trainer.packaged_models import smollm2_path  # noqa: E402
 from rankdyna_trainer.targets import find_target_linears  # noqa: E402
 
@@ -42,7 +43,9 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.5])
 # dense_ft and lorap_ft are controls: the same causal-LM fine-tune as RankDyna's on the dense model (budget 1.0)
 # and on the LoRAP-compressed model, to separate in-domain adaptation from compression quality.
-METHODS = ["svd", "asvd", "lorap", "rankdyna", "dense_ft", "lorap_ft"]
+# mpo is the MPO decomposition alone; mpo_ft adds the same fine-tune, of the auxiliary tensors only (plus the
+# untargeted embeddings and norms), as the MPO recipe prescribes.
+METHODS = ["svd", "asvd", "lorap", "rankdyna", "dense_ft", "lorap_ft", "mpo", "mpo_ft"]
 parser.add_argument("--methods", nargs="+", default=["svd", "asvd", "lorap", "rankdyna"], choices=METHODS)
 parser.add_argument("--glue-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue"))
 parser.add_argument("--seq-len", type=int, default=128)
@@ -152,6 +155,12 @@ def compress(method: str, model, budget: float):
         if method == "lorap_ft":
             finetune(model)  # shapes do not change, so the layout stays valid
         return modules, vars(config)
+    if method in ("mpo", "mpo_ft"):
+        config = MPOConfig(target_budget=budget)
+        prepare_mpo(model, config)
+        if method == "mpo_ft":
+            finetune(model)
+        return export_mpo(model), vars(config)
     if method == "dense_ft":
         finetune(model)
         return {}, {}
@@ -173,12 +182,13 @@ def save_results() -> None:
 
 LABELS = {"dense": "dense (no compression)", "dense_ft": "dense + same fine-tune (control)",
           "svd": "SVD (uniform rank)", "asvd": "activation-weighted SVD", "lorap": "LoRAP",
-          "lorap_ft": "LoRAP + same fine-tune (control)", "rankdyna": "RankDyna (fine-tuned)"}
+          "lorap_ft": "LoRAP + same fine-tune (control)", "mpo": "MPO (3 tensors, bond-truncated)",
+          "mpo_ft": "MPO + same fine-tune (auxiliary tensors)", "rankdyna": "RankDyna (fine-tuned)"}
 
 
 def planned_runs(methods: list[str], budgets: list[float]) -> list[tuple[str, float]]:
     """Cheap post-training methods first, fine-tuning ones last, so a run cut short still has the baselines."""
-    order = sorted(methods, key=lambda m: m in ("rankdyna", "dense_ft", "lorap_ft"))
+    order = sorted(methods, key=lambda m: m in ("rankdyna", "dense_ft", "lorap_ft", "mpo_ft"))
     return [(m, b) for m in order for b in ([1.0] if m == "dense_ft" else budgets)]
 
 
