@@ -63,8 +63,11 @@ parser.add_argument("--batch_size", type=int, default=32)
 parser.add_argument("--max_seq_length", type=int, default=128)
 parser.add_argument("--fisher_batches", type=int, default=32, help="task batches for Fisher (fwsvd/tfwsvd/ars)")
 parser.add_argument("--ars_steps", type=int, default=80, help="hypernetwork steps of ARS mask learning")
+parser.add_argument("--ars_learning_rate", type=float, default=1e-2, help="Adam rate of the ARS hypernetwork")
 parser.add_argument("--als_iterations", type=int, default=5, help="TFWSVD alternating least-squares sweeps")
 parser.add_argument("--limit", type=int, default=None, help="first N rows of each split (smoke runs only)")
+parser.add_argument("--train_limit", type=int, default=None, help="first N training rows (dev sets stay full)")
+parser.add_argument("--rankdyna_interval", type=int, default=10, help="RankDyna steps between reallocations")
 parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 parser.add_argument("--glue_dir", default=os.path.join(REPO, "..", "shared", "data", "glue"))
 parser.add_argument("--model", default=None, help="model folder (default: the packaged MiniLM)")
@@ -118,10 +121,11 @@ def evaluate(model, data, collator, task, output_dir):
                       eval_dataset=data["validation"], data_collator=collator,
                       compute_metrics=compute_metrics_for(task))
     metrics = trainer.evaluate()
-    return {k.removeprefix("eval_"): v for k, v in metrics.items() if k.removeprefix("eval_") in ("accuracy", "f1", "mcc")}
+    metrics = {k.removeprefix("eval_"): v for k, v in metrics.items()}
+    return {k: metrics[k] for k in ("accuracy", "f1", "mcc")}
 
 
-def latency_ms(model, repeats=3):
+def latency_ms(model, repeats=2):
     """Median forward time of one batch of 32 x 128 tokens (inference mode, this process's threads)."""
     model.eval()
     ids = torch.randint(1000, 2000, (32, 128), generator=torch.Generator().manual_seed(0))
@@ -147,7 +151,7 @@ def export_and_measure(model, modules, method, method_config, data, collator, ta
     dense = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=get_task(task).num_labels)
     # Paired, alternating measurement: the CPU is shared, so the two are timed under the same load.
     dense_ms, exported_ms = [], []
-    for _ in range(2):
+    for _ in range(1):
         dense_ms.append(latency_ms(dense))
         exported_ms.append(latency_ms(reloaded))
     target_dense = sum(l.weight.numel() for l in find_target_linears(dense).values())
@@ -167,10 +171,13 @@ def method_config_for(method, budget, total_steps=None, model=None):
     if method == "adalora":
         return get_method("adalora").make_config(model=model, total_steps=total_steps)
     extra = {}
+    if method == "rankdyna":
+        extra["reallocation_interval"] = args.rankdyna_interval
     if method in ("fwsvd", "tfwsvd", "ars"):
         extra["max_fisher_batches"] = args.fisher_batches
     if method == "ars":
         extra["mask_steps"] = args.ars_steps
+        extra["mask_learning_rate"] = args.ars_learning_rate
     if method == "tfwsvd":
         extra["als_iterations"] = args.als_iterations
     return get_method(method).make_config(target_budget=budget, **extra)
@@ -196,7 +203,8 @@ def run_one(task, method, budget, seed, data, collator):
     set_seed(seed)
     num_labels = get_task(task).num_labels
     work_dir = tempfile.mkdtemp(prefix=f"bench_{task}_{method}_")
-    record = {"task": task, "method": method, "budget": None if method in ("dense", "adalora") else budget,
+    record = {"command": " ".join(sys.argv), "train_examples": len(data["train"]), "task": task, "method": method,
+              "budget": None if method in ("dense", "adalora") else budget,
               "seed": seed, "epochs_per_round": args.epochs, "rounds": get_method(method).fine_tuning_rounds}
     try:
         spec = get_method(method)
@@ -213,7 +221,6 @@ def run_one(task, method, budget, seed, data, collator):
             start = time.perf_counter()
             modules = spec.compress(model, config, loader)
             compress_s = time.perf_counter() - start
-            record["before_second_round"] = evaluate(model, data, collator, task, work_dir)
             _, tune_s = fine_tune(model, data, collator, task, seed, work_dir)
             record["wall_time"] = {"first_round_s": first_round_s, "compress_s": compress_s, "fine_tune_s": tune_s,
                                    "total_s": first_round_s + compress_s + tune_s}
@@ -258,6 +265,8 @@ def load_task(task, tokenizer):
         texts = [batch[c] for c in t.text_columns]
         return tokenizer(*texts, truncation=True, max_length=args.max_seq_length)
 
+    if args.train_limit:
+        raw["train"] = raw["train"].select(range(min(args.train_limit, len(raw["train"]))))
     return raw.map(tokenize, batched=True, remove_columns=list(t.text_columns)).rename_column("label", "labels")
 
 
@@ -322,13 +331,16 @@ def write_report(records):
     expected = [("dense", None)] + expected + [("adalora", None)]
 
     lines = ["# GLUE benchmark: RankDyna against the baselines", "",
-             "Generated by `scripts/benchmark_glue.py` — do not edit by hand. Regenerate with:", "",
-             "```", "nice -n 10 python scripts/benchmark_glue.py --tasks rte mrpc --budgets 0.5 0.33 --epochs 2",
-             "python scripts/benchmark_glue.py --report_only", "```", "",
+             "Generated by `scripts/benchmark_glue.py` — do not edit by hand. The runs below came from "
+             "(one process per task, side by side, `OMP_NUM_THREADS=1 nice -n 10`):", "", "```"]
+    lines += sorted({"python " + r["command"] for r in records if "command" in r})
+    lines += ["python scripts/benchmark_glue.py --report_only", "```", "",
              f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {versions()}.", ""]
     any_record = records[0] if records else {}
     seeds = sorted({r["seed"] for r in records})
-    lines += [f"Model: packaged all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384). Data: full GLUE train/dev TSVs. "
+    train_sizes = ", ".join(sorted({f"{r['task'].upper()} {r.get('train_examples', 'all')}" for r in records}))
+    lines += [f"Model: packaged all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384). Data: GLUE TSVs; training "
+              f"examples used (first rows of train.tsv): {train_sizes}; dev sets in full. "
               f"Seeds: {seeds}. Epochs per fine-tuning round: {any_record.get('epochs_per_round')} (the same for "
               f"every method and round; post-hoc methods run two rounds). Batch 32, max length 128 "
               f"(dynamic padding), learning rate 1e-4 (AdaLoRA 1e-3, adapters). Device: CPU only — a shared "
@@ -342,7 +354,8 @@ def write_report(records):
               "(post-hoc: dense fine-tuning + compression + second fine-tuning), summed over the tasks of "
               "the row. Latency: median forward of a 32 x 128 batch of the exported, reloaded model, "
               "measured alternately with the dense model in the same process; shown as exported / dense.", ""]
-    header = "| method | budget | " + " | ".join(t.upper() for t in tasks) + " | avg | params | wall time (min) | latency vs dense |"
+    header = ("| method | budget | " + " | ".join(t.upper() for t in tasks)
+              + " | avg | params | wall time (min) | latency vs dense |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     points = {}
     for key in order:
@@ -378,7 +391,8 @@ def write_report(records):
               "`--tasks cola sst2`." if not {"cola", "sst2"} <= set(tasks) else ""]
 
     lines += ["", "## Wall time per round (seconds, summed over tasks)", "",
-              "| method | budget | first round | compression | fine-tuning (this method's round) |", "|---|---|---|---|---|"]
+              "| method | budget | first round | compression | fine-tuning (this method's round) |",
+              "|---|---|---|---|---|"]
     for key in order:
         by_task = rows[key]
         total = {k: sum(r["wall_time"].get(k, 0.0) for r in by_task.values())

@@ -83,11 +83,11 @@ def svd_risk(weight: torch.Tensor, fisher: torch.Tensor, rank: int, tfwsvd_weigh
     F = fisher.float()
     rows = F.sum(dim=1)
     svd_weight = svd_factorization(weight).weight(torch.arange(min(weight.shape)) < rank)
-    tf_error = weighted_error(weight, tfwsvd_weight, F)
+    tf_error = weighted_error(weight, tfwsvd_weight, F).clamp_min(torch.finfo(F.dtype).tiny)
     return {
         "rank": int(rank),
         "fisher_row_cv": float(rows.std() / rows.mean().clamp_min(torch.finfo(F.dtype).tiny)),
-        "svd_excess_error": float(weighted_error(weight, svd_weight, F) / tf_error.clamp_min(torch.finfo(F.dtype).tiny)),
+        "svd_excess_error": float(weighted_error(weight, svd_weight, F) / tf_error),
     }
 
 
