@@ -75,6 +75,8 @@ parser.add_argument("--results_dir", default=os.path.join(REPO, "benchmarks", "g
 parser.add_argument("--models_dir", default=os.path.join(REPO, "runs", "benchmark_glue"))
 parser.add_argument("--report", default=os.path.join(REPO, "docs", "RESULTS.md"))
 parser.add_argument("--report_only", action="store_true")
+parser.add_argument("--latency_rounds", type=int, default=0,
+                    help="after the runs: time every measured layout against dense, round-robin, this many rounds")
 parser.add_argument("--no_report", action="store_true")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
@@ -294,7 +296,7 @@ def read_records():
     records = []
     for root, _, files in os.walk(args.results_dir):
         for name in sorted(files):
-            if name.endswith(".json"):
+            if name.endswith(".json") and name != "latency.json":
                 with open(os.path.join(root, name)) as f:
                     records.append(json.load(f))
     return records
@@ -354,6 +356,15 @@ def write_report(records):
               "(post-hoc: dense fine-tuning + compression + second fine-tuning), summed over the tasks of "
               "the row. Latency: median forward of a 32 x 128 batch of the exported, reloaded model, "
               "measured alternately with the dense model in the same process; shown as exported / dense.", ""]
+    latency_file = os.path.join(args.results_dir, "latency.json")
+    side_by_side = None
+    if os.path.isfile(latency_file):
+        with open(latency_file) as f:
+            latency = json.load(f)
+        side_by_side = latency["median_ms"]
+        lines += [f"Latency column: every exported layout rebuilt and timed round-robin against dense in one process "
+                  f"(`--latency_rounds {latency['rounds']}`, {latency['threads']} thread, median; dense "
+                  f"{side_by_side['dense']:.0f} ms per 32 x 128 batch). dense/adalora export dense models: 1.00.", ""]
     header = ("| method | budget | " + " | ".join(t.upper() for t in tasks)
               + " | avg | params | wall time (min) | latency vs dense |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
@@ -374,7 +385,12 @@ def write_report(records):
         any_r = next(iter(by_task.values()))
         fraction = any_r["targeted_params"] / any_r["targeted_dense_params"]
         wall = sum(r["wall_time"]["total_s"] for r in by_task.values()) / 60
-        ratio = np.mean([r["latency_ms"] / r["dense_latency_ms"] for r in by_task.values()])
+        if side_by_side and f"{method}@{budget}" in side_by_side:
+            ratio = side_by_side[f"{method}@{budget}"] / side_by_side["dense"]
+        elif side_by_side and method in ("dense", "adalora"):
+            ratio = 1.0  # both export a plain dense model
+        else:
+            ratio = np.mean([r["latency_ms"] / r["dense_latency_ms"] for r in by_task.values()])
         lines.append(f"| {method} | {budget if budget is not None else '—'} | " + " | ".join(cells)
                      + f" | {avg} | {fraction:.3f} | {wall:.1f} | {ratio:.2f} |")
         if len(values) == len(tasks):
@@ -452,6 +468,42 @@ def write_report(records):
         f.write("\n".join(l for l in lines) + "\n")
     print(f"wrote {args.report}")
 
+
+# ----------------------------------------------------------------------------------------------------------
+# latency side by side: speed depends only on the layout, so rebuild each measured rank pattern and time all
+# of them round-robin in this one process (the CPU load drifts; interleaving spreads it over every layout)
+def layout_model(ranks):
+    from rankdyna_trainer.budget import keeps_dense
+    from rankdyna_trainer.export import LowRankLinear
+    from rankdyna_trainer.targets import set_submodule
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    for name, linear in find_target_linears(model).items():
+        r = ranks.get(name) if ranks else None
+        if r is not None and not keeps_dense(r, linear.out_features, linear.in_features):
+            set_submodule(model, name, LowRankLinear(linear.in_features, r, linear.out_features))
+    return model.eval()
+
+
+def measure_latency(records, rounds):
+    layouts = {"dense": None}
+    for r in sorted(records, key=lambda r: (r["method"], r["budget"] or 0, r["task"])):
+        key = f"{r['method']}@{r['budget']}"
+        if r["method"] not in ("dense", "adalora") and key not in layouts:
+            layouts[key] = r["ranks"]
+    models = {key: layout_model(ranks) for key, ranks in layouts.items()}
+    times = {key: [] for key in models}
+    for _ in range(rounds):
+        for key, model in models.items():
+            times[key].append(latency_ms(model, repeats=1))
+    result = {key: statistics.median(t) for key, t in times.items()}
+    with open(os.path.join(args.results_dir, "latency.json"), "w") as f:
+        json.dump({"rounds": rounds, "threads": args.threads, "median_ms": result}, f, indent=1)
+    print("latency (ms):", json.dumps(result, indent=1))
+
+
+if args.latency_rounds > 0:
+    measure_latency([r for r in read_records() if "method" in r], args.latency_rounds)
 
 if not args.no_report:
     write_report(read_records())
