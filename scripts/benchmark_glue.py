@@ -316,6 +316,16 @@ def versions():
             f"({os.cpu_count()} CPUs visible)")
 
 
+def majority_class_metric(task):
+    """The dev metric of always predicting the most frequent training label: the floor a run must beat."""
+    data = load_glue(task, args.glue_dir)
+    labels = np.array(data["validation"]["label"])
+    guess = np.full_like(labels, np.bincount(np.array(data["train"]["label"])).argmax())
+    scores = {"accuracy": accuracy_score(labels, guess), "f1": f1_score(labels, guess),
+              "mcc": matthews_corrcoef(labels, guess)}
+    return 100 * scores[PRIMARY_METRIC.get(task, "accuracy")]
+
+
 def write_report(records):
     import matplotlib
 
@@ -370,6 +380,9 @@ def write_report(records):
     header = ("| method | budget | " + " | ".join(t.upper() for t in tasks)
               + f" | avg {core_names} | params | wall time {core_names} (min) | latency vs dense |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    majority = {t: majority_class_metric(t) for t in tasks}
+    lines.append("| *majority class* | — | " + " | ".join(f"*{majority[t]:.1f}*" for t in tasks)
+                 + f" | *{np.mean([majority[t] for t in core]):.1f}* | — | — | — |")
     points = {t: {} for t in tasks}
     for key in order:
         method, budget = key
