@@ -408,7 +408,7 @@ def write_report(records):
         elif side_by_side and method in ("dense", "adalora"):
             ratio = 1.0  # both export a plain dense model
         else:
-            ratio = np.mean([r["latency_ms"] / r["dense_latency_ms"] for r in by_task.values()])
+            ratio = np.nanmean([r["latency_ms"] / r["dense_latency_ms"] for r in by_task.values()])
         lines.append(f"| {method} | {budget if budget is not None else '—'} | " + " | ".join(cells)
                      + f" | {avg} | {fraction:.3f} | {wall} | {ratio:.2f} |")
     missing = [f"{m} at budget {b}" if b is not None else m for m, b in expected if (m, b) not in rows]
