@@ -13,6 +13,9 @@ from .rankdyna import (
 )
 from .targets import DEFAULT_TARGET_MODULES, find_target_linears
 
+# Imported for their side effect too: the MPO package registers its exported module type for loading.
+from . import lorap, mpo  # noqa: E402,F401  (isort: skip)
+
 __version__ = "0.1.0"
 
 __all__ = [

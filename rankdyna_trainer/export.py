@@ -116,8 +116,13 @@ def read_compression_config(directory: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {directory!r} is not a model saved by save_compressed_model.")
     with open(path) as f:
-        layout = json.load(f)
-    if layout.get("format_version") != FORMAT_VERSION or not isinstance(layout.get("modules"), dict):
+        try:
+            layout = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): the file is truncated or corrupt; export the "
+                             "model again.") from err
+    if not (isinstance(layout, dict) and layout.get("format_version") == FORMAT_VERSION
+            and isinstance(layout.get("modules"), dict)):
         raise ValueError(f"{path} is not a valid compression config (format_version {FORMAT_VERSION} with a "
                          f"'modules' mapping expected).")
     return layout
@@ -146,9 +151,12 @@ def load_compressed_model(directory: str, model_class: type | None = None, torch
         except AttributeError as err:
             raise ValueError(f"Module {name!r} from {COMPRESSION_CONFIG_FILE} does not exist in "
                              f"{model_class.__name__}: the saved layout does not fit this architecture.") from err
-        set_submodule(model, name, MODULE_BUILDERS[entry["type"]](entry))
+        set_submodule(model, name, _build_module(name, entry))
     state_dict = _read_state_dict(directory)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # shape mismatches: a layout or config.json that disagrees with the weights
+        raise ValueError(f"Saved weights in {directory!r} do not fit the rebuilt model: {err}") from err
     missing = [k for k in missing if k not in _tied_keys(model)]
     if missing or unexpected:
         raise ValueError(f"Saved weights in {directory!r} do not fit the rebuilt model: missing {missing[:5]}, "
@@ -158,6 +166,19 @@ def load_compressed_model(directory: str, model_class: type | None = None, torch
     if torch_dtype is not None:
         model.to(torch_dtype)
     return model.eval()
+
+
+def _build_module(name: str, entry: dict) -> nn.Module:
+    for key in ("in_features", "out_features", "rank"):
+        value = entry.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"Module {name!r} in {COMPRESSION_CONFIG_FILE} has {key}={value!r}; expected an "
+                             "integer >= 0. The file is corrupt; export the model again.")
+    try:
+        return MODULE_BUILDERS[entry["type"]](entry)
+    except KeyError as err:
+        raise ValueError(f"Module {name!r} in {COMPRESSION_CONFIG_FILE} is missing {err.args[0]!r} "
+                         f"(entry: {entry}). The file is corrupt; export the model again.") from err
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

@@ -111,8 +111,20 @@ def load_glue(task: GlueTask | str, glue_dir: str | None = None, limit: int | No
         return datasets.DatasetDict({k: v.select(range(min(limit, len(v)))) if limit else v for k, v in hub.items()
                                      if k != "test" and not k.startswith("test_")})
     folder = os.path.join(glue_dir, task.folder)
+    if not os.path.isdir(folder):
+        present = sorted(os.listdir(glue_dir)) if os.path.isdir(glue_dir) else "the folder does not exist"
+        raise FileNotFoundError(f"No {task.folder}/ folder for GLUE {task.name} in {glue_dir!r} (it holds: {present}). "
+                                "Point --glue_dir / $GLUE_DIR at a folder in the standard GLUE layout.")
     splits = {"train": read_glue_tsv(task, os.path.join(folder, "train.tsv"), limit)}
     for dev_file in task.dev_files:
         suffix = dev_file.removeprefix("dev").removesuffix(".tsv")  # "" or "_matched"/"_mismatched"
         splits["validation" + suffix] = read_glue_tsv(task, os.path.join(folder, dev_file), limit)
     return datasets.DatasetDict(splits)
+
+
+def load_glue_files(task: GlueTask | str, train_file: str | None, validation_file: str | None,
+                    limit: int | None = None) -> datasets.DatasetDict:
+    """Train and/or dev split from explicit TSV files in the task's GLUE format (e.g. a re-split or a subset)."""
+    task = get_task(task) if isinstance(task, str) else task
+    files = {"train": train_file, "validation": validation_file}
+    return datasets.DatasetDict({split: read_glue_tsv(task, path, limit) for split, path in files.items() if path})

@@ -51,10 +51,12 @@ class RankDynaCallback(TrainerCallback):
         if config is None:
             raise ValueError("RankDynaCallback needs a RankDynaConfig: pass it to the callback or to prepare_model.")
         self.config = config
-        if args.deepspeed or getattr(args, "fsdp", None):
+        backend = _sharding_backend(args)
+        if backend is not None:
             raise ValueError(
-                "RankDyna reads full gradients of every factor on each optimizer step; DeepSpeed and FSDP shard "
-                "them, which is not supported. Use plain data parallelism (torchrun/accelerate DDP)."
+                f"RankDyna does not support {backend}: it reads the full gradient of every factor on each optimizer "
+                "step, which FSDP and DeepSpeed ZeRO shard across processes (DeepSpeed without ZeRO is untested, so "
+                "it is refused too). Use plain data parallelism (torchrun, or accelerate launch with multi-GPU DDP)."
             )
         self._names, self._layers = list(layers), list(layers.values())
         self.budget = ParameterBudget.from_fractions(
@@ -84,7 +86,7 @@ class RankDynaCallback(TrainerCallback):
         if self.budget.tracks_scores(step):
             self._add_orthogonality_gradient()
             self._all_reduce_gate_grads()
-            self.scores.update(grad_scale=_loss_scale(optimizer))
+            self.scores.update(grad_scale=_unscale_parameter_grads(optimizer))
         self.scores.zero_gate_grads()
         if self.budget.is_reallocation_step(step):
             self.reallocate(self.budget.params_at(step))
@@ -94,6 +96,18 @@ class RankDynaCallback(TrainerCallback):
         shapes = [(l.out_features, l.in_features) for l in self._layers]
         keep = allocate_groups(self.scores.group_scores(), shapes, budget_params)
         torch._foreach_copy_([l.gate for l in self._layers], [k.to(l.gate.dtype) for k, l in zip(keep, self._layers)])
+        self._broadcast_gates()
+
+    def _broadcast_gates(self) -> None:
+        # Scores are identical on every process once gate gradients are averaged, so this changes nothing
+        # in a correct run; it guarantees one allocation even if a process's scores drift (e.g. a custom
+        # loss that differs per process), since DDP does not synchronise these buffers (see prepare_model).
+        if not _is_distributed():
+            return
+        gates = [l.gate for l in self._layers]
+        flat = torch.cat(gates)
+        dist.broadcast(flat, src=0)
+        torch._foreach_copy_(gates, list(flat.split([g.numel() for g in gates])))
 
     def _add_orthogonality_gradient(self) -> None:
         if self.config.orth_reg_weight <= 0:
@@ -105,7 +119,7 @@ class RankDynaCallback(TrainerCallback):
     def _all_reduce_gate_grads(self) -> None:
         # Parameter gradients are averaged by DDP; the gate gradients are not parameters, so average them
         # here or processes would allocate differently.
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not _is_distributed():
             return
         grads = self.scores.gate_grads()
         flat = torch.cat(grads)
@@ -127,7 +141,7 @@ class RankDynaCallback(TrainerCallback):
         logs.update(values)
         if state.log_history:
             state.log_history[-1].update(values)
-        skipped = int(self.scores.skipped_steps)
+        skipped = self.scores.skipped_steps
         if skipped > self._reported_skips:
             logger.warning(
                 "RankDyna skipped %d optimizer step(s) with non-finite gradients when updating importance scores.",
@@ -157,7 +171,35 @@ class RankDynaCallback(TrainerCallback):
             json.dump(pattern, f, indent=2)
 
 
-def _loss_scale(optimizer) -> torch.Tensor | float:
-    """The fp16 loss scale still applied to non-parameter gradients (accelerate unscales parameters only)."""
-    scaler = getattr(optimizer, "scaler", None)
-    return scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+def _sharding_backend(args) -> str | None:
+    """DeepSpeed or FSDP if either is on, from TrainingArguments or from an ``accelerate launch`` config."""
+    def launched_with(name: str) -> bool:
+        return os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() in ("1", "true")
+
+    if getattr(args, "deepspeed", None) or launched_with("DEEPSPEED"):
+        return "DeepSpeed"
+    if getattr(args, "fsdp", None) or launched_with("FSDP"):
+        return "FSDP"
+    return None
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _unscale_parameter_grads(optimizer) -> torch.Tensor | float:
+    """Unscale fp16 parameter gradients (if gradient clipping has not already) and return the loss scale.
+
+    With fp16, accelerate unscales parameter gradients inside ``clip_grad_norm_`` (only when
+    ``max_grad_norm > 0``) or else inside ``optimizer.step``, which runs after this callback. Unscaling here
+    (the scaler then skips it in ``step``) gives the scores the same gradients either way. The gate
+    gradients are not parameters, so the caller divides them by the returned scale.
+    """
+    scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer.scaler (a GradScaler)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    try:
+        scaler.unscale_(optimizer.optimizer)
+    except RuntimeError:
+        pass  # "unscale_() has already been called on this optimizer since the last update()"
+    return scaler.get_scale()

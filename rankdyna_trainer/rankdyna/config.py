@@ -25,7 +25,8 @@ class RankDynaConfig(PeftConfigMixin):
     )
     target_budget: float = field(
         default=0.5,
-        metadata={"help": "Final parameter budget as a fraction of the dense parameters of the targeted matrices, in (0, 1]."},
+        metadata={"help": "Final parameter budget as a fraction of the dense parameters of the targeted "
+                  "matrices, in (0, 1]."},
     )
     initial_budget: float = field(
         default=1.0,

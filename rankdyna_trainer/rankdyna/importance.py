@@ -15,9 +15,8 @@ from .layer import SVDLinear
 class SingularGroupScores:
     """Keeps the importance buffers of a set of :class:`SVDLinear` layers up to date.
 
-    All updates are batched over layers with ``torch._foreach_*`` kernels and never synchronise with the
-    host; a step whose gradients are not finite leaves every statistic unchanged and is counted in
-    ``skipped_steps`` (a tensor, read only when logging).
+    All updates are batched over layers with ``torch._foreach_*`` kernels; a step whose gradients are not
+    finite leaves every statistic unchanged and is counted in ``skipped_steps``.
     """
 
     def __init__(self, layers: list[SVDLinear], beta1: float = 0.85, beta2: float = 0.85):
@@ -25,7 +24,7 @@ class SingularGroupScores:
             raise ValueError("SingularGroupScores needs at least one SVDLinear layer.")
         self.layers = layers
         self.beta1, self.beta2 = beta1, beta2
-        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=layers[0].s.device)
+        self.skipped_steps = 0
         self._sensitivity = [getattr(l, f"sensitivity_{p}") for p in ("U", "V", "gate") for l in layers]
         self._uncertainty = [getattr(l, f"uncertainty_{p}") for p in ("U", "V", "gate") for l in layers]
 
@@ -42,26 +41,22 @@ class SingularGroupScores:
         return sensitivity
 
     @torch.no_grad()
-    def update(self, grad_scale: torch.Tensor | float = 1.0) -> None:
+    def update(self, grad_scale: torch.Tensor | float = 1.0) -> bool:
         """Fold the current gradients into the statistics (call once per optimizer step, before zero_grad).
 
         ``grad_scale`` divides the gate gradients, for loss scaling that the optimizer unscales only for
-        parameters.
+        parameters. Returns False (and changes nothing) when a gradient is not finite. That check is the one
+        host synchronisation per step; the Trainer already synchronises on the loss every step.
         """
         instant = self._instant_sensitivity(grad_scale)
-        finite = torch.stack(torch._foreach_norm(instant)).isfinite().all()
-        self.skipped_steps += (~finite).long()
-        # Weights are zero on a non-finite step, and the inputs are cleaned so 0 * inf cannot make a NaN.
-        w1 = (1.0 - self.beta1) * finite.float()
-        w2 = (1.0 - self.beta2) * finite.float()
-        for t in instant:
-            torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
-        torch._foreach_mul_(self._sensitivity, 1.0 - w1)
-        torch._foreach_add_(self._sensitivity, torch._foreach_mul(instant, w1))
+        if not bool(torch.stack(torch._foreach_norm(instant)).isfinite().all()):
+            self.skipped_steps += 1
+            return False
+        torch._foreach_lerp_(self._sensitivity, instant, 1.0 - self.beta1)
         deviation = torch._foreach_sub(instant, self._sensitivity)
         torch._foreach_abs_(deviation)
-        torch._foreach_mul_(self._uncertainty, 1.0 - w2)
-        torch._foreach_add_(self._uncertainty, torch._foreach_mul(deviation, w2))
+        torch._foreach_lerp_(self._uncertainty, deviation, 1.0 - self.beta2)
+        return True
 
     def zero_gate_grads(self) -> None:
         torch._foreach_zero_(self.gate_grads())

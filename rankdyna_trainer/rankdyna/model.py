@@ -21,7 +21,25 @@ def prepare_model(model: nn.Module, config: RankDynaConfig) -> nn.Module:
         for name, linear in tqdm(targets.items(), desc="Factorizing (SVD)", disable=len(targets) < 50):
             set_submodule(model, name, SVDLinear.from_linear(linear, rank=config.init_rank))
     model.rankdyna_config = config
+    _keep_buffers_out_of_ddp(model)
     return model
+
+
+def _keep_buffers_out_of_ddp(model: nn.Module) -> None:
+    """Tell DistributedDataParallel not to broadcast RankDyna's buffers from process 0 before forwards.
+
+    The callback keeps them identical on every process itself (averaged gate gradients, broadcast masks).
+    DDP's broadcast would send the importance statistics (twice the size of the factors) every optimizer
+    step for nothing, and when it runs between the micro-batches of an accumulated step (accelerate's
+    ``sync_each_batch``) it would replace the local partial ``gate_grad`` with process 0's, biasing the
+    averaged gate gradient towards process 0.
+    """
+    names = [f"{layer_name}.{buffer_name}" for layer_name, layer in svd_layers(model).items()
+             for buffer_name, _ in layer.named_buffers(recurse=False)]
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    # DDP reads this attribute when it wraps the model (the documented DistributedDataParallel
+    # ._set_params_and_buffers_to_ignore_for_model workaround, which also marks the tensors).
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored + names)
 
 
 def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
