@@ -411,16 +411,26 @@ def write_report(records):
             ratio = np.nanmean([r["latency_ms"] / r["dense_latency_ms"] for r in by_task.values()])
         lines.append(f"| {method} | {budget if budget is not None else '—'} | " + " | ".join(cells)
                      + f" | {avg} | {fraction:.3f} | {wall} | {ratio:.2f} |")
+    dense_rows = rows.get(("dense", None), {})
+    uninformative = [t.upper() for t in tasks if t in dense_rows
+                     and 100 * dense_rows[t]["metrics"][PRIMARY_METRIC.get(t, "accuracy")] < majority[t] + 2]
+    if uninformative:
+        lines += ["", f"**Read with care:** on {', '.join(uninformative)} even dense fine-tuning did not beat the "
+                  "majority-class floor by 2 points under this compute budget (few training examples, one "
+                  "epoch), so differences between methods there are noise, not method quality."]
     missing = [f"{m} at budget {b}" if b is not None else m for m, b in expected if (m, b) not in rows]
-    partial = [f"{m} at budget {b}: " + ", ".join(t for t in tasks if t not in rows[(m, b)])
+    partial = [(f"{m} at budget {b}: " if b is not None else f"{m}: ")
+               + ", ".join(t.upper() for t in tasks if t not in rows[(m, b)])
                for (m, b) in order if len(rows[(m, b)]) < len(tasks)]
     lines += ["", "## Missing", ""]
     if not missing and not partial:
         lines.append("Nothing: every method and budget has every listed task.")
     lines += [f"- {m}: not measured in time." for m in missing]
     lines += [f"- {p} not measured in time." for p in partial]
-    lines += ["- CoLA and SST-2 were not run in this session (CPU time); the script runs them with "
-              "`--tasks cola sst2`." if not {"cola", "sst2"} <= set(tasks) else ""]
+    not_run = [t.upper() for t in ("rte", "mrpc", "cola", "sst2") if t not in tasks]
+    if not_run:
+        lines.append(f"- {', '.join(not_run)}: not run at all (CPU time); the script runs them with "
+                     f"`--tasks {' '.join(t.lower().replace('-', '') for t in not_run)}`.")
 
     lines += ["", "## Wall time per round (seconds)", "",
               "| method | budget | task | first round (dense) | compression | this method's fine-tuning | total |",
@@ -462,7 +472,8 @@ def write_report(records):
                   "`svd_excess_error` = Fisher-weighted reconstruction error of plain SVD / that of TFWSVD at the "
                   "same rank, per matrix (1 = SVD loses nothing on what the task's gradients weigh). The last "
                   "column correlates it with `fisher_row_cv` (spread of the rows' Fisher information), which is "
-                  "known before factorizing. Per-matrix values are in each run's JSON.", "",
+                  "known before factorizing (a correlation near 0 means it does not predict where SVD hurts). "
+                  "Per-matrix values are in each run's JSON.", "",
                   "| budget | task | median excess | max excess (matrix) | corr(row-Fisher CV, excess) |",
                   "|---|---|---|---|---|"] + diag_lines
 
