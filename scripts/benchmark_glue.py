@@ -481,15 +481,20 @@ def write_report(records):
     plot_path = os.path.join(os.path.dirname(args.report), "benchmark_glue.png")
     if records:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
+        colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHOD_ORDER)}
         for ax, t in zip(axes[0], tasks):
-            for method, pts in sorted(points[t].items()):
+            for method, pts in sorted(points[t].items(), key=lambda kv: METHOD_ORDER.index(kv[0])):
                 pts = sorted(pts)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                if method in ("dense", "adalora"):  # not compressed: a reference level
+                    ax.axhline(pts[0][1], color=colors[method], linestyle="--", label=f"{method} (params 1.0)")
+                    continue
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[method], label=method)
+            ax.axhline(majority[t], color="gray", linestyle=":", label="majority class")
             ax.set_xlabel("targeted parameters (fraction of dense)")
             ax.set_ylabel(f"{t.upper()} dev {PRIMARY_METRIC.get(t, 'accuracy')} x100")
             ax.set_title(f"MiniLM, {t.upper()}")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=8)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(plot_path, dpi=120)
         lines += ["", f"![metric vs parameters]({os.path.basename(plot_path)})", "",
