@@ -478,7 +478,9 @@ def write_report(records):
                   "|---|---|---|---|---|"] + diag_lines
 
     os.makedirs(os.path.dirname(args.report), exist_ok=True)
-    plot_path = os.path.join(os.path.dirname(args.report), "benchmark_glue.png")
+    stem = os.path.splitext(os.path.basename(args.report))[0]
+    plot_name = "benchmark_glue.png" if stem == "RESULTS" else f"{stem}.png"
+    plot_path = os.path.join(os.path.dirname(args.report), plot_name)
     if records:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
         colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHOD_ORDER)}
