@@ -374,7 +374,10 @@ def write_report(records):
         side_by_side = latency["median_ms"]
         lines += [f"Latency column: every exported layout rebuilt and timed round-robin against dense in one process "
                   f"(`--latency_rounds {latency['rounds']}`, {latency['threads']} thread, median; dense "
-                  f"{side_by_side['dense']:.0f} ms per 32 x 128 batch). dense/adalora export dense models: 1.00.", ""]
+                  f"{side_by_side['dense']:.0f} ms per 32 x 128 batch). One layout per method and budget: the rank "
+                  f"pattern of its first run in task order ({', '.join(sorted({r['task'] for r in records})[:1])}"
+                  f"); svd/fwsvd/tfwsvd share one layout, so their spread shows the timing noise. dense/adalora "
+                  f"export dense models: 1.00.", ""]
     core = [t for t in ("rte", "mrpc") if t in tasks] or tasks  # the tasks every row is meant to have
     core_names = "+".join(t.upper() for t in core)
     header = ("| method | budget | " + " | ".join(t.upper() for t in tasks)
