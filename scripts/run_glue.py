@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -29,10 +30,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, however it is installed
 
+import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    DataCollatorWithPadding,
     HfArgumentParser,
     Trainer,
     TrainerCallback,
@@ -52,6 +55,7 @@ from rankdyna_trainer import (  # noqa: E402
 from rankdyna_trainer.export import COMPRESSION_CONFIG_FILE  # noqa: E402
 from rankdyna_trainer.glue import GLUE_TASKS, get_task, load_glue, load_glue_files  # noqa: E402
 from rankdyna_trainer.glue_metrics import load_glue_metric, main_metric  # noqa: E402
+from rankdyna_trainer.methods import METHODS, get_method  # noqa: E402
 from rankdyna_trainer.packaged_models import minilm_path  # noqa: E402
 from rankdyna_trainer.rank_plots import save_rank_heatmap  # noqa: E402
 from rankdyna_trainer.sweep import optuna_space, read_sweep_config  # noqa: E402
@@ -74,6 +78,19 @@ class ModelArguments:
                   "a compressing run (it holds compression_config.json) loads as the compressed model."}
     )
     tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
+    compression_method: Optional[str] = field(
+        default=None,
+        metadata={"help": f"One of {sorted(METHODS)} (rankdyna_trainer.methods). 'rankdyna' is --rankdyna; "
+                  "'svd', 'fwsvd', 'tfwsvd', 'ars' compress --model_name_or_path, which should already be "
+                  "fine-tuned on the task, then fine-tune the factorized model (their second round); 'adalora' "
+                  "trains peft AdaLoRA adapters and exports the merged dense model."},
+    )
+    compression_budget: float = field(
+        default=0.5, metadata={"help": "Parameter budget of --compression_method (fraction of the targeted weights)."}
+    )
+    compression_fisher_batches: Optional[int] = field(
+        default=None, metadata={"help": "Training batches for the Fisher information of fwsvd/tfwsvd/ars (None: all)."}
+    )
 
 
 @dataclass
@@ -153,6 +170,20 @@ def check_arguments(model_args, data_args, rankdyna_args, search_args, training_
     if data_args.task_name is None:
         raise ValueError(f"--task_name is required: one of {sorted(GLUE_TASKS)}.")
     get_task(data_args.task_name)  # unknown task -> ValueError naming the choices
+    method = model_args.compression_method
+    if method is not None:
+        get_method(method)  # unknown method -> ValueError naming the choices
+        if rankdyna_args.rankdyna and method != "rankdyna":
+            raise ValueError(f"--rankdyna and --compression_method {method} pick two methods; keep one.")
+        if method == "rankdyna":
+            rankdyna_args.rankdyna = True
+            if rankdyna_args.rankdyna_budget is None:
+                rankdyna_args.rankdyna_budget = model_args.compression_budget
+        elif method != "dense" and not training_args.do_train:
+            raise ValueError(f"--compression_method {method} trains (fine-tuning after compression, or adapters): "
+                             "add --do_train.")
+        elif method != "dense" and search_args.hyperparameter_search:
+            raise ValueError(f"--hyperparameter_search supports --compression_method rankdyna or dense, not {method}.")
     given = rankdyna_args.given_options()
     if given and not rankdyna_args.rankdyna:
         flags = ", ".join(f"--{name}" for name in given)
@@ -241,8 +272,11 @@ class Compression:
     method: str
     prepare: Callable[[object, dict], object]
     callbacks: list[TrainerCallback]
-    export: Callable[[object], tuple[dict, dict, dict[str, int]]]  # model -> (module layout, method config, ranks)
+    # model -> (exported model, module layout, method config, ranks)
+    export: Callable[[object], tuple[object, dict, dict, dict[str, int]]]
     search_arguments: tuple[str, ...]  # argument names a search trial may set for this method
+    train_loader: object = None  # labelled task batches, for methods that read the data when compressing
+    total_steps: int | None = None  # optimizer steps of the run, for methods that schedule over them
 
 
 def rankdyna_compression(rankdyna_args: RankDynaArguments) -> Compression:
@@ -255,24 +289,60 @@ def rankdyna_compression(rankdyna_args: RankDynaArguments) -> Compression:
 
     def export(model):
         config, ranks = model.rankdyna_config, rank_pattern(model)
-        return export_model(model), config.to_dict(), ranks
+        return model, export_model(model), config.to_dict(), ranks
 
     names = tuple(f.name for f in dataclasses.fields(RankDynaArguments) if f.name != "rankdyna")
     return Compression("rankdyna", prepare, [callback, RankDynaWandbCallback()], export, names)
 
 
-def build_compression(rankdyna_args: RankDynaArguments) -> Compression | None:
+def registry_compression(model_args: ModelArguments) -> Compression:
+    """A baseline from rankdyna_trainer.methods: post-hoc (compress, then this run fine-tunes) or AdaLoRA."""
+    method = get_method(model_args.compression_method)
+    state = {}
+
+    def prepare(model, overrides):
+        if method.post_hoc:
+            extra = {}
+            if model_args.compression_fisher_batches and model_args.compression_method != "svd":
+                extra["max_fisher_batches"] = model_args.compression_fisher_batches
+            state["config"] = method.make_config(target_budget=model_args.compression_budget, **extra)
+            state["modules"] = method.compress(model, state["config"], compression.train_loader)
+            return model
+        state["config"] = method.make_config(model=model, total_steps=compression.total_steps)
+        model, callbacks = method.prepare(model, state["config"])
+        compression.callbacks[:] = callbacks
+        return model
+
+    def export(model):
+        if method.post_hoc:
+            modules = state["modules"]
+        else:
+            model, modules = method.export(model)
+        ranks = {name: e.get("rank", min(e["in_features"], e["out_features"])) for name, e in modules.items()}
+        config = state["config"]
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        return model, modules, json.loads(json.dumps(config, default=str)), ranks
+
+    compression = Compression(model_args.compression_method, prepare, [], export, ())
+    return compression
+
+
+def build_compression(rankdyna_args: RankDynaArguments, model_args: ModelArguments | None = None) -> Compression | None:
     """The compression method of this run (None: plain fine-tuning)."""
     if rankdyna_args.rankdyna:
         return rankdyna_compression(rankdyna_args)
+    if model_args is not None and model_args.compression_method not in (None, "dense", "rankdyna"):
+        return registry_compression(model_args)
     return None
 
 
 def export_compressed(compression: Compression, model, tokenizer, output_dir: str) -> dict:
     """Export, save next to the tokenizer, draw the allocation; returns the compression summary."""
-    modules, method_config, ranks = compression.export(model)
+    model, modules, method_config, ranks = compression.export(model)
     save_compressed_model(model, output_dir, modules, compression.method, method_config)
     tokenizer.save_pretrained(output_dir)
+    if not modules:  # AdaLoRA: adapters merged, nothing compressed
+        return {"method": compression.method, "compressed_params": None, "dense_params": None, "params_fraction": 1.0}
     full_ranks = {name: min(e["in_features"], e["out_features"]) for name, e in modules.items()}
     save_rank_heatmap(ranks, full_ranks, os.path.join(output_dir, HEATMAP_FILE),
                       title=f"{compression.method}: kept rank per matrix ({os.path.basename(output_dir)})")
@@ -293,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.set_verbosity_warning()
     task = get_task(data_args.task_name)
     model_path = resolve_model_path(model_args.model_name_or_path)
-    compression = build_compression(rankdyna_args)
+    compression = build_compression(rankdyna_args, model_args)
     if compression is not None and os.path.isfile(os.path.join(model_path, COMPRESSION_CONFIG_FILE)):
         raise ValueError(f"{model_path} is already compressed; --{compression.method} needs a dense model.")
 
@@ -302,6 +372,15 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path)
     encoded = tokenize(raw, tokenizer, task, data_args.max_seq_length)
     validation_splits = [s for s in encoded if s.startswith("validation")]
+    if compression is not None and "train" in encoded:
+        # Post-hoc methods read labelled task batches when compressing; AdaLoRA schedules over the run's steps.
+        compression.train_loader = torch.utils.data.DataLoader(
+            encoded["train"], batch_size=training_args.per_device_train_batch_size, shuffle=True,
+            collate_fn=DataCollatorWithPadding(tokenizer),
+            generator=torch.Generator().manual_seed(training_args.seed))
+        steps_per_epoch = math.ceil(len(compression.train_loader) / training_args.gradient_accumulation_steps)
+        compression.total_steps = (training_args.max_steps if training_args.max_steps > 0
+                                   else math.ceil(training_args.num_train_epochs * steps_per_epoch))
 
     hp_space = None
     if searching:

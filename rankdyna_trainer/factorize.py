@@ -1,0 +1,139 @@
+"""Pieces shared by the post-hoc (compress-then-fine-tune) methods: svd, fwsvd, tfwsvd, ars.
+
+Each of them picks, for every targeted matrix, a set of singular groups under the one global parameter
+budget of :mod:`rankdyna_trainer.budget`, and replaces the matrix by the kept groups as a
+:class:`~rankdyna_trainer.export.LowRankLinear` (or a dense ``Linear`` where that is no larger).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .budget import allocate_groups
+from .export import describe_module, factorized_or_dense
+from .targets import find_target_linears, set_submodule
+
+
+@dataclass
+class Factorization:
+    """``W ~= left @ diag(s) @ right`` with groups ordered by ``s`` (largest first).
+
+    ``left`` is ``out x k`` and ``right`` is ``k x in``; for weighted methods ``left`` need not be
+    orthonormal. Keeping a subset of groups gives a low-rank approximation of the weight.
+    """
+
+    left: torch.Tensor
+    s: torch.Tensor
+    right: torch.Tensor
+
+    def factors(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left', right')`` with ``left' @ right'`` the kept groups; each singular value is split evenly."""
+        s = self.s[keep]
+        root = s.abs().sqrt()
+        return self.left[:, keep] * (root * s.sign()), root[:, None] * self.right[keep]
+
+    def weight(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        if keep is None:
+            return (self.left * self.s) @ self.right
+        left, right = self.factors(keep)
+        return left @ right
+
+
+def svd_factorization(weight: torch.Tensor) -> Factorization:
+    U, s, Vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    return Factorization(U, s, Vh)
+
+
+def target_linears(model: nn.Module, target_modules) -> dict[str, nn.Linear]:
+    return find_target_linears(model, target_modules)
+
+
+def dense_params(shapes: list[tuple[int, int]]) -> int:
+    return sum(m * n for m, n in shapes)
+
+
+def budget_params(shapes: list[tuple[int, int]], budget: float) -> int:
+    """The global budget in parameters: ``budget`` times the dense weights of the targeted matrices."""
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"The parameter budget must be a fraction in (0, 1], got {budget}.")
+    return int(budget * dense_params(shapes))
+
+
+def uniform_rank_scores(shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Scores under which :func:`allocate_groups` gives every matrix the same rank.
+
+    Group ``i`` of every matrix scores ``-i``; ties go to the matrices in model order, so the budget is
+    filled with rank ``r`` everywhere and ``r + 1`` in the first matrices (ranks differ by at most one).
+    """
+    return [-torch.arange(min(m, n), dtype=torch.float32) for m, n in shapes]
+
+
+def allocate(scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: float) -> list[torch.Tensor]:
+    return allocate_groups(scores, shapes, budget_params(shapes, budget))
+
+
+@torch.no_grad()
+def replace_with_kept_groups(
+    model: nn.Module, layers: dict[str, nn.Linear], factorizations: list[Factorization], keep: list[torch.Tensor]
+) -> dict[str, dict]:
+    """Swap each targeted ``Linear`` (in place) for its kept groups; return the module layout for
+    :func:`~rankdyna_trainer.export.save_compressed_model`."""
+    modules = {}
+    for (name, linear), fact, kept in zip(layers.items(), factorizations, keep):
+        left, right = fact.factors(kept.to(fact.s.device))
+        dtype = linear.weight.dtype
+        bias = linear.bias.detach() if linear.bias is not None else None
+        exported = factorized_or_dense(left.to(dtype).contiguous(), right.to(dtype).contiguous(), bias)
+        set_submodule(model, name, exported.to(linear.weight.device))
+        modules[name] = describe_module(exported)
+    return modules
+
+
+def kept_ranks(layers: dict[str, nn.Linear], keep: list[torch.Tensor]) -> dict[str, int]:
+    counts = torch.stack([k.sum() for k in keep]).tolist() if keep else []
+    return dict(zip(layers, (int(c) for c in counts)))
+
+
+def fisher_information(
+    model: nn.Module, dataloader, layers: dict[str, nn.Linear], max_batches: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Empirical Fisher of each targeted weight: the sum over batches of the squared loss gradient.
+
+    Element-wise (``out x in``), as TFWSVD uses it; FWSVD sums it over each row. The model runs in eval
+    mode (no dropout) and its parameters are left untouched; batches must carry labels.
+    """
+    if dataloader is None:
+        raise ValueError("Fisher information needs a dataloader of labelled task batches; got None.")
+    was_training = model.training
+    model.eval()
+    weights = [l.weight for l in layers.values()]
+    flags = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    fisher = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    device = weights[0].device
+    total = len(dataloader) if max_batches is None else min(max_batches, len(dataloader))
+    seen = 0
+    for batch in tqdm(dataloader, total=total, desc="Fisher information"):
+        if seen >= total:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        if loss is None:
+            raise ValueError("The model returned no loss: Fisher information needs batches with labels.")
+        loss.backward()
+        grads = [w.grad.float() if w.grad is not None else torch.zeros_like(f) for w, f in zip(weights, fisher)]
+        torch._foreach_addcmul_(fisher, grads, grads)
+        seen += 1
+    model.zero_grad(set_to_none=True)
+    for w, flag in zip(weights, flags):
+        w.requires_grad_(flag)
+    model.train(was_training)
+    if seen == 0:
+        raise ValueError("The dataloader yielded no batch; cannot estimate Fisher information.")
+    return dict(zip(layers, fisher))
