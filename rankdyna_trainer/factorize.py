@@ -43,9 +43,21 @@ class Factorization:
         return left @ right
 
 
-def svd_factorization(weight: torch.Tensor) -> Factorization:
-    U, s, Vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
-    return Factorization(U, s, Vh)
+def svd_factorization(weight: torch.Tensor, input_rms: torch.Tensor | None = None) -> Factorization:
+    """Thin SVD of ``weight``; with ``input_rms``, the activation-weighted SVD (LoRAP).
+
+    Activation-weighted: the SVD is taken of ``W diag(input_rms)`` and the scaling undone on the right
+    factor, so truncation error is measured on typical inputs and channels with large activations are
+    approximated more closely.
+    """
+    W = weight.detach().float()
+    if input_rms is None:
+        U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+        return Factorization(U, s, Vh)
+    # A dead channel would make the inverse scale blow up; floor it relative to the largest one.
+    scale = input_rms.float().clamp_min(1e-6 * float(input_rms.max()) + 1e-12)
+    U, s, Vh = torch.linalg.svd(W * scale[None, :], full_matrices=False)
+    return Factorization(U, s, Vh / scale[None, :])
 
 
 def target_linears(model: nn.Module, target_modules) -> dict[str, nn.Linear]:

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ..budget import matrix_cost
 from ..export import describe_module, factorized_or_dense
+from ..factorize import svd_factorization
 from ..targets import find_target_linears, set_submodule
 from .calibration import blockwise
 from .config import LoRAPConfig, LowRankSVDConfig
@@ -24,22 +25,10 @@ def uniform_rank(budget_fraction: float, out_features: int, in_features: int) ->
 
 
 def svd_factors(weight: torch.Tensor, rank: int, input_rms: torch.Tensor | None = None):
-    """``(left, right)`` with ``left @ right`` the best rank-``rank`` approximation of ``weight``.
-
-    With ``input_rms`` the error is measured on the inputs instead of the weights: the SVD is taken of
-    ``W diag(input_rms)`` and the scaling undone on the right factor, so channels that carry large
-    activations are approximated more closely (LoRAP's activation-weighted SVD).
-    """
-    W = weight.detach().float()
-    if input_rms is not None:
-        # A dead channel would make the inverse scale blow up; floor it relative to the largest one.
-        scale = input_rms.float().clamp_min(1e-6 * float(input_rms.max()) + 1e-12)
-        W = W * scale[None, :]
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    root = S[:rank].sqrt()
-    left, right = U[:, :rank] * root, root[:, None] * Vh[:rank]
-    if input_rms is not None:
-        right = right / scale[None, :]
+    """``(left, right)`` with ``left @ right`` the best rank-``rank`` approximation of ``weight``, measured on the
+    inputs when ``input_rms`` is given (see :func:`~rankdyna_trainer.factorize.svd_factorization`)."""
+    factorization = svd_factorization(weight, input_rms)
+    left, right = factorization.factors(torch.arange(factorization.s.numel()) < rank)
     return left.to(weight.dtype), right.to(weight.dtype)
 
 
