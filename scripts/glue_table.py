@@ -30,18 +30,26 @@ COMMON_ARGS = ["--model_name_or_path", "minilm", "--do_train", "--do_eval", "--m
                "--logging_steps", "20", "--save_strategy", "no", "--seed", "42"]
 
 
+# Row name -> run_glue.py flags. `rankdyna_sv_grad` scores singular values as AdaLoRA does (s * dL/ds), the
+# ablation of our default gate-gradient signal (docs/method.md).
+METHOD_FLAGS = {
+    "dense": lambda budget: [],
+    "rankdyna": lambda budget: ["--rankdyna", "--rankdyna_budget", str(budget)],
+    "rankdyna_sv_grad": lambda budget: ["--rankdyna", "--rankdyna_budget", str(budget),
+                                        "--rankdyna_singular_value_signal", "singular_value"],
+}
+
+
 def run_argv(task: str, method: str, budget: float, glue_dir: str, output_dir: str, extra: list[str]) -> list[str]:
     argv = ["--task_name", task, "--glue_dir", glue_dir, "--output_dir", os.path.join(output_dir, f"{task}-{method}"),
             *COMMON_ARGS]
-    if method == "rankdyna":
-        argv += ["--rankdyna", "--rankdyna_budget", str(budget)]
-    return argv + extra
+    return argv + METHOD_FLAGS[method](budget) + extra
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["rte", "mrpc"])
-    parser.add_argument("--methods", nargs="+", default=["dense", "rankdyna"], choices=["dense", "rankdyna"])
+    parser.add_argument("--methods", nargs="+", default=["dense", "rankdyna"], choices=sorted(METHOD_FLAGS))
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", "../shared/data/glue"))
     parser.add_argument("--output_dir", default="outputs/glue_table")

@@ -68,7 +68,8 @@ class RankDynaCallback(TrainerCallback):
             final_fraction=config.final_fraction,
             interval=config.reallocation_interval,
         )
-        self.scores = SingularGroupScores(self._layers, config.beta1, config.beta2)
+        self.scores = SingularGroupScores(self._layers, config.beta1, config.beta2,
+                                          config.singular_value_signal)
         self.scores.zero_gate_grads()
 
     def _run_first_among_callbacks(self) -> None:

@@ -5,6 +5,8 @@ from typing import Optional, Union
 
 from peft.config import PeftConfigMixin
 
+from .importance import SINGULAR_VALUE_SIGNALS
+
 
 @dataclass
 class RankDynaConfig(PeftConfigMixin):
@@ -50,6 +52,12 @@ class RankDynaConfig(PeftConfigMixin):
     )
     beta1: float = field(default=0.85, metadata={"help": "EMA coefficient of the sensitivity, in [0, 1)."})
     beta2: float = field(default=0.85, metadata={"help": "EMA coefficient of the uncertainty, in [0, 1)."})
+    singular_value_signal: str = field(
+        default="gate",
+        metadata={"help": "Sensitivity term of a group's singular value: 'gate' uses dL/d(gate), which equals "
+                  "s*dL/ds for kept groups and stays informative for masked ones (our default); "
+                  "'singular_value' is AdaLoRA's s*dL/ds, zero once a group is masked."},
+    )
     orth_reg_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the orthogonality regularizer ||U^T U - I|| + ||V V^T - I|| (0 disables it)."},
@@ -79,6 +87,9 @@ class RankDynaConfig(PeftConfigMixin):
                 raise ValueError(f"{name} must be in [0, 1), got {value}.")
         if self.init_rank is not None and (not isinstance(self.init_rank, int) or self.init_rank < 1):
             raise ValueError(f"init_rank must be None or an integer >= 1, got {self.init_rank!r}.")
+        if self.singular_value_signal not in SINGULAR_VALUE_SIGNALS:
+            raise ValueError(f"singular_value_signal must be one of {SINGULAR_VALUE_SIGNALS}, "
+                             f"got {self.singular_value_signal!r}.")
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}.")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:

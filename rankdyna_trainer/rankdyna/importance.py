@@ -12,6 +12,9 @@ import torch
 from .layer import SVDLinear
 
 
+SINGULAR_VALUE_SIGNALS = ("gate", "singular_value")
+
+
 class SingularGroupScores:
     """Keeps the importance buffers of a set of :class:`SVDLinear` layers up to date.
 
@@ -19,11 +22,16 @@ class SingularGroupScores:
     finite leaves every statistic unchanged and is counted in ``skipped_steps``.
     """
 
-    def __init__(self, layers: list[SVDLinear], beta1: float = 0.85, beta2: float = 0.85):
+    def __init__(self, layers: list[SVDLinear], beta1: float = 0.85, beta2: float = 0.85,
+                 singular_value_signal: str = "gate"):
         if not layers:
             raise ValueError("SingularGroupScores needs at least one SVDLinear layer.")
+        if singular_value_signal not in SINGULAR_VALUE_SIGNALS:
+            raise ValueError(f"singular_value_signal must be one of {SINGULAR_VALUE_SIGNALS}, "
+                             f"got {singular_value_signal!r}.")
         self.layers = layers
         self.beta1, self.beta2 = beta1, beta2
+        self.singular_value_signal = singular_value_signal
         self.skipped_steps = 0
         self._sensitivity = [getattr(l, f"sensitivity_{p}") for p in ("U", "V", "gate") for l in layers]
         self._uncertainty = [getattr(l, f"uncertainty_{p}") for p in ("U", "V", "gate") for l in layers]
@@ -35,8 +43,13 @@ class SingularGroupScores:
         params = [l.U for l in self.layers] + [l.V for l in self.layers]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         sensitivity = torch._foreach_mul([p.detach() for p in params], grads)
-        # The gate gradient is the loss change per unit of gate, i.e. already |s * dL/ds| for kept groups.
-        sensitivity += torch._foreach_div(self.gate_grads(), grad_scale)
+        if self.singular_value_signal == "gate":
+            # The gate gradient is the loss change per unit of gate: |s * dL/ds| for kept groups, and the
+            # first-order gain of re-adding a masked group.
+            sensitivity += torch._foreach_div(self.gate_grads(), grad_scale)
+        else:  # AdaLoRA's |s * dL/ds| from the parameter gradient: zero for masked groups
+            s_grads = [l.s.grad if l.s.grad is not None else torch.zeros_like(l.s) for l in self.layers]
+            sensitivity += torch._foreach_mul([l.s.detach() for l in self.layers], s_grads)
         torch._foreach_abs_(sensitivity)
         return sensitivity
 

@@ -15,6 +15,7 @@ from rankdyna_trainer import RankDynaConfig
         ({"beta1": 1.0}, r"beta1 must be in \[0, 1\)"),
         ({"init_rank": 0}, "init_rank must be None or an integer >= 1"),
         ({"orth_reg_weight": -1.0}, "orth_reg_weight must be >= 0"),
+        ({"singular_value_signal": "x"}, "singular_value_signal must be one of"),
         ({"target_modules": []}, "target_modules is an empty list"),
     ],
 )

@@ -5,9 +5,12 @@ from torch import nn
 from rankdyna_trainer import SingularGroupScores, SVDLinear
 
 
-def _layers_with_grads(seed: int):
+def _layers_with_grads(seed: int, masked_group: int | None = None):
     torch.manual_seed(seed)
     layers = [SVDLinear.from_linear(nn.Linear(6, 5)).train(), SVDLinear.from_linear(nn.Linear(5, 7)).train()]
+    if masked_group is not None:
+        for layer in layers:
+            layer.gate[masked_group] = 0
     x = torch.randn(4, 6)
     layers[1](torch.tanh(layers[0](x))).pow(2).mean().backward()
     return layers
@@ -65,3 +68,28 @@ def test_loss_scale_divides_gate_gradients_only():
 def test_needs_layers():
     with pytest.raises(ValueError, match="at least one SVDLinear"):
         SingularGroupScores([])
+
+
+def test_adalora_signal_scores_masked_groups_by_their_vectors_only():
+    layers = _layers_with_grads(3, masked_group=1)
+    gate_signal = SingularGroupScores(layers, singular_value_signal="gate")
+    adalora_signal = SingularGroupScores(layers, singular_value_signal="singular_value")
+    # Each instance updates the same buffers; read the AdaLoRA variant's gate term straight after its update.
+    adalora_signal.update()
+    expected = [(l.s * l.s.grad).abs() * (1 - 0.85) for l in layers]
+    for layer, want in zip(layers, expected):
+        torch.testing.assert_close(layer.sensitivity_gate, want)
+        assert layer.sensitivity_gate[1] == 0  # AdaLoRA's term is blind to a masked group
+    for layer in layers:
+        for name, buffer in layer.named_buffers():
+            if name.startswith(("sensitivity_", "uncertainty_")):
+                buffer.zero_()
+    gate_signal.update()
+    for layer in layers:
+        torch.testing.assert_close(layer.sensitivity_gate, layer.gate_grad.abs() * (1 - 0.85))
+        assert layer.sensitivity_gate[1] > 0  # the masked group keeps a signal only with the gate variant
+
+
+def test_unknown_singular_value_signal_is_refused():
+    with pytest.raises(ValueError, match="singular_value_signal must be one of"):
+        SingularGroupScores(_layers_with_grads(0), singular_value_signal="hessian")
