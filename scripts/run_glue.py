@@ -125,7 +125,8 @@ class RankDynaArguments:
     rankdyna_beta1: Optional[float] = field(default=None, metadata={"help": "EMA coefficient of the sensitivity."})
     rankdyna_beta2: Optional[float] = field(default=None, metadata={"help": "EMA coefficient of the uncertainty."})
     rankdyna_singular_value_signal: Optional[str] = field(
-        default=None, metadata={"help": "'gate' (default) or 'singular_value' (AdaLoRA's s*dL/ds); see docs/method.md."})
+        default=None,
+        metadata={"help": "'gate' (default) or 'singular_value' (AdaLoRA's s*dL/ds); see docs/method.md."})
     rankdyna_orth_reg_weight: Optional[float] = field(
         default=None, metadata={"help": "Weight of the orthogonality regularizer (0 disables it)."})
     rankdyna_init_rank: Optional[int] = field(default=None, metadata={"help": "Keep the top-k groups at SVD time."})

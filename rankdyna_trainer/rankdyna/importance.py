@@ -11,7 +11,6 @@ import torch
 
 from .layer import SVDLinear
 
-
 SINGULAR_VALUE_SIGNALS = ("gate", "singular_value")
 
 
