@@ -12,6 +12,12 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 
+def check_budget_fraction(value: float, name: str = "target_budget") -> None:
+    """Every method's budget is a fraction of the dense targeted weights, in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value}.")
+
+
 def matrix_cost(rank: int, out_features: int, in_features: int) -> int:
     """Parameters needed to store a rank-``rank`` ``out_features x in_features`` matrix (factorized or dense)."""
     return min(rank * (out_features + in_features), out_features * in_features)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .budget import allocate_groups
+from .budget import allocate_groups, check_budget_fraction
 from .export import describe_module, factorized_or_dense
 from .targets import find_target_linears, set_submodule
 
@@ -70,8 +70,7 @@ def dense_params(shapes: list[tuple[int, int]]) -> int:
 
 def budget_params(shapes: list[tuple[int, int]], budget: float) -> int:
     """The global budget in parameters: ``budget`` times the dense weights of the targeted matrices."""
-    if not 0.0 < budget <= 1.0:
-        raise ValueError(f"The parameter budget must be a fraction in (0, 1], got {budget}.")
+    check_budget_fraction(budget, "The parameter budget")
     return int(budget * dense_params(shapes))
 
 

@@ -3,10 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-
-def _check_budget(value: float) -> None:
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"target_budget must be in (0, 1], got {value}.")
+from ..budget import check_budget_fraction
 
 
 @dataclass
@@ -32,7 +29,7 @@ class LowRankSVDConfig:
     )
 
     def __post_init__(self):
-        _check_budget(self.target_budget)
+        check_budget_fraction(self.target_budget)
 
 
 @dataclass
@@ -76,7 +73,7 @@ class LoRAPConfig:
     )
 
     def __post_init__(self):
-        _check_budget(self.target_budget)
+        check_budget_fraction(self.target_budget)
         if self.vo_rank_ratio < 1.0:
             raise ValueError(f"vo_rank_ratio must be >= 1 (V/O get at least the rank of Q/K), "
                              f"got {self.vo_rank_ratio}.")

@@ -3,6 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from ..budget import check_budget_fraction
+
 
 @dataclass
 class MPOConfig:
@@ -32,7 +34,6 @@ class MPOConfig:
     )
 
     def __post_init__(self):
-        if not 0.0 < self.target_budget <= 1.0:
-            raise ValueError(f"target_budget must be in (0, 1], got {self.target_budget}.")
+        check_budget_fraction(self.target_budget)
         if not isinstance(self.num_tensors, int) or self.num_tensors < 3 or self.num_tensors % 2 == 0:
             raise ValueError(f"num_tensors must be an odd integer >= 3 (one central tensor), got {self.num_tensors!r}.")

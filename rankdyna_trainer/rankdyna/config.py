@@ -5,6 +5,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfigMixin
 
+from ..budget import check_budget_fraction
 from .importance import SINGULAR_VALUE_SIGNALS
 
 
@@ -64,8 +65,7 @@ class RankDynaConfig(PeftConfigMixin):
     )
 
     def __post_init__(self):
-        if not 0.0 < self.target_budget <= 1.0:
-            raise ValueError(f"target_budget must be in (0, 1], got {self.target_budget}.")
+        check_budget_fraction(self.target_budget)
         if not self.target_budget <= self.initial_budget <= 1.0:
             raise ValueError(
                 f"initial_budget must be in [target_budget, 1] = [{self.target_budget}, 1], got {self.initial_budget}."

@@ -3,6 +3,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
+from ..budget import check_budget_fraction
+
 
 @dataclass
 class SVDConfig:
@@ -19,8 +21,7 @@ class SVDConfig:
     )
 
     def __post_init__(self):
-        if not 0.0 < self.target_budget <= 1.0:
-            raise ValueError(f"target_budget must be in (0, 1], got {self.target_budget}.")
+        check_budget_fraction(self.target_budget)
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise ValueError("target_modules is an empty list; pass None for the architecture's defaults.")
 
