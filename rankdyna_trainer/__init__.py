@@ -2,7 +2,7 @@
 
 from .budget import ParameterBudget, allocate_groups, matrix_cost
 from .export import LowRankLinear, load_compressed_model, read_compression_config, save_compressed_model
-from .rankdyna import (
+from .methods.rankdyna import (
     RankDynaCallback,
     RankDynaConfig,
     SingularGroupScores,
@@ -14,7 +14,7 @@ from .rankdyna import (
 from .targets import DEFAULT_TARGET_MODULES, find_target_linears
 
 # Imported for their side effect too: the MPO package registers its exported module type for loading.
-from . import lorap, mpo  # noqa: E402,F401  (isort: skip)
+from .methods import lorap, mpo  # noqa: E402,F401  (isort: skip)
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,7 @@ import re
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .rankdyna.callback import RANK_PATTERN_FILE
+from .methods.rankdyna.callback import RANK_PATTERN_FILE
 
 TRAINER_STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")

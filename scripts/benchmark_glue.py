@@ -40,12 +40,12 @@ from transformers import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from rankdyna_trainer.adalora import adalora_rank_pattern  # noqa: E402
+from rankdyna_trainer.methods.adalora import adalora_rank_pattern  # noqa: E402
 from rankdyna_trainer.export import load_compressed_model, save_compressed_model  # noqa: E402
-from rankdyna_trainer.glue import get_task, load_glue  # noqa: E402
+from rankdyna_trainer.experiment.glue_data import get_task, load_glue  # noqa: E402
 from rankdyna_trainer.methods import METHODS, get_method  # noqa: E402
 from rankdyna_trainer.packaged_models import minilm_path  # noqa: E402
-from rankdyna_trainer.rankdyna import rank_pattern  # noqa: E402
+from rankdyna_trainer.methods.rankdyna import rank_pattern  # noqa: E402
 from rankdyna_trainer.targets import find_target_linears  # noqa: E402
 
 METHOD_ORDER = ["dense", "rankdyna", "fwsvd", "ars", "svd", "tfwsvd", "adalora"]

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run_glue  # noqa: E402
 
-from rankdyna_trainer.glue_metrics import main_metric  # noqa: E402
+from rankdyna_trainer.experiment.glue_metrics import main_metric  # noqa: E402
 
 COMMON_ARGS = ["--model_name_or_path", "minilm", "--do_train", "--do_eval", "--max_seq_length", "128",
                "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",

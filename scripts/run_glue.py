@@ -53,13 +53,13 @@ from rankdyna_trainer import (  # noqa: E402
     save_compressed_model,
 )
 from rankdyna_trainer.export import COMPRESSION_CONFIG_FILE  # noqa: E402
-from rankdyna_trainer.glue import GLUE_TASKS, get_task, load_glue, load_glue_files  # noqa: E402
-from rankdyna_trainer.glue_metrics import load_glue_metric, main_metric  # noqa: E402
+from rankdyna_trainer.experiment.glue_data import GLUE_TASKS, get_task, load_glue, load_glue_files  # noqa: E402
+from rankdyna_trainer.experiment.glue_metrics import load_glue_metric, main_metric  # noqa: E402
 from rankdyna_trainer.methods import METHODS, get_method  # noqa: E402
 from rankdyna_trainer.packaged_models import minilm_path  # noqa: E402
-from rankdyna_trainer.rank_plots import save_rank_heatmap  # noqa: E402
-from rankdyna_trainer.sweep import optuna_space, read_sweep_config  # noqa: E402
-from rankdyna_trainer.wandb_logging import RankDynaWandbCallback, active_wandb_run, log_exported_model  # noqa: E402
+from rankdyna_trainer.experiment.rank_plots import save_rank_heatmap  # noqa: E402
+from rankdyna_trainer.experiment.sweep import optuna_space, read_sweep_config  # noqa: E402
+from rankdyna_trainer.experiment.wandb_logging import RankDynaWandbCallback, active_wandb_run, log_exported_model  # noqa: E402
 
 logger = logging.getLogger("run_glue")
 

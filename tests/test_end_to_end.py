@@ -14,7 +14,7 @@ from rankdyna_trainer import (
     prepare_model,
     save_compressed_model,
 )
-from rankdyna_trainer.glue import load_glue
+from rankdyna_trainer.experiment.glue_data import load_glue
 
 pytestmark = pytest.mark.slow
 

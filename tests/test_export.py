@@ -14,7 +14,7 @@ from rankdyna_trainer import (
 )
 from rankdyna_trainer.budget import matrix_cost
 from rankdyna_trainer.export import COMPRESSION_CONFIG_FILE
-from rankdyna_trainer.rankdyna import svd_layers
+from rankdyna_trainer.methods.rankdyna import svd_layers
 from tests.conftest import tiny_bert
 
 

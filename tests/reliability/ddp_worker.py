@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repository root, for `tests.*` and the package
 
-from rankdyna_trainer.rankdyna import RankDynaCallback, svd_layers  # noqa: E402
+from rankdyna_trainer.methods.rankdyna import RankDynaCallback, svd_layers  # noqa: E402
 from tests.reliability.helpers import build_trainer  # noqa: E402
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainingArguments
 
-from rankdyna_trainer.rankdyna import RankDynaCallback, RankDynaConfig, prepare_model, svd_layers
+from rankdyna_trainer.methods.rankdyna import RankDynaCallback, RankDynaConfig, prepare_model, svd_layers
 from tests.conftest import random_classification_dataset, tiny_bert
 
 

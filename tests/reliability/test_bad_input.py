@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from rankdyna_trainer.budget import ParameterBudget
-from rankdyna_trainer.rankdyna import RankDynaCallback, RankDynaConfig, prepare_model
+from rankdyna_trainer.methods.rankdyna import RankDynaCallback, RankDynaConfig, prepare_model
 from rankdyna_trainer.targets import find_target_linears
 from tests.conftest import tiny_bert
 

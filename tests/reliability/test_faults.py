@@ -9,7 +9,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from rankdyna_trainer.export import COMPRESSION_CONFIG_FILE, LowRankLinear, load_compressed_model, save_compressed_model
-from rankdyna_trainer.rankdyna import (
+from rankdyna_trainer.methods.rankdyna import (
     RANK_PATTERN_FILE,
     RankDynaCallback,
     RankDynaConfig,
@@ -64,7 +64,7 @@ def _rankdyna(trainer):
 def test_non_finite_gate_gradient_skips_one_score_update_and_warns(tmp_path, caplog):
     recorder = RecordStatistics()
     trainer = build_trainer(tmp_path, callbacks=[recorder], trainer_class=NaNGateGradTrainer)
-    with caplog.at_level(logging.WARNING, logger="rankdyna_trainer.rankdyna.callback"):
+    with caplog.at_level(logging.WARNING, logger="rankdyna_trainer.methods.rankdyna.callback"):
         trainer.train()
     before, at_fault, after = (recorder.after_step[s] for s in (FAULT_STEP, FAULT_STEP + 1, FAULT_STEP + 2))
     for key in before:  # after_step[s] is the state after the optimizer step numbered s - 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rankdyna_trainer.rankdyna import RANK_PATTERN_FILE
+from rankdyna_trainer.methods.rankdyna import RANK_PATTERN_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("ddp_worker.py")

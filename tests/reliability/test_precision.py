@@ -6,7 +6,7 @@ from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
-from rankdyna_trainer.rankdyna import RankDynaCallback, kept_params, prepare_model, svd_layers
+from rankdyna_trainer.methods.rankdyna import RankDynaCallback, kept_params, prepare_model, svd_layers
 
 from .helpers import build_trainer, small_config, state_of, tiny_bert_without_dropout, training_args
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from rankdyna_trainer.rankdyna import RANK_PATTERN_FILE, svd_layers
+from rankdyna_trainer.methods.rankdyna import RANK_PATTERN_FILE, svd_layers
 
 from .helpers import build_trainer, gates, state_of
 

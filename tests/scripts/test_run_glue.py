@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from rankdyna_trainer import load_compressed_model, read_compression_config
-from rankdyna_trainer.glue import load_glue
+from rankdyna_trainer.experiment.glue_data import load_glue
 from tests.wandb_records import history_rows, offline_run_files
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ...budget import ParameterBudget, allocate_groups
+from .config import RankDynaConfig
+from .importance import SingularGroupScores
+from .model import dense_params, kept_params, rank_pattern, svd_layers
+
+logger = logging.getLogger(__name__)
+
+RANK_PATTERN_FILE = "rank_pattern.json"
+
+
+class RankDynaCallback(TrainerCallback):
+    """Scores singular groups every optimizer step and reallocates ranks under a shrinking global budget.
+
+    Use with a model passed through :func:`prepare_model`::
+
+        model = prepare_model(model, config)
+        trainer = Trainer(model=model, args=args, ..., callbacks=[RankDynaCallback(config)])
+    """
+
+    def __init__(self, config: RankDynaConfig | None = None):
+        self.config = config
+        self.budget: ParameterBudget | None = None
+        self.scores: SingularGroupScores | None = None
+        self._layers = []
+        self._names = []
+        self._reported_skips = 0
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._run_first_among_callbacks()
+        layers = svd_layers(model)
+        if not layers:
+            raise ValueError(
+                "RankDynaCallback found no SVDLinear layer in the model: call "
+                "`rankdyna_trainer.prepare_model(model, config)` before building the Trainer."
+            )
+        config = self.config or getattr(model, "rankdyna_config", None)
+        if config is None:
+            raise ValueError("RankDynaCallback needs a RankDynaConfig: pass it to the callback or to prepare_model.")
+        self.config = config
+        backend = _sharding_backend(args)
+        if backend is not None:
+            raise ValueError(
+                f"RankDyna does not support {backend}: it reads the full gradient of every factor on each optimizer "
+                "step, which FSDP and DeepSpeed ZeRO shard across processes (DeepSpeed without ZeRO is untested, so "
+                "it is refused too). Use plain data parallelism (torchrun, or accelerate launch with multi-GPU DDP)."
+            )
+        self._names, self._layers = list(layers), list(layers.values())
+        self.budget = ParameterBudget.from_fractions(
+            dense_params=dense_params(self._layers),
+            initial_fraction=config.initial_budget,
+            target_fraction=config.target_budget,
+            total_steps=state.max_steps,
+            warmup_fraction=config.warmup_fraction,
+            final_fraction=config.final_fraction,
+            interval=config.reallocation_interval,
+        )
+        self.scores = SingularGroupScores(self._layers, config.beta1, config.beta2,
+                                          config.singular_value_signal)
+        self.scores.zero_gate_grads()
+
+    def _run_first_among_callbacks(self) -> None:
+        # Reporting callbacks (W&B, TensorBoard) are registered before user callbacks, so values added to
+        # `logs` in on_log would reach them only if this callback runs first.
+        caller = inspect.currentframe().f_back.f_back
+        handler = caller.f_locals.get("self") if caller is not None else None
+        if isinstance(handler, CallbackHandler) and handler.callbacks and handler.callbacks[0] is not self:
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
+
+    # -- every optimizer step -------------------------------------------------------------------
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        step = state.global_step
+        if self.budget.tracks_scores(step):
+            self._add_orthogonality_gradient()
+            self._all_reduce_gate_grads()
+            self.scores.update(grad_scale=_unscale_parameter_grads(optimizer))
+        self.scores.zero_gate_grads()
+        if self.budget.is_reallocation_step(step):
+            self.reallocate(self.budget.params_at(step))
+
+    @torch.no_grad()
+    def reallocate(self, budget_params: int) -> None:
+        shapes = [(l.out_features, l.in_features) for l in self._layers]
+        keep = allocate_groups(self.scores.group_scores(), shapes, budget_params)
+        torch._foreach_copy_([l.gate for l in self._layers], [k.to(l.gate.dtype) for k, l in zip(keep, self._layers)])
+        self._broadcast_gates()
+
+    def _broadcast_gates(self) -> None:
+        # Scores are identical on every process once gate gradients are averaged, so this changes nothing
+        # in a correct run; it guarantees one allocation even if a process's scores drift (e.g. a custom
+        # loss that differs per process), since DDP does not synchronise these buffers (see prepare_model).
+        if not _is_distributed():
+            return
+        gates = [l.gate for l in self._layers]
+        flat = torch.cat(gates)
+        dist.broadcast(flat, src=0)
+        torch._foreach_copy_(gates, list(flat.split([g.numel() for g in gates])))
+
+    def _add_orthogonality_gradient(self) -> None:
+        if self.config.orth_reg_weight <= 0:
+            return
+        with torch.enable_grad():
+            penalty = torch.stack([l.orthogonality_penalty() for l in self._layers]).mean()
+            (self.config.orth_reg_weight * penalty).backward()
+
+    def _all_reduce_gate_grads(self) -> None:
+        # Parameter gradients are averaged by DDP; the gate gradients are not parameters, so average them
+        # here or processes would allocate differently.
+        if not _is_distributed():
+            return
+        grads = self.scores.gate_grads()
+        flat = torch.cat(grads)
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        torch._foreach_copy_(grads, list(flat.split([g.numel() for g in grads])))
+
+    # -- reporting and files ----------------------------------------------------------------------
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.budget is None or logs is None:
+            return
+        step = state.global_step
+        current = kept_params(self._layers)
+        values = {
+            "rankdyna/budget_params": self.budget.params_at(step),
+            "rankdyna/params": current,
+            "rankdyna/params_fraction": current / self.budget.dense_params,
+        }
+        logs.update(values)
+        if state.log_history:
+            state.log_history[-1].update(values)
+        skipped = self.scores.skipped_steps
+        if skipped > self._reported_skips:
+            logger.warning(
+                "RankDyna skipped %d optimizer step(s) with non-finite gradients when updating importance scores.",
+                skipped - self._reported_skips,
+            )
+            self._reported_skips = skipped
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        self._write_rank_pattern(model, checkpoint, state)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._write_rank_pattern(model, args.output_dir, state)
+
+    def _write_rank_pattern(self, model, directory: str, state) -> None:
+        if not state.is_world_process_zero:
+            return
+        os.makedirs(directory, exist_ok=True)
+        pattern = {
+            "step": state.global_step,
+            "budget_params": self.budget.params_at(state.global_step),
+            "params": kept_params(self._layers),
+            "dense_params": self.budget.dense_params,
+            "ranks": rank_pattern(model),
+        }
+        with open(os.path.join(directory, RANK_PATTERN_FILE), "w") as f:
+            json.dump(pattern, f, indent=2)
+
+
+def _sharding_backend(args) -> str | None:
+    """DeepSpeed or FSDP if either is on, from TrainingArguments or from an ``accelerate launch`` config."""
+    def launched_with(name: str) -> bool:
+        return os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() in ("1", "true")
+
+    if getattr(args, "deepspeed", None) or launched_with("DEEPSPEED"):
+        return "DeepSpeed"
+    if getattr(args, "fsdp", None) or launched_with("FSDP"):
+        return "FSDP"
+    return None
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _unscale_parameter_grads(optimizer) -> torch.Tensor | float:
+    """Unscale fp16 parameter gradients (if gradient clipping has not already) and return the loss scale.
+
+    With fp16, accelerate unscales parameter gradients inside ``clip_grad_norm_`` (only when
+    ``max_grad_norm > 0``) or else inside ``optimizer.step``, which runs after this callback. Unscaling here
+    (the scaler then skips it in ``step``) gives the scores the same gradients either way. The gate
+    gradients are not parameters, so the caller divides them by the returned scale.
+    """
+    scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer.scaler (a GradScaler)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    try:
+        scaler.unscale_(optimizer.optimizer)
+    except RuntimeError:
+        pass  # "unscale_() has already been called on this optimizer since the last update()"
+    return scaler.get_scale()

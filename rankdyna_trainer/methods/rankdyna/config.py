@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfigMixin
+
+from ...budget import check_budget_fraction
+from .importance import SINGULAR_VALUE_SIGNALS
+
+
+@dataclass
+class RankDynaConfig(PeftConfigMixin):
+    """Settings of a RankDyna run: what to factorize, the parameter budget and its schedule.
+
+    Saved and loaded as JSON with ``save_pretrained``/``from_pretrained`` (peft's config mechanism).
+    RankDyna is not registered as a peft tuner: it rewrites and trains the base weights, while a
+    ``PeftModel`` freezes them and saves only adapter tensors, so peft's model wrapper does not fit.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module-name suffixes (list) or a full-name regex (str) of the nn.Linear layers to factorize. "
+            "None uses the defaults for the model's architecture (BERT-like: attention and FFN projections; "
+            "LLaMA-like: q/k/v/o and gate/up/down projections)."
+        },
+    )
+    target_budget: float = field(
+        default=0.5,
+        metadata={"help": "Final parameter budget as a fraction of the dense parameters of the targeted "
+                  "matrices, in (0, 1]."},
+    )
+    initial_budget: float = field(
+        default=1.0,
+        metadata={"help": "Budget at the start of pruning (fraction, target_budget <= initial_budget <= 1). "
+                  "1.0 keeps every matrix at full rank until pruning starts."},
+    )
+    init_rank: Optional[int] = field(
+        default=None,
+        metadata={"help": "Keep only the top `init_rank` singular groups of each matrix at factorization time "
+                  "(saves memory on large models). None keeps all min(m, n) groups."},
+    )
+    warmup_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of optimizer steps before pruning starts (scores accumulate)."}
+    )
+    final_fraction: float = field(
+        default=0.2,
+        metadata={"help": "Fraction of optimizer steps at the end with the allocation frozen at the target budget."},
+    )
+    reallocation_interval: int = field(
+        default=10, metadata={"help": "Optimizer steps between two reallocations during the pruning phase."}
+    )
+    beta1: float = field(default=0.85, metadata={"help": "EMA coefficient of the sensitivity, in [0, 1)."})
+    beta2: float = field(default=0.85, metadata={"help": "EMA coefficient of the uncertainty, in [0, 1)."})
+    singular_value_signal: str = field(
+        default="gate",
+        metadata={"help": "Sensitivity term of a group's singular value: 'gate' uses dL/d(gate), which equals "
+                  "s*dL/ds for kept groups and stays informative for masked ones (our default); "
+                  "'singular_value' is AdaLoRA's s*dL/ds, zero once a group is masked."},
+    )
+    orth_reg_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the orthogonality regularizer ||U^T U - I|| + ||V V^T - I|| (0 disables it)."},
+    )
+
+    def __post_init__(self):
+        check_budget_fraction(self.target_budget)
+        if not self.target_budget <= self.initial_budget <= 1.0:
+            raise ValueError(
+                f"initial_budget must be in [target_budget, 1] = [{self.target_budget}, 1], got {self.initial_budget}."
+            )
+        for name in ("warmup_fraction", "final_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}.")
+        if self.warmup_fraction + self.final_fraction >= 1.0:
+            raise ValueError(
+                f"warmup_fraction + final_fraction must be below 1 to leave steps to prune in, got "
+                f"{self.warmup_fraction} + {self.final_fraction} = {self.warmup_fraction + self.final_fraction}."
+            )
+        if not isinstance(self.reallocation_interval, int) or self.reallocation_interval < 1:
+            raise ValueError(f"reallocation_interval must be an integer >= 1, got {self.reallocation_interval!r}.")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}.")
+        if self.init_rank is not None and (not isinstance(self.init_rank, int) or self.init_rank < 1):
+            raise ValueError(f"init_rank must be None or an integer >= 1, got {self.init_rank!r}.")
+        if self.singular_value_signal not in SINGULAR_VALUE_SIGNALS:
+            raise ValueError(f"singular_value_signal must be one of {SINGULAR_VALUE_SIGNALS}, "
+                             f"got {self.singular_value_signal!r}.")
+        if self.orth_reg_weight < 0:
+            raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}.")
+        if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
+            raise ValueError("target_modules is an empty list; pass None for the architecture's defaults.")
+
+    def to_dict(self) -> dict:
+        # Without a peft_type key, peft's loader instantiates the calling class instead of looking the type
+        # up in its closed registry.
+        config = super().to_dict()
+        config.pop("peft_type", None)
+        return config

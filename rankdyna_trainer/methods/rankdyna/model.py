@@ -1,0 +1,85 @@
+"""Turning a pre-trained model into its factorized, trainable RankDyna form."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...budget import matrix_cost
+from ...targets import find_target_linears, set_submodule
+from .config import RankDynaConfig
+from .layer import SVDLinear
+
+
+def prepare_model(model: nn.Module, config: RankDynaConfig) -> nn.Module:
+    """Replace every targeted ``nn.Linear`` of ``model`` (in place) by an :class:`SVDLinear` of its weight."""
+    if svd_layers(model):
+        raise ValueError("The model already holds SVDLinear layers; prepare_model must be called once per model.")
+    targets = find_target_linears(model, config.target_modules)
+    with torch.no_grad():
+        for name, linear in tqdm(targets.items(), desc="Factorizing (SVD)", disable=len(targets) < 50):
+            set_submodule(model, name, SVDLinear.from_linear(linear, rank=config.init_rank))
+    model.rankdyna_config = config
+    _keep_buffers_out_of_ddp(model)
+    return model
+
+
+def _keep_buffers_out_of_ddp(model: nn.Module) -> None:
+    """Tell DistributedDataParallel not to broadcast RankDyna's buffers from process 0 before forwards.
+
+    The callback keeps them identical on every process itself (averaged gate gradients, broadcast masks).
+    DDP's broadcast would send the importance statistics (twice the size of the factors) every optimizer
+    step for nothing, and when it runs between the micro-batches of an accumulated step (accelerate's
+    ``sync_each_batch``) it would replace the local partial ``gate_grad`` with process 0's, biasing the
+    averaged gate gradient towards process 0.
+    """
+    names = [f"{layer_name}.{buffer_name}" for layer_name, layer in svd_layers(model).items()
+             for buffer_name, _ in layer.named_buffers(recurse=False)]
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    # DDP reads this attribute when it wraps the model (the documented DistributedDataParallel
+    # ._set_params_and_buffers_to_ignore_for_model workaround, which also marks the tensors).
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored + names)
+
+
+def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SVDLinear)}
+
+
+def dense_params(layers: list[SVDLinear]) -> int:
+    return sum(l.out_features * l.in_features for l in layers)
+
+
+def kept_params(layers: list[SVDLinear]) -> int:
+    """Parameters the targeted matrices will take once exported (one host sync for all layers)."""
+    ranks = torch.stack([l.gate.sum() for l in layers]).long().tolist()
+    return sum(matrix_cost(r, l.out_features, l.in_features) for r, l in zip(ranks, layers))
+
+
+def rank_pattern(model: nn.Module) -> dict[str, int]:
+    layers = svd_layers(model)
+    ranks = torch.stack([l.gate.sum() for l in layers.values()]).long().tolist() if layers else []
+    return dict(zip(layers, ranks))
+
+
+@torch.no_grad()
+def export_model(model: nn.Module) -> dict[str, dict]:
+    """Replace every SVDLinear (in place) by its kept groups as ``Linear(n, r) -> Linear(r, m)``, or by a dense
+    ``Linear`` where that is no larger. Returns the module layout for :func:`save_compressed_model`."""
+    from ...export import describe_module, factorized_or_dense
+
+    modules = {}
+    for name, layer in svd_layers(model).items():
+        keep = layer.gate.bool()
+        s = layer.s[keep]
+        # Split each singular value evenly between the two factors so neither carries all the scale.
+        root = s.abs().sqrt()
+        left = layer.U[:, keep] * (root * s.sign())
+        right = root[:, None] * layer.V[keep]
+        bias = layer.bias.detach() if layer.bias is not None else None
+        exported = factorized_or_dense(left.detach(), right.detach(), bias)
+        set_submodule(model, name, exported)
+        modules[name] = describe_module(exported)
+    if hasattr(model, "rankdyna_config"):
+        del model.rankdyna_config
+    return modules
