@@ -98,13 +98,16 @@ class ParameterBudget:
 
 
 def allocate_groups(
-    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget_params: int
+    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget_params: int, min_rank: int = 0
 ) -> list[torch.Tensor]:
     """Keep the highest-scoring singular groups of all matrices together within ``budget_params``.
 
     Greedy by score over the marginal cost of each group (``m + n`` until the matrix reaches its dense
     size, zero after). Matrices that end up at or past break-even keep all their groups, since they are
     stored dense anyway. Runs as a handful of batched tensor ops with no host synchronisation.
+
+    ``min_rank`` groups of each matrix (its best-scoring ones) are taken first, whatever the other matrices'
+    scores, so no matrix drops below that rank while the budget can pay for the floor.
 
     Returns one boolean keep-mask per matrix, aligned with ``scores``.
     """
@@ -119,6 +122,8 @@ def allocate_groups(
     sorted_scores, order = padded.sort(dim=1, descending=True, stable=True)
     position = torch.arange(1, padded.shape[1] + 1, device=device)[None, :]
     valid = position <= lengths[:, None]
+    if min_rank > 0:
+        sorted_scores = sorted_scores.masked_fill(valid & (position <= min_rank), float("inf"))
     marginal = torch.minimum(position * group_cost, dense_cost) - torch.minimum((position - 1) * group_cost, dense_cost)
 
     flat_scores, flat_cost = sorted_scores[valid], marginal.expand_as(valid)[valid]

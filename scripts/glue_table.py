@@ -30,20 +30,50 @@ COMMON_ARGS = ["--model_name_or_path", "minilm", "--do_train", "--do_eval", "--m
                "--logging_steps", "20", "--save_strategy", "no", "--seed", "42"]
 
 
-# Row name -> run_glue.py flags. `rankdyna_sv_grad` scores singular values as AdaLoRA does (s * dL/ds), the
-# ablation of our default gate-gradient signal (docs/method.md).
+# Row name -> run_glue.py flags. Every RankDyna row spells out the options it is about, so a row keeps its meaning
+# when a default changes. The rows are the ablations of docs/method.md:
+#   rankdyna_v0*  the method as first shipped (plain factorized steps, AdaLoRA sensitivity, raw-score greedy);
+#   *_full        budget 1.0: factorized training alone, nothing pruned;
+#   *_sv_grad     AdaLoRA's s * dL/ds instead of the gate gradient.
+V0 = ["--rankdyna_factor_scaling", "none", "--rankdyna_importance", "sensitivity", "--rankdyna_rank_by", "score",
+      "--rankdyna_min_rank", "0"]
+FIXED = ["--rankdyna_factor_scaling", "group", "--rankdyna_importance", "fisher", "--rankdyna_rank_by",
+         "score_per_param", "--rankdyna_min_rank", "0"]
+
+
+def _rankdyna(*flags: str, budget: float | None = None):
+    return lambda b: ["--rankdyna", "--rankdyna_budget", str(budget if budget is not None else b), *flags]
+
+
+def _replace(flags: list[str], option: str, value: str) -> list[str]:
+    out = list(flags)
+    out[out.index(option) + 1] = value
+    return out
+
+
 METHOD_FLAGS = {
     "dense": lambda budget: [],
-    "rankdyna": lambda budget: ["--rankdyna", "--rankdyna_budget", str(budget)],
-    "rankdyna_sv_grad": lambda budget: ["--rankdyna", "--rankdyna_budget", str(budget),
-                                        "--rankdyna_singular_value_signal", "singular_value"],
+    "rankdyna": _rankdyna(),
+    "rankdyna_sv_grad": _rankdyna(*V0, "--rankdyna_singular_value_signal", "singular_value"),
+    "rankdyna_v0": _rankdyna(*V0),
+    "rankdyna_v0_full": _rankdyna(*V0, budget=1.0),
+    "rankdyna_matrix_full": _rankdyna(*_replace(V0, "--rankdyna_factor_scaling", "matrix"), budget=1.0),
+    "rankdyna_group_full": _rankdyna(*_replace(V0, "--rankdyna_factor_scaling", "group"), budget=1.0),
+    "rankdyna_matrix": _rankdyna(*_replace(V0, "--rankdyna_factor_scaling", "matrix")),
+    "rankdyna_group": _rankdyna(*_replace(V0, "--rankdyna_factor_scaling", "group")),
+    "rankdyna_group_fisher": _rankdyna(*_replace(FIXED, "--rankdyna_rank_by", "score")),
+    "rankdyna_group_fisher_per_param": _rankdyna(*FIXED),
+    "rankdyna_v0_fisher_per_param": _rankdyna(*_replace(FIXED, "--rankdyna_factor_scaling", "none")),
+    "rankdyna_group_fisher_per_param_min8": _rankdyna(*_replace(FIXED, "--rankdyna_min_rank", "8")),
 }
 
 
-def run_argv(task: str, method: str, budget: float, glue_dir: str, output_dir: str, extra: list[str]) -> list[str]:
-    argv = ["--task_name", task, "--glue_dir", glue_dir, "--output_dir", os.path.join(output_dir, f"{task}-{method}"),
-            *COMMON_ARGS]
-    return argv + METHOD_FLAGS[method](budget) + extra
+def run_argv(task: str, method: str, budget: float, glue_dir: str, output_dir: str, extra: list[str],
+             seed: int | None = None) -> list[str]:
+    name = f"{task}-{method}" if seed is None else f"{task}-{method}-seed{seed}"
+    argv = ["--task_name", task, "--glue_dir", glue_dir, "--output_dir", os.path.join(output_dir, name), *COMMON_ARGS]
+    seed_args = [] if seed is None else ["--seed", str(seed)]
+    return argv + METHOD_FLAGS[method](budget) + extra + seed_args
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -51,6 +81,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--tasks", nargs="+", default=["rte", "mrpc"])
     parser.add_argument("--methods", nargs="+", default=["dense", "rankdyna"], choices=sorted(METHOD_FLAGS))
     parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run every row once per seed (default: the seed of the common arguments, 42)")
     parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", "../shared/data/glue"))
     parser.add_argument("--output_dir", default="outputs/glue_table")
     parser.add_argument("extra", nargs="*", help="after --: more run_glue.py arguments for every run")
@@ -60,13 +92,14 @@ def main(argv: list[str] | None = None) -> str:
     rows, commands = [], []
     for task in args.tasks:
         for method in args.methods:
-            run_args = run_argv(task, method, args.budget, args.glue_dir, args.output_dir, args.extra)
-            commands.append("python scripts/run_glue.py " + shlex.join(run_args))
-            start = time.perf_counter()
-            results = run_glue.main(run_args)
-            wall = time.perf_counter() - start
-            rows.append(table_row(task, method, results, wall))
-            print(rows[-1], flush=True)
+            for seed in args.seeds or [None]:
+                run_args = run_argv(task, method, args.budget, args.glue_dir, args.output_dir, args.extra, seed)
+                commands.append("python scripts/run_glue.py " + shlex.join(run_args))
+                start = time.perf_counter()
+                results = run_glue.main(run_args)
+                wall = time.perf_counter() - start
+                rows.append(table_row(task, method, results, wall, seed, run_args))
+                print(rows[-1], flush=True)
 
     table = render(rows, commands, args, argv)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -78,8 +111,19 @@ def main(argv: list[str] | None = None) -> str:
     return table
 
 
-def table_row(task: str, method: str, results: dict, wall_s: float) -> dict:
+def loss_curve(output_dir: str) -> list[float]:
+    """Training losses at the Trainer's log steps (from trainer_state.json): shows whether a run learned."""
+    path = os.path.join(output_dir, "trainer_state.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [round(entry["loss"], 4) for entry in json.load(f)["log_history"] if "loss" in entry]
+
+
+def table_row(task: str, method: str, results: dict, wall_s: float, seed: int | None = None,
+              run_args: list[str] | None = None) -> dict:
     evals = results["eval"]
+    quality = results.get("quality") or {}
     metrics = {k.removeprefix("eval_"): v for k, v in evals.items()
                if k.removeprefix("eval_") in ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr")}
     compression = results.get("compression")
@@ -89,6 +133,9 @@ def table_row(task: str, method: str, results: dict, wall_s: float) -> dict:
         "compressed_params": compression["compressed_params"] if compression else None,
         "train_rows": results["train"]["train_samples"], "dev_rows": evals["eval_samples"],
         "train_runtime_s": results["train"]["train_runtime"], "wall_s": wall_s,
+        "seed": seed, "floor": quality.get("floor"), "warnings": quality.get("warnings", []),
+        "prediction_spread": quality.get("prediction_spread"), "train_losses": loss_curve(results["output_dir"]),
+        "args": run_args,
     }
 
 
@@ -96,13 +143,17 @@ def render(rows: list[dict], commands: list[str], args, argv: list[str]) -> str:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     lines = [f"Dense fine-tuning vs RankDyna (budget {args.budget}), packaged MiniLM (all-MiniLM-L6-v2); {date}.",
              "",
-             "| task | method | train rows | dev rows | dev metrics | targeted weights kept | train time (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "| task | method | seed | dev metrics | floor | degenerate? | targeted weights kept | first / last train "
+             "loss | train time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         metrics = ", ".join(f"{name} {100 * value:.1f}" for name, value in row["metrics"].items())
-        lines.append(f"| {row['task']} | {row['method']} | {row['train_rows']} | {row['dev_rows']} | {metrics} "
-                     f"| {100 * row['params_fraction']:.1f}% "
-                     f"| {row['train_runtime_s']:.0f} |")
+        losses = row.get("train_losses") or []
+        curve = f"{losses[0]:.3f} / {losses[-1]:.3f}" if losses else "-"
+        floor = f"{100 * row['floor']:.1f}" if row.get("floor") is not None else "-"
+        lines.append(f"| {row['task']} | {row['method']} | {row.get('seed') or 42} | {metrics} | {floor} "
+                     f"| {'; '.join(row.get('warnings') or []) or 'no'} | {100 * row['params_fraction']:.1f}% "
+                     f"| {curve} | {row['train_runtime_s']:.0f} |")
     lines += ["", "Commands (one per row, as run by `python scripts/glue_table.py "
               + shlex.join(argv) + "`):", "", "```"]
     lines += commands

@@ -54,7 +54,12 @@ from rankdyna_trainer import (  # noqa: E402
 )
 from rankdyna_trainer.export import COMPRESSION_CONFIG_FILE  # noqa: E402
 from rankdyna_trainer.experiment.glue_data import GLUE_TASKS, get_task, load_glue, load_glue_files  # noqa: E402
-from rankdyna_trainer.experiment.glue_metrics import load_glue_metric, main_metric  # noqa: E402
+from rankdyna_trainer.experiment.glue_metrics import (  # noqa: E402
+    constant_prediction_floor,
+    load_glue_metric,
+    main_metric,
+    prediction_spread,
+)
 from rankdyna_trainer.methods import METHODS, get_method  # noqa: E402
 from rankdyna_trainer.packaged_models import minilm_path  # noqa: E402
 from rankdyna_trainer.experiment.rank_plots import save_rank_heatmap  # noqa: E402
@@ -66,6 +71,7 @@ logger = logging.getLogger("run_glue")
 MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path}  # short names for packaged models
 DEFAULT_SWEEP_CONFIG = str(Path(__file__).resolve().parent / "sweep_rankdyna.yaml")
 HEATMAP_FILE = "rank_heatmap.png"
+SUMMARY_FILE = "run_summary.json"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -127,6 +133,14 @@ class RankDynaArguments:
     rankdyna_singular_value_signal: Optional[str] = field(
         default=None,
         metadata={"help": "'gate' (default) or 'singular_value' (AdaLoRA's s*dL/ds); see docs/method.md."})
+    rankdyna_importance: Optional[str] = field(
+        default=None, metadata={"help": "Group score: 'sensitivity' (AdaLoRA's) or 'fisher' (s^2 E[(dL/ds)^2])."})
+    rankdyna_factor_scaling: Optional[str] = field(
+        default=None, metadata={"help": "Step size of the factors: 'none', 'matrix' or 'group' (docs/method.md)."})
+    rankdyna_rank_by: Optional[str] = field(
+        default=None, metadata={"help": "'score' or 'score_per_param' (score over the group's m+n parameters)."})
+    rankdyna_min_rank: Optional[int] = field(
+        default=None, metadata={"help": "Groups every targeted matrix keeps (0: a matrix may reach rank 0)."})
     rankdyna_orth_reg_weight: Optional[float] = field(
         default=None, metadata={"help": "Weight of the orthogonality regularizer (0 disables it)."})
     rankdyna_init_rank: Optional[int] = field(default=None, metadata={"help": "Keep the top-k groups at SVD time."})
@@ -389,8 +403,11 @@ def main(argv: list[str] | None = None) -> dict:
     if searching:
         hp_space = search_space(search_args.sweep_config, compression)
 
+    sizes = {}
+
     def model_init(trial=None):
         model = load_model(model_path, task)
+        sizes["model_params_before"] = count_parameters(model)
         if compression is None:
             return model
         # Optuna returns a trial's earlier suggestion when asked again, so this reads the values Trainer sets.
@@ -425,24 +442,32 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.save_metrics("compression", summary, combined=False)
             results["compression"] = summary
             # Evaluate what a user gets back from disk, not the in-memory model.
-            trainer.model = trainer.model_wrapped = load_compressed_model(training_args.output_dir)
+            trainer.model = trainer.model_wrapped = load_compressed_model(training_args.output_dir).to(training_args.device)
         else:
             trainer.save_model()
         results["train"] = metrics
 
     if training_args.do_eval:
-        eval_metrics = {}
+        eval_metrics, predictions = {}, {}
         for split in validation_splits:
             prefix = "eval" if split == validation_splits[0] else "eval_" + split.removeprefix("validation_")
-            metrics = trainer.evaluate(eval_dataset=encoded[split], metric_key_prefix=prefix)
-            eval_metrics.update({**metrics, f"{prefix}_samples": len(encoded[split])})
+            # predict() returns the same metrics as evaluate() plus the predictions, which the summary checks.
+            output = trainer.predict(encoded[split], metric_key_prefix=prefix)
+            eval_metrics.update({**output.metrics, f"{prefix}_samples": len(encoded[split])})
+            predictions[split] = predicted_labels(task, output.predictions)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         results["eval"] = eval_metrics
+        first = validation_splits[0]
+        results["quality"] = quality_check(task, eval_metrics, predictions[first], encoded[first]["label"])
 
     finish_wandb()
-    print_where_results_are(training_args.output_dir, training_args.do_eval,
-                            compression is not None and training_args.do_train)
+    results["model_params"] = {"before": sizes.get("model_params_before"), "after": count_parameters(trainer.model)}
+    summary = closing_summary(task, results, training_args.output_dir)
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    with open(os.path.join(training_args.output_dir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+    print_summary(summary)
     return results
 
 
@@ -485,16 +510,80 @@ def finish_wandb() -> None:
         run.finish()
 
 
-def print_where_results_are(output_dir: str, evaluated: bool, compressed: bool) -> None:
-    lines = [f"Results in {output_dir}/:"]
-    if evaluated:
-        lines.append("  eval_results.json    dev-set metrics (GLUE metric of the task)")
-    if compressed:
-        lines += ["  compression_config.json + model.safetensors   compressed model "
-                  "(rankdyna_trainer.load_compressed_model)",
-                  f"  {HEATMAP_FILE}     kept rank per layer and matrix type",
-                  "  rank_pattern.json    final ranks and parameter counts"]
-    print("\n".join(lines))
+# --------------------------------------------------------------------------------------------------------------
+# Closing summary: is the model any good, how small is it, where is it
+# --------------------------------------------------------------------------------------------------------------
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def predicted_labels(task, predictions) -> np.ndarray:
+    logits = predictions[0] if isinstance(predictions, tuple) else predictions
+    return np.squeeze(logits, -1) if task.is_regression else np.argmax(logits, axis=-1)
+
+
+def quality_check(task, eval_metrics: dict, predictions: np.ndarray, references) -> dict:
+    """The dev metric next to the trivial floor (best constant prediction) and how varied the predictions are.
+
+    ``warnings`` lists what makes the model degenerate: not above the floor, or one predicted class/value.
+    """
+    main = main_metric(task.name)
+    floor = constant_prediction_floor(task.name, references)
+    spread = prediction_spread(task.name, predictions)
+    value = eval_metrics.get(f"eval_{main}")
+    warnings = []
+    if value is None or not np.isfinite(value) or value <= floor[main]:
+        warnings.append(f"dev {main} {_pct(value)} is not above the constant-prediction floor {_pct(floor[main])}")
+    if spread["distinct"] <= 1:
+        warnings.append("every dev example gets the same prediction")
+    return {"metric": main, "value": value, "floor": floor[main], "prediction_spread": spread, "warnings": warnings}
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{100 * value:.1f}"
+
+
+def _folder_bytes(directory: str, suffixes=(".safetensors", ".bin")) -> int:
+    if not os.path.isdir(directory):
+        return 0
+    return sum(os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory)
+               if name.endswith(suffixes))
+
+
+def closing_summary(task, results: dict, output_dir: str) -> dict:
+    summary = {"task": task.name, "output_dir": output_dir, "quality": results.get("quality"),
+               "compression": results.get("compression"), "model_params": results["model_params"],
+               "model_bytes_on_disk": _folder_bytes(output_dir)}
+    quality = summary["quality"]
+    for warning in quality["warnings"] if quality else []:
+        logger.warning("DEGENERATE MODEL: %s.", warning)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    """The run's last lines: the metric beside its floor, what the compression kept, where the files are."""
+    lines = ["", "=" * 100, f"Summary ({summary['task']})"]
+    quality = summary["quality"]
+    if quality:
+        verdict = "OK: above the floor" if not quality["warnings"] else "WARNING: " + "; ".join(quality["warnings"])
+        lines.append(f"  dev {quality['metric']}: {_pct(quality['value'])}   constant-prediction floor: "
+                     f"{_pct(quality['floor'])}   -> {verdict}")
+    compression = summary["compression"]
+    if compression and compression.get("compressed_params") is not None:
+        lines.append(f"  targeted weights kept: {compression['compressed_params']:,} of {compression['dense_params']:,} "
+                     f"({100 * compression['params_fraction']:.1f} %), method {compression['method']}")
+    before, after = summary["model_params"]["before"], summary["model_params"]["after"]
+    if before and after:
+        lines.append(f"  whole model: {after:,} of {before:,} parameters ({100 * after / before:.1f} %)")
+    if summary["model_bytes_on_disk"]:
+        lines.append(f"  saved model: {summary['model_bytes_on_disk'] / 2**20:.1f} MiB on disk in {summary['output_dir']}/")
+    files = [("eval_results.json", "dev-set metrics"), (SUMMARY_FILE, "this summary"),
+             (COMPRESSION_CONFIG_FILE, "compressed layout (load with AutoModel*.from_pretrained / load_compressed_model)"),
+             (HEATMAP_FILE, "kept rank per layer and matrix type"), ("rank_pattern.json", "final ranks")]
+    present = [(name, what) for name, what in files if os.path.isfile(os.path.join(summary["output_dir"], name))]
+    lines += [f"  {summary['output_dir']}/{name:<24} {what}" for name, what in present]
+    lines.append("=" * 100)
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

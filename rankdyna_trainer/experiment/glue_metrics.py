@@ -56,3 +56,32 @@ def load_glue_metric(task_name: str, experiment_id: str | None = None) -> evalua
     """The GLUE metric for ``task_name``: the local implementation (the hub's gives the same numbers but
     needs a network, and waits for timeouts without one)."""
     return GlueMetric(config_name=get_task(task_name).name, experiment_id=experiment_id)
+
+
+def constant_prediction_floor(task_name: str, references) -> dict[str, float]:
+    """The task's metrics for the best constant prediction on these references: the trivial floor.
+
+    Classification: the class whose constant prediction scores best on the main metric (for RTE the dev
+    majority, 52.7 % accuracy; for MRPC always "equivalent", F1 81.2; for CoLA every constant has MCC 0).
+    Regression: a constant has no correlation, so the floor is 0.
+    """
+    task = get_task(task_name)
+    references = np.asarray(references)
+    if task.is_regression:
+        return {"pearson": 0.0, "spearmanr": 0.0}
+    metric = load_glue_metric(task.name)
+    main = main_metric(task.name)
+    candidates = [metric.compute(predictions=np.full_like(references, label), references=references)
+                  for label in range(task.num_labels)]
+    # sklearn returns 0 (not NaN) for MCC and F1 of a constant; keep NaN out of the comparison anyway.
+    return max(candidates, key=lambda scores: np.nan_to_num(scores[main], nan=-np.inf))
+
+
+def prediction_spread(task_name: str, predictions) -> dict[str, float]:
+    """How varied a model's dev predictions are: a model that outputs one class (or one value) is degenerate,
+    whatever its metric says. ``predictions`` are class ids (classification) or scores (regression)."""
+    predictions = np.asarray(predictions)
+    if get_task(task_name).is_regression:
+        return {"distinct": float(len(np.unique(predictions.round(4)))), "std": float(predictions.std())}
+    counts = np.bincount(predictions.astype(np.int64), minlength=get_task(task_name).num_labels)
+    return {"distinct": float((counts > 0).sum()), "top_class_fraction": float(counts.max() / counts.sum())}

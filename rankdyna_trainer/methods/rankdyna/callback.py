@@ -11,10 +11,10 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ...budget import ParameterBudget, allocate_groups
+from ...budget import ParameterBudget, allocate_groups, matrix_cost
 from .config import RankDynaConfig
 from .importance import SingularGroupScores
-from .model import dense_params, kept_params, rank_pattern, svd_layers
+from .model import dense_params, kept_params, layer_ranks, pruned_away, rank_pattern, svd_layers
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class RankDynaCallback(TrainerCallback):
         self._layers = []
         self._names = []
         self._reported_skips = 0
+        self._warned_zero: set[str] = set()
 
     # -- set-up -----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -69,7 +70,8 @@ class RankDynaCallback(TrainerCallback):
             interval=config.reallocation_interval,
         )
         self.scores = SingularGroupScores(self._layers, config.beta1, config.beta2,
-                                          config.singular_value_signal)
+                                          config.singular_value_signal, config.importance)
+        self._group_costs = [l.out_features + l.in_features for l in self._layers]
         self.scores.zero_gate_grads()
 
     def _run_first_among_callbacks(self) -> None:
@@ -95,7 +97,10 @@ class RankDynaCallback(TrainerCallback):
     @torch.no_grad()
     def reallocate(self, budget_params: int) -> None:
         shapes = [(l.out_features, l.in_features) for l in self._layers]
-        keep = allocate_groups(self.scores.group_scores(), shapes, budget_params)
+        scores = self.scores.group_scores()
+        if self.config.rank_by == "score_per_param":
+            torch._foreach_div_(scores, self._group_costs)
+        keep = allocate_groups(scores, shapes, budget_params, min_rank=self.config.min_rank)
         torch._foreach_copy_([l.gate for l in self._layers], [k.to(l.gate.dtype) for k, l in zip(keep, self._layers)])
         self._broadcast_gates()
 
@@ -133,12 +138,17 @@ class RankDynaCallback(TrainerCallback):
         if self.budget is None or logs is None:
             return
         step = state.global_step
-        current = kept_params(self._layers)
+        ranks = layer_ranks(self._layers)  # the one host sync of this log step
+        current = sum(matrix_cost(r, l.out_features, l.in_features) for r, l in zip(ranks, self._layers))
+        zero_matrices, zero_blocks = pruned_away(dict(zip(self._names, ranks)))
         values = {
             "rankdyna/budget_params": self.budget.params_at(step),
             "rankdyna/params": current,
             "rankdyna/params_fraction": current / self.budget.dense_params,
+            "rankdyna/zero_rank_matrices": len(zero_matrices),
+            "rankdyna/zero_rank_blocks": len(zero_blocks),
         }
+        self._warn_new_zero_ranks(zero_matrices, zero_blocks, step)
         logs.update(values)
         if state.log_history:
             state.log_history[-1].update(values)
@@ -150,11 +160,26 @@ class RankDynaCallback(TrainerCallback):
             )
             self._reported_skips = skipped
 
+    def _warn_new_zero_ranks(self, zero_matrices: list[str], zero_blocks: list[str], step: int) -> None:
+        # A rank-0 matrix outputs only its bias; a block whose every matrix is at rank 0 (e.g. a layer's query, key
+        # and value) is cut out of the network. Both can be right for a budget, but never silently.
+        new_matrices = [n for n in zero_matrices if n not in self._warned_zero]
+        new_blocks = [n for n in zero_blocks if n not in self._warned_zero]
+        if new_blocks:
+            logger.warning("RankDyna step %d: every targeted matrix of %s is at rank 0 (the block is pruned away): %s",
+                           step, "these blocks" if len(new_blocks) > 1 else "this block", ", ".join(new_blocks))
+        if new_matrices:
+            logger.warning("RankDyna step %d: %d matrix(es) pruned to rank 0 (output = bias only): %s", step,
+                           len(new_matrices), ", ".join(new_matrices))
+        self._warned_zero.update(new_matrices + new_blocks)
+
     def on_save(self, args, state, control, model=None, **kwargs):
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         self._write_rank_pattern(model, checkpoint, state)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._layers:
+            self._warn_new_zero_ranks(*pruned_away(dict(zip(self._names, layer_ranks(self._layers)))), state.global_step)
         self._write_rank_pattern(model, args.output_dir, state)
 
     def _write_rank_pattern(self, model, directory: str, state) -> None:

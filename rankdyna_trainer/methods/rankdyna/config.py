@@ -6,7 +6,10 @@ from typing import Optional, Union
 from peft.config import PeftConfigMixin
 
 from ...budget import check_budget_fraction
-from .importance import SINGULAR_VALUE_SIGNALS
+from .importance import IMPORTANCE_SCORES, SINGULAR_VALUE_SIGNALS
+from .layer import FACTOR_SCALINGS
+
+RANK_ORDERS = ("score", "score_per_param")
 
 
 @dataclass
@@ -59,6 +62,28 @@ class RankDynaConfig(PeftConfigMixin):
                   "s*dL/ds for kept groups and stays informative for masked ones (our default); "
                   "'singular_value' is AdaLoRA's s*dL/ds, zero once a group is masked."},
     )
+    importance: str = field(
+        default="fisher",
+        metadata={"help": "Score of a singular group: 'sensitivity' is AdaLoRA's smoothed |w*g| times its uncertainty; "
+                  "'fisher' is the smoothed squared gate gradient s^2*E[(dL/ds)^2], the expected loss increase of "
+                  "removing the group (docs/method.md)."},
+    )
+    factor_scaling: str = field(
+        default="group",
+        metadata={"help": "How far one optimizer step on U and V moves the weight: 'none' (plain factorized training, "
+                  "up to several times a dense step), 'matrix' (one multiplier per matrix so a step moves W as far as "
+                  "a dense step) or 'group' (the same, spread evenly over singular directions)."},
+    )
+    rank_by: str = field(
+        default="score_per_param",
+        metadata={"help": "Order in which groups claim the budget: 'score', or 'score_per_param' (score divided by the "
+                  "group's m+n parameters, so a cheap group of a small matrix is not outbid by a big matrix's)."},
+    )
+    min_rank: int = field(
+        default=0,
+        metadata={"help": "Groups every targeted matrix keeps whatever its scores (counted in the budget); 0 lets a "
+                  "matrix be pruned to rank 0."},
+    )
     orth_reg_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the orthogonality regularizer ||U^T U - I|| + ||V V^T - I|| (0 disables it)."},
@@ -90,6 +115,12 @@ class RankDynaConfig(PeftConfigMixin):
         if self.singular_value_signal not in SINGULAR_VALUE_SIGNALS:
             raise ValueError(f"singular_value_signal must be one of {SINGULAR_VALUE_SIGNALS}, "
                              f"got {self.singular_value_signal!r}.")
+        choices = {"importance": IMPORTANCE_SCORES, "factor_scaling": FACTOR_SCALINGS, "rank_by": RANK_ORDERS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank < 0:
+            raise ValueError(f"min_rank must be an integer >= 0, got {self.min_rank!r}.")
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}.")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:

@@ -1,8 +1,15 @@
-"""Per-step importance of singular groups: AdaLoRA's smoothed sensitivity times uncertainty.
+"""Per-step importance of singular groups.
 
-For each element ``w`` with gradient ``g``: ``I = |w * g|``, ``I_bar <- b1 I_bar + (1-b1) I`` and
-``U_bar <- b2 U_bar + (1-b2) |I - I_bar|``; the element score is ``I_bar * U_bar``. A group's score is
-its gate score plus the mean score of its column of ``U`` and of its row of ``V``.
+Two scores (``RankDynaConfig.importance``):
+
+* ``"sensitivity"`` (AdaLoRA's): for each element ``w`` with gradient ``g``: ``I = |w * g|``,
+  ``I_bar <- b1 I_bar + (1-b1) I`` and ``U_bar <- b2 U_bar + (1-b2) |I - I_bar|``; the element score is
+  ``I_bar * U_bar``. A group's score is its gate score plus the mean score of its column of ``U`` and of its row
+  of ``V``.
+* ``"fisher"``: ``F <- b1 F + (1-b1) (dL/dgate)^2``, the Fisher information of the group's gate. Removing a group
+  moves the gate from 1 to 0, which raises the loss by about ``F / 2`` to second order (``dL/dgate = s dL/ds``,
+  so this is ``s^2 E[(dL/ds)^2]``, the Fisher view of FWSVD). Unlike ``|s g|``, whose sign flips from batch to
+  batch near a minimum, it does not average out, and it is in units of loss for every matrix alike.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import torch
 from .layer import SVDLinear
 
 SINGULAR_VALUE_SIGNALS = ("gate", "singular_value")
+IMPORTANCE_SCORES = ("sensitivity", "fisher")
 
 
 class SingularGroupScores:
@@ -22,18 +30,25 @@ class SingularGroupScores:
     """
 
     def __init__(self, layers: list[SVDLinear], beta1: float = 0.85, beta2: float = 0.85,
-                 singular_value_signal: str = "gate"):
+                 singular_value_signal: str = "gate", importance: str = "sensitivity"):
         if not layers:
             raise ValueError("SingularGroupScores needs at least one SVDLinear layer.")
         if singular_value_signal not in SINGULAR_VALUE_SIGNALS:
             raise ValueError(f"singular_value_signal must be one of {SINGULAR_VALUE_SIGNALS}, "
                              f"got {singular_value_signal!r}.")
+        if importance not in IMPORTANCE_SCORES:
+            raise ValueError(f"importance must be one of {IMPORTANCE_SCORES}, got {importance!r}.")
+        if importance == "sensitivity" and not all(l.has_element_statistics for l in layers):
+            raise ValueError("The 'sensitivity' importance needs SVDLinear layers built with element_statistics=True.")
         self.layers = layers
         self.beta1, self.beta2 = beta1, beta2
         self.singular_value_signal = singular_value_signal
+        self.importance = importance
         self.skipped_steps = 0
-        self._sensitivity = [getattr(l, f"sensitivity_{p}") for p in ("U", "V", "gate") for l in layers]
-        self._uncertainty = [getattr(l, f"uncertainty_{p}") for p in ("U", "V", "gate") for l in layers]
+        if importance == "sensitivity":
+            self._sensitivity = [getattr(l, f"sensitivity_{p}") for p in ("U", "V", "gate") for l in layers]
+            self._uncertainty = [getattr(l, f"uncertainty_{p}") for p in ("U", "V", "gate") for l in layers]
+        self._fisher = [l.gate_fisher for l in layers]
 
     def gate_grads(self) -> list[torch.Tensor]:
         return [l.gate_grad for l in self.layers]
@@ -41,6 +56,7 @@ class SingularGroupScores:
     def _instant_sensitivity(self, grad_scale: torch.Tensor | float) -> list[torch.Tensor]:
         params = [l.U for l in self.layers] + [l.V for l in self.layers]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        # Invariant to the factor_scale multiplier: (U / a) * (a dL/dU) = U * dL/dU.
         sensitivity = torch._foreach_mul([p.detach() for p in params], grads)
         if self.singular_value_signal == "gate":
             # The gate gradient is the loss change per unit of gate: |s * dL/ds| for kept groups, and the
@@ -60,6 +76,8 @@ class SingularGroupScores:
         parameters. Returns False (and changes nothing) when a gradient is not finite. That check is the one
         host synchronisation per step; the Trainer already synchronises on the loss every step.
         """
+        if self.importance == "fisher":
+            return self._update_fisher(grad_scale)
         instant = self._instant_sensitivity(grad_scale)
         if not bool(torch.stack(torch._foreach_norm(instant)).isfinite().all()):
             self.skipped_steps += 1
@@ -70,11 +88,22 @@ class SingularGroupScores:
         torch._foreach_lerp_(self._uncertainty, deviation, 1.0 - self.beta2)
         return True
 
+    def _update_fisher(self, grad_scale: torch.Tensor | float) -> bool:
+        squared = torch._foreach_div(self.gate_grads(), grad_scale)
+        torch._foreach_mul_(squared, squared)
+        if not bool(torch.stack(torch._foreach_norm(squared)).isfinite().all()):
+            self.skipped_steps += 1
+            return False
+        torch._foreach_lerp_(self._fisher, squared, 1.0 - self.beta1)
+        return True
+
     def zero_gate_grads(self) -> None:
         torch._foreach_zero_(self.gate_grads())
 
     @torch.no_grad()
     def group_scores(self) -> list[torch.Tensor]:
+        if self.importance == "fisher":
+            return [f.clone() for f in self._fisher]
         element = torch._foreach_mul(self._sensitivity, self._uncertainty)
         n = len(self.layers)
         U_scores, V_scores, gate_scores = element[:n], element[n : 2 * n], element[2 * n :]

@@ -4,50 +4,109 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+FACTOR_SCALINGS = ("none", "matrix", "group")
+
+
+def factor_step_scale(s: torch.Tensor, out_features: int, in_features: int, scaling: str) -> torch.Tensor:
+    """Per-group multiplier ``a`` of the factors (``U = U_param * a``, ``V = a * V_param``), which sets how far one
+    Adam step on the factors moves the weight.
+
+    Adam moves every parameter element by about the learning rate, whatever its gradient's size. A step on ``U`` or
+    ``V`` changes ``W = U diag(s) V`` by that much times ``s_i``, so at the same learning rate the factorized model
+    moves ``||W||_F / sqrt(n) + ||W||_F / sqrt(m)`` times as far as dense training (2.4x to 4x on MiniLM), most of
+    it along the top singular directions. With the multiplier, a step on the stored parameter is ``a`` times as
+    large on the factor, and ``a`` is chosen to undo that:
+
+    * ``"none"``: ``a = 1`` (plain factorized training, as before);
+    * ``"matrix"``: one ``a`` per matrix, ``sqrt(mn) / ((sqrt(m) + sqrt(n)) ||W||_F)``, so a step moves ``W`` as
+      far (Frobenius norm) as a dense Adam step;
+    * ``"group"``: ``a_i = sqrt(mn) / ((sqrt(m) + sqrt(n)) sqrt(r) max(s_i, s_floor))``, the same total step
+      spread evenly over the singular directions instead of in proportion to ``s_i`` (with plain SGD this makes
+      the factorized step the dense step projected on the factors' tangent space). ``s_floor`` is 1 % of the
+      largest singular value, so near-null directions do not get huge steps.
+    """
+    m, n = out_features, in_features
+    if scaling == "none":
+        return torch.ones_like(s)
+    dense_step = (m * n) ** 0.5 / (m ** 0.5 + n ** 0.5)
+    if scaling == "matrix":
+        return torch.full_like(s, dense_step / max(float(s.norm()), torch.finfo(s.dtype).tiny))
+    if scaling == "group":
+        floor = 0.01 * float(s.abs().max()) + torch.finfo(s.dtype).tiny
+        return dense_step / (len(s) ** 0.5 * s.abs().clamp_min(floor))
+    raise ValueError(f"factor_scaling must be one of {FACTOR_SCALINGS}, got {scaling!r}.")
+
+
+def _on_accelerator(tensor: torch.Tensor) -> torch.Tensor:
+    # prepare_model runs before the Trainer moves the model; a GPU, when there is one, does the SVDs far faster.
+    if tensor.device.type == "cpu" and torch.cuda.is_available():
+        return tensor.cuda()
+    return tensor
+
 
 class SVDLinear(nn.Module):
     """A linear layer trained in factorized form ``W = U diag(s * gate) V``.
 
     ``U`` (out x r), ``s`` (r) and ``V`` (r x in) are trainable; ``gate`` is a 0/1 buffer over singular groups
-    set by the allocation. Masked groups keep their ``s``, so a group that is given back later resumes from
-    its value instead of from zero. The gradient of the loss with respect to the gate is accumulated in
-    ``gate_grad``: for a kept group it equals ``s_i * dL/ds_i`` (AdaLoRA's sensitivity of the singular value),
-    and for a masked group it is the first-order change in loss from re-adding it, which keeps masked
-    groups' scores informative.
+    set by the allocation. The stored parameters are ``U / a`` and ``V / a`` with ``a`` the fixed per-group
+    ``factor_scale`` buffer (see :func:`factor_step_scale`): the factors themselves are :meth:`left` and
+    :meth:`right`. Masked groups keep their ``s``, so a group that is given back later resumes from its value
+    instead of from zero. The gradient of the loss with respect to the gate is accumulated in ``gate_grad``: for a
+    kept group it equals ``s_i * dL/ds_i`` (AdaLoRA's sensitivity of the singular value), and for a masked group it
+    is the first-order change in loss from re-adding it, which keeps masked groups' scores informative.
 
     The importance statistics live here as buffers so that Trainer checkpoints carry them and a resumed run
-    continues with the same scores.
+    continues with the same scores. Element-wise statistics of ``U`` and ``V`` exist only when
+    ``element_statistics`` (the ``sensitivity`` importance needs them; the ``fisher`` one does not).
     """
 
-    def __init__(self, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None,
+                 factor_scale: torch.Tensor | None = None, element_statistics: bool = True):
         super().__init__()
         self.out_features, self.in_features = U.shape[0], V.shape[1]
-        self.U = nn.Parameter(U)
+        scale = torch.ones_like(s) if factor_scale is None else factor_scale.to(s.dtype)
+        self.register_buffer("factor_scale", scale)
+        self.U = nn.Parameter(U / scale)
         self.s = nn.Parameter(s)
-        self.V = nn.Parameter(V)
+        self.V = nn.Parameter(V / scale[:, None])
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.register_buffer("gate", torch.ones_like(s))
         self.register_buffer("gate_grad", torch.zeros_like(s), persistent=False)
-        for part, like in (("U", U), ("V", V), ("gate", s)):
+        self.register_buffer("gate_fisher", torch.zeros_like(s))
+        parts = (("U", U), ("V", V), ("gate", s)) if element_statistics else (("gate", s),)
+        for part, like in parts:
             self.register_buffer(f"sensitivity_{part}", torch.zeros_like(like))
             self.register_buffer(f"uncertainty_{part}", torch.zeros_like(like))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int | None = None) -> "SVDLinear":
+    def from_linear(cls, linear: nn.Linear, rank: int | None = None, factor_scaling: str = "none",
+                    element_statistics: bool = True) -> "SVDLinear":
         weight = linear.weight.detach()
-        U, s, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        U, s, Vh = (t.to(weight.device) for t in torch.linalg.svd(_on_accelerator(weight.float()), full_matrices=False))
+        scale = factor_step_scale(s, weight.shape[0], weight.shape[1], factor_scaling)
         if rank is not None:
-            U, s, Vh = U[:, :rank], s[:rank], Vh[:rank]
+            U, s, Vh, scale = U[:, :rank], s[:rank], Vh[:rank], scale[:rank]
         dtype = weight.dtype
         bias = linear.bias.detach().clone() if linear.bias is not None else None
-        return cls(U.to(dtype).contiguous(), s.to(dtype), Vh.to(dtype).contiguous(), bias)
+        return cls(U.to(dtype).contiguous(), s.to(dtype), Vh.to(dtype).contiguous(), bias, scale,
+                   element_statistics)
 
     @property
     def max_rank(self) -> int:
         return self.s.shape[0]
 
+    @property
+    def has_element_statistics(self) -> bool:
+        return hasattr(self, "sensitivity_U")
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, max_rank={self.max_rank}"
+
+    def left(self) -> torch.Tensor:
+        return self.U * self.factor_scale
+
+    def right(self) -> torch.Tensor:
+        return self.factor_scale[:, None] * self.V
 
     def _gate(self) -> torch.Tensor:
         if not (torch.is_grad_enabled() and self.training):
@@ -62,17 +121,19 @@ class SVDLinear(nn.Module):
         self.gate_grad.add_(grad.to(self.gate_grad.dtype))
 
     def effective_weight(self) -> torch.Tensor:
-        return (self.U * (self.s * self.gate)) @ self.V
+        return (self.left() * (self.s * self.gate)) @ self.right()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s_eff = self.s * self._gate()
         tokens = x.numel() // self.in_features
         m, n, r = self.out_features, self.in_features, self.max_rank
+        U, V = self.left(), self.right()
         # Same result either way; pick the cheaper multiply from static shapes (no host sync).
         if tokens * r * (m + n) <= m * r * n + tokens * m * n:
-            return F.linear(F.linear(x, self.V) * s_eff, self.U, self.bias)
-        return F.linear(x, (self.U * s_eff) @ self.V, self.bias)
+            return F.linear(F.linear(x, V) * s_eff, U, self.bias)
+        return F.linear(x, (U * s_eff) @ V, self.bias)
 
     def orthogonality_penalty(self) -> torch.Tensor:
         eye = torch.eye(self.max_rank, device=self.U.device, dtype=self.U.dtype)
-        return torch.linalg.matrix_norm(self.U.T @ self.U - eye) + torch.linalg.matrix_norm(self.V @ self.V.T - eye)
+        U, V = self.left(), self.right()
+        return torch.linalg.matrix_norm(U.T @ U - eye) + torch.linalg.matrix_norm(V @ V.T - eye)

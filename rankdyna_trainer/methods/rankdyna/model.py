@@ -19,7 +19,9 @@ def prepare_model(model: nn.Module, config: RankDynaConfig) -> nn.Module:
     targets = find_target_linears(model, config.target_modules)
     with torch.no_grad():
         for name, linear in tqdm(targets.items(), desc="Factorizing (SVD)", disable=len(targets) < 50):
-            set_submodule(model, name, SVDLinear.from_linear(linear, rank=config.init_rank))
+            layer = SVDLinear.from_linear(linear, rank=config.init_rank, factor_scaling=config.factor_scaling,
+                                          element_statistics=config.importance == "sensitivity")
+            set_submodule(model, name, layer)
     model.rankdyna_config = config
     _keep_buffers_out_of_ddp(model)
     return model
@@ -50,16 +52,30 @@ def dense_params(layers: list[SVDLinear]) -> int:
     return sum(l.out_features * l.in_features for l in layers)
 
 
+def layer_ranks(layers: list[SVDLinear]) -> list[int]:
+    """Kept groups per layer (one host sync for all layers)."""
+    return torch.stack([l.gate.sum() for l in layers]).long().tolist() if layers else []
+
+
 def kept_params(layers: list[SVDLinear]) -> int:
     """Parameters the targeted matrices will take once exported (one host sync for all layers)."""
-    ranks = torch.stack([l.gate.sum() for l in layers]).long().tolist()
-    return sum(matrix_cost(r, l.out_features, l.in_features) for r, l in zip(ranks, layers))
+    return sum(matrix_cost(r, l.out_features, l.in_features) for r, l in zip(layer_ranks(layers), layers))
 
 
 def rank_pattern(model: nn.Module) -> dict[str, int]:
     layers = svd_layers(model)
-    ranks = torch.stack([l.gate.sum() for l in layers.values()]).long().tolist() if layers else []
-    return dict(zip(layers, ranks))
+    return dict(zip(layers, layer_ranks(list(layers.values()))))
+
+
+def pruned_away(ranks: dict[str, int]) -> tuple[list[str], list[str]]:
+    """Matrices at rank 0, and blocks (parent modules, e.g. ``layer.1.attention.self``) whose every targeted matrix
+    is at rank 0."""
+    zero = [name for name, rank in ranks.items() if rank == 0]
+    by_parent: dict[str, list[int]] = {}
+    for name, rank in ranks.items():
+        by_parent.setdefault(name.rpartition(".")[0], []).append(rank)
+    blocks = [parent for parent, block_ranks in by_parent.items() if parent and not any(block_ranks)]
+    return zero, blocks
 
 
 @torch.no_grad()
@@ -74,8 +90,8 @@ def export_model(model: nn.Module) -> dict[str, dict]:
         s = layer.s[keep]
         # Split each singular value evenly between the two factors so neither carries all the scale.
         root = s.abs().sqrt()
-        left = layer.U[:, keep] * (root * s.sign())
-        right = root[:, None] * layer.V[keep]
+        left = layer.left()[:, keep] * (root * s.sign())
+        right = root[:, None] * layer.right()[keep]
         bias = layer.bias.detach() if layer.bias is not None else None
         exported = factorized_or_dense(left.detach(), right.detach(), bias)
         set_submodule(model, name, exported)
