@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 class SVDLinear(nn.Module):
@@ -19,6 +20,9 @@ class SVDLinear(nn.Module):
     continues with the same scores.
     """
 
+    # Set for a layer made from a transformers Conv1D, so that a dense export restores that module type.
+    exports_as_conv1d = False
+
     def __init__(self, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = U.shape[0], V.shape[1]
@@ -33,14 +37,18 @@ class SVDLinear(nn.Module):
             self.register_buffer(f"uncertainty_{part}", torch.zeros_like(like))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int | None = None) -> "SVDLinear":
+    def from_linear(cls, linear: nn.Linear | Conv1D, rank: int | None = None) -> "SVDLinear":
         weight = linear.weight.detach()
+        if isinstance(linear, Conv1D):  # GPT-2's Conv1D stores the weight as in x out
+            weight = weight.T
         U, s, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
         if rank is not None:
             U, s, Vh = U[:, :rank], s[:rank], Vh[:rank]
         dtype = weight.dtype
         bias = linear.bias.detach().clone() if linear.bias is not None else None
-        return cls(U.to(dtype).contiguous(), s.to(dtype), Vh.to(dtype).contiguous(), bias)
+        layer = cls(U.to(dtype).contiguous(), s.to(dtype), Vh.to(dtype).contiguous(), bias)
+        layer.exports_as_conv1d = isinstance(linear, Conv1D)
+        return layer
 
     @property
     def max_rank(self) -> int:
@@ -63,6 +71,13 @@ class SVDLinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         return (self.U * (self.s * self.gate)) @ self.V
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``out x in`` weight the gates currently keep, detached: for code that reads ``.weight``
+        (T5's feed-forward reads ``wo.weight.dtype``). Training goes through ``forward``, never through this."""
+        with torch.no_grad():
+            return self.effective_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s_eff = self.s * self._gate()
