@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 from ...budget import check_budget_fraction
@@ -37,3 +37,6 @@ class MPOConfig:
         check_budget_fraction(self.target_budget)
         if not isinstance(self.num_tensors, int) or self.num_tensors < 3 or self.num_tensors % 2 == 0:
             raise ValueError(f"num_tensors must be an odd integer >= 3 (one central tensor), got {self.num_tensors!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -56,7 +56,7 @@ def export_mpo(model: nn.Module, config: MPOConfig | None = None) -> dict[str, d
         raise ValueError("The model holds no MPOLinear layer: call prepare_mpo(model, config) first.")
     modules = {name: layer.describe_for_export() for name, layer in layers.items()}
     existing = getattr(getattr(unwrap_model(model), "config", None), "quantization_config", None)
-    settings = vars(config) if config is not None else getattr(existing, "method_config", None)
+    settings = config.to_dict() if config is not None else getattr(existing, "method_config", None)
     return record_compression(model, modules, "mpo", settings)
 
 
