@@ -90,7 +90,13 @@ class LowRankQuantizer(HfQuantizer):
     allocates nothing; the loaded modules are ordinary full-precision modules, trainable and compilable.
     """
 
-    requires_calibration = True  # a compressed layout comes only from a saved compressed model
+    def __init__(self, quantization_config: LowRankCompressionConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        if not self.pre_quantized:
+            raise ValueError("A rankdyna compression layout only describes a model saved in compressed form; this "
+                             "checkpoint has none in its config.json. Compress the dense model with a method "
+                             "(rankdyna_trainer.prepare_model, or rankdyna_trainer.methods.get_method), then "
+                             "save_pretrained it.")
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         for name, entry in self.quantization_config.modules.items():

@@ -231,5 +231,5 @@ def test_folder_without_a_layout_is_not_a_compressed_model(tmp_path):
 
 def test_layout_passed_for_a_dense_checkpoint_is_refused(tmp_path):
     tiny_bert().save_pretrained(str(tmp_path))
-    with pytest.raises(ValueError, match="does require the model to be pre-quantized"):
+    with pytest.raises(ValueError, match="only describes a model saved in compressed form"):
         BertForSequenceClassification.from_pretrained(str(tmp_path), quantization_config=LowRankCompressionConfig())
