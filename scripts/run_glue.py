@@ -104,7 +104,7 @@ class _OneLineErrorParser(HfArgumentParser):
 class ModelArguments:
     model_name_or_path: str = field(
         metadata={"help": "Model folder or hub id; 'minilm' is the packaged all-MiniLM-L6-v2. A folder written by "
-                  "a compressing run (it holds compression_config.json) loads as the compressed model."}
+                  "a compressing run loads as the compressed model."}
     )
     tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
     compression_method: str = field(
