@@ -43,7 +43,8 @@ class LowRankSVDConfig:
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
-        metadata={"help": "Module-name suffixes (list) or a full-name regex; None: the linear layers of the repeated blocks."},
+        metadata={"help": "Module-name suffixes (list) or a full-name regex; None: the linear layers of the "
+                  "repeated blocks."},
     )
 
     def __post_init__(self):

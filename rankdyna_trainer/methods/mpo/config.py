@@ -25,7 +25,8 @@ class MPOConfig:
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
-        metadata={"help": "Module-name suffixes (list) or a full-name regex; None: the linear layers of the repeated blocks."},
+        metadata={"help": "Module-name suffixes (list) or a full-name regex; None: the linear layers of the "
+                  "repeated blocks."},
     )
     train_central: bool = field(
         default=False,
