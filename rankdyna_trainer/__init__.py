@@ -1,7 +1,11 @@
-"""Low-rank compression of Transformer models inside one Hugging Face Trainer run."""
+"""Low-rank compression of Transformer models inside one Hugging Face Trainer run.
+
+Importing the package registers the ``"rankdyna"`` quantization method with transformers, so
+``AutoModelFor....from_pretrained`` loads compressed models (see :mod:`rankdyna_trainer.quantizer`).
+"""
 
 from .budget import ParameterBudget, allocate_groups, matrix_cost
-from .export import LowRankLinear, load_compressed_model, read_compression_config, save_compressed_model
+from .export import LowRankLinear
 from .methods.rankdyna import (
     RankDynaCallback,
     RankDynaConfig,
@@ -11,7 +15,14 @@ from .methods.rankdyna import (
     prepare_model,
     rank_pattern,
 )
-from .targets import DEFAULT_TARGET_MODULES, find_target_linears
+from .quantizer import (
+    LowRankCompressionConfig,
+    load_compressed_model,
+    read_compression_config,
+    record_compression,
+    save_compressed_model,
+)
+from .targets import default_target_names, find_target_linears
 
 # Imported for their side effect too: the MPO package registers its exported module type for loading.
 from .methods import lorap, mpo  # noqa: E402,F401  (isort: skip)
@@ -19,8 +30,8 @@ from .methods import lorap, mpo  # noqa: E402,F401  (isort: skip)
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_TARGET_MODULES", "LowRankLinear", "ParameterBudget", "RankDynaCallback", "RankDynaConfig",
-    "SVDLinear", "SingularGroupScores", "allocate_groups", "export_model", "find_target_linears",
-    "load_compressed_model", "matrix_cost", "prepare_model", "rank_pattern", "read_compression_config",
-    "save_compressed_model",
+    "LowRankCompressionConfig", "LowRankLinear", "ParameterBudget", "RankDynaCallback", "RankDynaConfig",
+    "SVDLinear", "SingularGroupScores", "allocate_groups", "default_target_names", "export_model",
+    "find_target_linears", "load_compressed_model", "matrix_cost", "prepare_model", "rank_pattern",
+    "read_compression_config", "record_compression", "save_compressed_model",
 ]

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from .budget import allocate_groups, check_budget_fraction
 from .export import describe_module, factorized_or_dense
-from .targets import find_target_linears, set_submodule
+from .quantizer import record_compression
+from .targets import find_target_linears, is_conv1d, linear_weight, set_submodule, unwrap_model
 
 
 @dataclass
@@ -60,8 +61,18 @@ def svd_factorization(weight: torch.Tensor, input_rms: torch.Tensor | None = Non
     return Factorization(U, s, Vh / scale[None, :])
 
 
-def target_linears(model: nn.Module, target_modules) -> dict[str, nn.Linear]:
+def target_linears(model: nn.Module, target_modules) -> dict[str, nn.Module]:
+    """The targeted ``nn.Linear``/``Conv1D`` layers; read their ``out x in`` weight with :func:`target_weight`."""
     return find_target_linears(model, target_modules)
+
+
+def target_weight(layer: nn.Module) -> torch.Tensor:
+    """The ``out x in`` weight of a targeted layer (``Conv1D`` stores it transposed)."""
+    return linear_weight(layer)
+
+
+def target_shapes(layers: dict[str, nn.Module]) -> list[tuple[int, int]]:
+    return [tuple(target_weight(l).shape) for l in layers.values()]
 
 
 def dense_params(shapes: list[tuple[int, int]]) -> int:
@@ -89,19 +100,21 @@ def allocate(scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: 
 
 @torch.no_grad()
 def replace_with_kept_groups(
-    model: nn.Module, layers: dict[str, nn.Linear], factorizations: list[Factorization], keep: list[torch.Tensor]
+    model: nn.Module, layers: dict[str, nn.Module], factorizations: list[Factorization], keep: list[torch.Tensor],
+    method: str, method_config: dict | None = None,
 ) -> dict[str, dict]:
-    """Swap each targeted ``Linear`` (in place) for its kept groups; return the module layout for
-    :func:`~rankdyna_trainer.export.save_compressed_model`."""
+    """Swap each targeted layer (in place) for its kept groups; return the module layout, also recorded on
+    ``model.config`` (see :func:`~rankdyna_trainer.quantizer.record_compression`) under ``method``."""
     modules = {}
     for (name, linear), fact, kept in zip(layers.items(), factorizations, keep):
         left, right = fact.factors(kept.to(fact.s.device))
         dtype = linear.weight.dtype
         bias = linear.bias.detach() if linear.bias is not None else None
-        exported = factorized_or_dense(left.to(dtype).contiguous(), right.to(dtype).contiguous(), bias)
+        exported = factorized_or_dense(left.to(dtype).contiguous(), right.to(dtype).contiguous(), bias,
+                                       conv1d=is_conv1d(linear))
         set_submodule(model, name, exported.to(linear.weight.device))
         modules[name] = describe_module(exported)
-    return modules
+    return record_compression(model, modules, method, method_config)
 
 
 def kept_ranks(layers: dict[str, nn.Linear], keep: list[torch.Tensor]) -> dict[str, int]:
@@ -110,15 +123,16 @@ def kept_ranks(layers: dict[str, nn.Linear], keep: list[torch.Tensor]) -> dict[s
 
 
 def fisher_information(
-    model: nn.Module, dataloader, layers: dict[str, nn.Linear], max_batches: int | None = None
+    model: nn.Module, dataloader, layers: dict[str, nn.Module], max_batches: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Empirical Fisher of each targeted weight: the sum over batches of the squared loss gradient.
 
-    Element-wise (``out x in``), as TFWSVD uses it; FWSVD sums it over each row. The model runs in eval
-    mode (no dropout) and its parameters are left untouched; batches must carry labels.
+    Element-wise (``out x in``, transposed back for ``Conv1D``), as TFWSVD uses it; FWSVD sums it over each row.
+    The model runs in eval mode (no dropout) and its parameters are left untouched; batches must carry labels.
     """
     if dataloader is None:
         raise ValueError("Fisher information needs a dataloader of labelled task batches; got None.")
+    model = unwrap_model(model)
     was_training = model.training
     model.eval()
     weights = [l.weight for l in layers.values()]
@@ -147,4 +161,4 @@ def fisher_information(
     model.train(was_training)
     if seen == 0:
         raise ValueError("The dataloader yielded no batch; cannot estimate Fisher information.")
-    return dict(zip(layers, fisher))
+    return {name: f.T if is_conv1d(layer) else f for (name, layer), f in zip(layers.items(), fisher)}

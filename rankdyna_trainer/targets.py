@@ -1,35 +1,84 @@
-"""Which linear layers a compression method factorizes."""
+"""Which linear layers a compression method factorizes.
+
+By default: every ``nn.Linear`` and transformers ``Conv1D`` (GPT-2's transposed linear layer) inside the
+model's repeated blocks. transformers names a model's block classes in ``_no_split_modules`` (the unit that
+``device_map`` never splits: ``BertLayer``, ``LlamaDecoderLayer``, ``T5Block``, ...); models that name none
+(DistilBERT, ALBERT, DeBERTa-v2) keep their blocks in an ``nn.ModuleList``, which is used instead. Embeddings,
+heads and poolers sit outside the blocks; MoE routers sit inside and are skipped by name.
+"""
 
 from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-# Module-name suffixes per architecture family. BERT's `output.dense` also matches the attention output,
-# which is intended: every projection in the encoder block is a target.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-for _alias in ("mistral", "qwen2", "qwen3", "smollm3"):
-    DEFAULT_TARGET_MODULES[_alias] = DEFAULT_TARGET_MODULES["llama"]
+# The layer types every method can compress. Conv1D computes ``x @ W + b`` with ``W`` stored ``in x out``.
+TARGET_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
 
-# Layers that belong to the task head or embeddings never match a suffix default on their own,
-# but a user regex could reach them; classification heads are tiny and task-specific, so skip them.
+# Layers that belong to the task head or embeddings never match the default, but a user regex or suffix
+# could reach them; classification heads are tiny and task-specific, so skip them.
 _NEVER_TARGETED = re.compile(r"(^|\.)(classifier|lm_head|pooler|score|qa_outputs)(\.|$)")
+# MoE routers (Mixtral/Qwen-MoE `gate`, Switch `router`) live inside the blocks; factorizing them would change
+# which experts tokens reach.
+_ROUTER = re.compile(r"(^|\.)(gate|router|shared_expert_gate)(\.|$)")
 
 
-def default_target_modules(model: nn.Module) -> list[str]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGET_MODULES:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` and data-parallel wrappers, whose module names carry no prefix."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return isinstance(module, Conv1D)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The ``out x in`` weight of an ``nn.Linear`` or a ``Conv1D`` (a transposed view for the latter)."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of an ``nn.Linear`` or a ``Conv1D``."""
+    return (module.nf, module.nx) if is_conv1d(module) else (module.out_features, module.in_features)
+
+
+def repeated_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """The outermost repeated blocks: instances of the classes in ``_no_split_modules`` (embedding classes
+    excluded), or else the elements of the model's ``nn.ModuleList``s."""
+    model = unwrap_model(model)
+    block_classes = {c for c in (getattr(model, "_no_split_modules", None) or ()) if "Embedding" not in c}
+    named = [(n, m) for n, m in model.named_modules() if n and type(m).__name__ in block_classes]
+    if not named:
+        lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+        named = [(f"{n}.{i}", child) for n in lists for i, child in enumerate(model.get_submodule(n))]
+    blocks: dict[str, nn.Module] = {}
+    for name, module in sorted(named, key=lambda item: item[0].count(".")):
+        if not any(name.startswith(outer + ".") for outer in blocks):
+            blocks[name] = module
+    return blocks
+
+
+def default_target_names(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear``/``Conv1D`` layers inside the repeated blocks, routers and heads excluded."""
+    model = unwrap_model(model)
+    blocks = repeated_blocks(model)
+    if not blocks:
         raise ValueError(
-            f"No default target modules for model_type={model_type!r}; pass `target_modules` (a list of "
-            f"module-name suffixes or a regex). Defaults exist for: {sorted(DEFAULT_TARGET_MODULES)}."
+            f"No repeated blocks found in {type(model).__name__} (no `_no_split_modules` class and no nn.ModuleList), "
+            "so there are no default target modules; pass `target_modules` (a list of module-name suffixes or a regex)."
         )
-    return DEFAULT_TARGET_MODULES[model_type]
+    names = [f"{block}.{name}" for block, module in blocks.items()
+             for name, layer in module.named_modules() if isinstance(layer, TARGET_TYPES)]
+    return [n for n in names if not _ROUTER.search(n) and not _NEVER_TARGETED.search(n)]
 
 
 def _matches(name: str, target_modules: list[str] | str) -> bool:
@@ -39,29 +88,40 @@ def _matches(name: str, target_modules: list[str] | str) -> bool:
 
 
 def find_target_linears(
-    model: nn.Module, target_modules: list[str] | str | None = None, linear_types: tuple[type, ...] = (nn.Linear,)
+    model: nn.Module, target_modules: list[str] | str | None = None, linear_types: tuple[type, ...] = TARGET_TYPES
 ) -> dict[str, nn.Module]:
     """Map module name -> layer for every ``linear_types`` layer that ``target_modules`` selects.
 
     ``target_modules`` follows peft: a list means name suffixes, a string is a regex matched against the
-    whole module name, ``None`` picks the defaults for the model's architecture.
+    whole module name, ``None`` picks every linear layer of the repeated blocks (:func:`default_target_names`).
+    Names are those of the unwrapped model (no ``_orig_mod.`` prefix from ``torch.compile``).
     """
-    targets = default_target_modules(model) if target_modules is None else target_modules
-    found = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, linear_types) and _matches(name, targets) and not _NEVER_TARGETED.search(name)
-    }
-    if not found:
-        linear_names = [n for n, m in model.named_modules() if isinstance(m, linear_types)][:8]
-        raise ValueError(
-            f"target_modules={targets!r} matched no {'/'.join(t.__name__ for t in linear_types)} layer. "
-            f"Linear layers of this model look like: {linear_names}."
-        )
-    return found
+    model = unwrap_model(model)
+    if target_modules is None:
+        defaults = set(default_target_names(model))
+        found = {n: m for n, m in model.named_modules() if n in defaults and isinstance(m, linear_types)}
+        if found:
+            return found
+        targets = "the repeated blocks' layers"
+    else:
+        targets = target_modules
+        found = {
+            name: module
+            for name, module in model.named_modules()
+            if isinstance(module, linear_types) and _matches(name, target_modules) and not _NEVER_TARGETED.search(name)
+        }
+        if found:
+            return found
+    type_names = "/".join(t.__name__ for t in linear_types)
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, linear_types)][:8]
+    raise ValueError(
+        f"target_modules={targets!r} matched no {type_names} layer. {type_names} layers of this model look like: "
+        f"{linear_names}."
+    )
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    model = unwrap_model(model)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

@@ -40,12 +40,16 @@ from transformers import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from rankdyna_trainer.methods.adalora import adalora_rank_pattern  # noqa: E402
-from rankdyna_trainer.export import load_compressed_model, save_compressed_model  # noqa: E402
 from rankdyna_trainer.experiment.glue_data import get_task, load_glue  # noqa: E402
 from rankdyna_trainer.methods import METHODS, get_method  # noqa: E402
-from rankdyna_trainer.packaged_models import minilm_path  # noqa: E402
+from rankdyna_trainer.methods.adalora import adalora_rank_pattern  # noqa: E402
 from rankdyna_trainer.methods.rankdyna import rank_pattern  # noqa: E402
+from rankdyna_trainer.packaged_models import minilm_path  # noqa: E402
+from rankdyna_trainer.quantizer import (  # noqa: E402
+    load_compressed_model,
+    read_compression_config,
+    save_compressed_model,
+)
 from rankdyna_trainer.targets import find_target_linears  # noqa: E402
 
 METHOD_ORDER = ["dense", "rankdyna", "fwsvd", "ars", "svd", "tfwsvd", "adalora"]
@@ -148,8 +152,7 @@ def export_and_measure(model, modules, method, method_config, data, collator, ta
     export_dir = os.path.join(work_dir, "export")
     save_compressed_model(model, export_dir, modules, method, method_config)
     reloaded = load_compressed_model(export_dir)
-    with open(os.path.join(export_dir, "compression_config.json")) as f:
-        layout = json.load(f)
+    layout = read_compression_config(export_dir) if modules else {"modules": {}}
     metrics = evaluate(reloaded, data, collator, task, work_dir)
     dense = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=get_task(task).num_labels)
     # Paired, alternating measurement: the CPU is shared, so the two are timed under the same load.

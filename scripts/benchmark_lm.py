@@ -32,11 +32,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 import rankdyna_trainer  # noqa: E402
 from rankdyna_trainer import RankDynaCallback, RankDynaConfig, export_model, prepare_model  # noqa: E402
-from rankdyna_trainer.export import load_compressed_model, save_compressed_model  # noqa: E402
 from rankdyna_trainer.experiment.glue_data import load_glue  # noqa: E402
 from rankdyna_trainer.methods.lorap import LoRAPConfig, LowRankSVDConfig, compress_lorap, compress_svd  # noqa: E402
 from rankdyna_trainer.methods.mpo import MPOConfig, export_mpo, prepare_mpo  # noqa: E402
 from rankdyna_trainer.packaged_models import smollm2_path  # noqa: E402
+from rankdyna_trainer.quantizer import load_compressed_model, save_compressed_model  # noqa: E402
 from rankdyna_trainer.targets import find_target_linears  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

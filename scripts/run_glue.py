@@ -9,18 +9,25 @@ RankDyna group (``--rankdyna`` switches it on) and ``--hyperparameter_search N``
 ``scripts/sweep_rankdyna.yaml``, each trial one W&B run). ``python scripts/run_glue.py --help`` lists them all.
 
 With ``--rankdyna`` the run trains the factorized model under the shrinking budget, exports the kept ranks as
-small ``Linear(n, r) -> Linear(r, m)`` pairs, saves that compressed model (reload it with
-``rankdyna_trainer.load_compressed_model``), draws the final allocation (``rank_heatmap.png``) and evaluates the
-reloaded compressed model. Metrics go to ``<output_dir>/eval_results.json``.
+small ``Linear(n, r) -> Linear(r, m)`` pairs, saves that compressed model with ``save_pretrained`` (after
+``import rankdyna_trainer``, ``AutoModelForSequenceClassification.from_pretrained`` reloads it), draws the final
+allocation (``rank_heatmap.png``) and evaluates the reloaded compressed model. Evaluation metrics go to
+``<output_dir>/eval_results.json``.
+
+A mistake on the command line (an unknown choice, a value out of range, a missing data file) prints one line
+naming the flag and exits with code 2.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,12 +54,10 @@ from rankdyna_trainer import (  # noqa: E402
     RankDynaCallback,
     RankDynaConfig,
     export_model,
-    load_compressed_model,
     prepare_model,
     rank_pattern,
     save_compressed_model,
 )
-from rankdyna_trainer.export import COMPRESSION_CONFIG_FILE  # noqa: E402
 from rankdyna_trainer.experiment.glue_data import GLUE_TASKS, get_task, load_glue, load_glue_files  # noqa: E402
 from rankdyna_trainer.experiment.glue_metrics import (  # noqa: E402
     constant_prediction_floor,
@@ -62,6 +67,8 @@ from rankdyna_trainer.experiment.glue_metrics import (  # noqa: E402
 )
 from rankdyna_trainer.methods import METHODS, get_method  # noqa: E402
 from rankdyna_trainer.packaged_models import minilm_path  # noqa: E402
+from rankdyna_trainer.quantizer import is_compressed_model_dir, read_compression_config  # noqa: E402
+from rankdyna_trainer.targets import TARGET_TYPES, linear_shape  # noqa: E402
 from rankdyna_trainer.experiment.rank_plots import save_rank_heatmap  # noqa: E402
 from rankdyna_trainer.experiment.sweep import optuna_space, read_sweep_config  # noqa: E402
 from rankdyna_trainer.experiment.wandb_logging import RankDynaWandbCallback, active_wandb_run, log_exported_model  # noqa: E402
@@ -72,6 +79,28 @@ MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path}  # short n
 DEFAULT_SWEEP_CONFIG = str(Path(__file__).resolve().parent / "sweep_rankdyna.yaml")
 HEATMAP_FILE = "rank_heatmap.png"
 SUMMARY_FILE = "run_summary.json"
+_RANKDYNA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RankDynaConfig)}
+
+
+class UsageError(ValueError):
+    """A command-line mistake: ``python scripts/run_glue.py`` prints it as one line naming the flag and exits with
+    code 2, without a traceback."""
+
+
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except ``None``: those options' help says what leaving them unset means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class _OneLineErrorParser(HfArgumentParser):
+    def __init__(self, dataclass_types):
+        super().__init__(dataclass_types, formatter_class=_DefaultsHelpFormatter)
+
+    def error(self, message: str):
+        # argparse prints its whole usage block before the error; one line naming the flag is easier to read.
+        raise UsageError(message)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -81,21 +110,25 @@ SUMMARY_FILE = "run_summary.json"
 class ModelArguments:
     model_name_or_path: str = field(
         metadata={"help": "Model folder or hub id; 'minilm' is the packaged all-MiniLM-L6-v2. A folder written by "
-                  "a compressing run (it holds compression_config.json) loads as the compressed model."}
+                  "a compressing run loads as the compressed model."}
     )
     tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
-    compression_method: Optional[str] = field(
-        default=None,
-        metadata={"help": f"One of {sorted(METHODS)} (rankdyna_trainer.methods). 'rankdyna' is --rankdyna; "
-                  "'svd', 'fwsvd', 'tfwsvd', 'ars' compress --model_name_or_path, which should already be "
-                  "fine-tuned on the task, then fine-tune the factorized model (their second round); 'adalora' "
-                  "trains peft AdaLoRA adapters and exports the merged dense model."},
+    compression_method: str = field(
+        default="dense",
+        metadata={"choices": sorted(METHODS),
+                  "help": "Compression method (rankdyna_trainer.methods). 'dense' fine-tunes without compressing; "
+                  "'rankdyna' is --rankdyna; 'mpo' trains matrix product operators' auxiliary tensors; 'svd', "
+                  "'fwsvd', 'tfwsvd', 'ars' compress --model_name_or_path, which should already be fine-tuned on the "
+                  "task, then fine-tune the factorized model (their second round); 'lorap' compresses with "
+                  "calibration batches, then fine-tunes; 'adalora' trains peft AdaLoRA adapters and exports the "
+                  "merged dense model."},
     )
     compression_budget: float = field(
         default=0.5, metadata={"help": "Parameter budget of --compression_method (fraction of the targeted weights)."}
     )
     compression_fisher_batches: Optional[int] = field(
-        default=None, metadata={"help": "Training batches for the Fisher information of fwsvd/tfwsvd/ars (None: all)."}
+        default=None,
+        metadata={"help": "Training batches for the Fisher information of fwsvd/tfwsvd/ars (default: all of them)."}
     )
 
 
@@ -116,48 +149,79 @@ class DataTrainingArguments:
 
 @dataclass
 class RankDynaArguments:
-    """``--rankdyna`` plus the RankDynaConfig options; unset options take RankDynaConfig's defaults."""
+    """``--rankdyna`` plus the RankDynaConfig options, with RankDynaConfig's defaults."""
 
     rankdyna: bool = field(default=False, metadata={"help": "Compress with RankDyna while fine-tuning."})
-    rankdyna_budget: Optional[float] = field(
-        default=None, metadata={"help": "Final parameter budget, fraction of the targeted matrices' dense weights."})
-    rankdyna_initial_budget: Optional[float] = field(default=None, metadata={"help": "Budget when pruning starts."})
-    rankdyna_warmup_fraction: Optional[float] = field(
-        default=None, metadata={"help": "Fraction of steps before pruning starts."})
-    rankdyna_final_fraction: Optional[float] = field(
-        default=None, metadata={"help": "Fraction of steps at the end with the allocation frozen."})
-    rankdyna_reallocation_interval: Optional[int] = field(
-        default=None, metadata={"help": "Optimizer steps between reallocations."})
-    rankdyna_beta1: Optional[float] = field(default=None, metadata={"help": "EMA coefficient of the sensitivity."})
-    rankdyna_beta2: Optional[float] = field(default=None, metadata={"help": "EMA coefficient of the uncertainty."})
-    rankdyna_singular_value_signal: Optional[str] = field(
-        default=None,
-        metadata={"help": "'gate' (default) or 'singular_value' (AdaLoRA's s*dL/ds); see docs/method.md."})
-    rankdyna_importance: Optional[str] = field(
-        default=None, metadata={"help": "Group score: 'sensitivity' (AdaLoRA's) or 'fisher' (s^2 E[(dL/ds)^2])."})
-    rankdyna_factor_scaling: Optional[str] = field(
-        default=None, metadata={"help": "Step size of the factors: 'none', 'matrix' or 'group' (docs/method.md)."})
-    rankdyna_rank_by: Optional[str] = field(
-        default=None, metadata={"help": "'score' or 'score_per_param' (score over the group's m+n parameters)."})
-    rankdyna_min_rank: Optional[int] = field(
-        default=None, metadata={"help": "Groups every targeted matrix keeps (0: a matrix may reach rank 0)."})
-    rankdyna_orth_reg_weight: Optional[float] = field(
-        default=None, metadata={"help": "Weight of the orthogonality regularizer (0 disables it)."})
-    rankdyna_init_rank: Optional[int] = field(default=None, metadata={"help": "Keep the top-k groups at SVD time."})
+    rankdyna_budget: float = field(
+        default=_RANKDYNA_DEFAULTS["target_budget"],
+        metadata={"help": "Final parameter budget, fraction of the targeted matrices' dense weights, in (0, 1]."})
+    rankdyna_initial_budget: float = field(
+        default=_RANKDYNA_DEFAULTS["initial_budget"], metadata={"help": "Budget when pruning starts."})
+    rankdyna_warmup_fraction: float = field(
+        default=_RANKDYNA_DEFAULTS["warmup_fraction"], metadata={"help": "Fraction of steps before pruning starts."})
+    rankdyna_final_fraction: float = field(
+        default=_RANKDYNA_DEFAULTS["final_fraction"],
+        metadata={"help": "Fraction of steps at the end with the allocation frozen."})
+    rankdyna_reallocation_interval: int = field(
+        default=_RANKDYNA_DEFAULTS["reallocation_interval"],
+        metadata={"help": "Optimizer steps between reallocations."})
+    rankdyna_beta1: float = field(
+        default=_RANKDYNA_DEFAULTS["beta1"], metadata={"help": "EMA coefficient of the sensitivity."})
+    rankdyna_beta2: float = field(
+        default=_RANKDYNA_DEFAULTS["beta2"], metadata={"help": "EMA coefficient of the uncertainty."})
+    rankdyna_singular_value_signal: str = field(
+        default=_RANKDYNA_DEFAULTS["singular_value_signal"],
+        metadata={"choices": ["gate", "singular_value"],
+                  "help": "'gate' or 'singular_value' (AdaLoRA's s*dL/ds); see docs/method.md."})
+    rankdyna_importance: str = field(
+        default=_RANKDYNA_DEFAULTS["importance"],
+        metadata={"choices": ["sensitivity", "fisher"],
+                  "help": "Group score: 'fisher' (s^2 E[(dL/ds)^2]) or 'sensitivity' (AdaLoRA's); docs/method.md."})
+    rankdyna_factor_scaling: str = field(
+        default=_RANKDYNA_DEFAULTS["factor_scaling"], metadata={"choices": ["none", "matrix", "group"],
+                                                               "help": "Step size of the factors (docs/method.md)."})
+    rankdyna_rank_by: str = field(
+        default=_RANKDYNA_DEFAULTS["rank_by"], metadata={"choices": ["score", "score_per_param"],
+                                                        "help": "'score_per_param' divides by the group's m+n."})
+    rankdyna_min_rank: int = field(
+        default=_RANKDYNA_DEFAULTS["min_rank"],
+        metadata={"help": "Groups every targeted matrix keeps (0: a matrix may reach rank 0)."})
+    rankdyna_orth_reg_weight: float = field(
+        default=_RANKDYNA_DEFAULTS["orth_reg_weight"],
+        metadata={"help": "Weight of the orthogonality regularizer (0 disables it)."})
+    rankdyna_init_rank: Optional[int] = field(
+        default=None, metadata={"help": "Keep the top-k groups at SVD time (default: all min(m, n) groups)."})
     rankdyna_target_modules: Optional[str] = field(
-        default=None, metadata={"help": "Comma-separated module-name suffixes to factorize (default: per model type)."})
+        default=None,
+        metadata={"help": "Comma-separated module-name suffixes to factorize (default: every linear layer of the "
+                  "model's repeated blocks)."})
 
     def given_options(self) -> dict:
+        """The options set to something other than their default (what would change the run)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "rankdyna" and getattr(self, f.name) is not None}
+                if f.name != "rankdyna" and getattr(self, f.name) != f.default}
 
     def to_config(self, overrides: dict | None = None) -> RankDynaConfig:
         """The RankDynaConfig of these options (``overrides``: a search trial's values by argument name)."""
         options = {**self.given_options(), **(overrides or {})}
         if "rankdyna_target_modules" in options:
             options["rankdyna_target_modules"] = [t.strip() for t in options["rankdyna_target_modules"].split(",")]
-        renamed = {"rankdyna_budget": "target_budget"}
-        return RankDynaConfig(**{renamed.get(k, k.removeprefix("rankdyna_")): v for k, v in options.items()})
+        try:
+            return RankDynaConfig(**{_config_field(k): v for k, v in options.items()})
+        except ValueError as err:  # the config names its fields; the user typed flags
+            raise UsageError(_fields_as_flags(str(err))) from err
+
+
+def _config_field(argument: str) -> str:
+    return "target_budget" if argument == "rankdyna_budget" else argument.removeprefix("rankdyna_")
+
+
+def _fields_as_flags(message: str) -> str:
+    """RankDynaConfig's message with each field name replaced by the run_glue.py flag that sets it."""
+    flags = {_config_field(f.name): f"--{f.name}" for f in dataclasses.fields(RankDynaArguments)
+             if f.name != "rankdyna"}
+    return re.sub(r"\b(" + "|".join(sorted(flags, key=len, reverse=True)) + r")\b", lambda m: flags[m.group(1)],
+                  message)
 
 
 @dataclass
@@ -172,12 +236,13 @@ ARGUMENT_CLASSES = (ModelArguments, DataTrainingArguments, RankDynaArguments, Se
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = _OneLineErrorParser(ARGUMENT_CLASSES)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        args = parser.parse_json_file(os.path.abspath(argv[0]))
-    else:
-        args = parser.parse_args_into_dataclasses(args=argv)
+    with reported_as(None, ValueError):  # TrainingArguments checks its own combinations; its messages name flags
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            args = parser.parse_json_file(os.path.abspath(argv[0]))
+        else:
+            args = parser.parse_args_into_dataclasses(args=argv)
     check_arguments(*args)
     return args
 
@@ -185,36 +250,64 @@ def parse_args(argv: list[str] | None = None):
 def check_arguments(model_args, data_args, rankdyna_args, search_args, training_args) -> None:
     """Fail before loading anything when the arguments cannot make a run."""
     if data_args.task_name is None:
-        raise ValueError(f"--task_name is required: one of {sorted(GLUE_TASKS)}.")
-    get_task(data_args.task_name)  # unknown task -> ValueError naming the choices
+        raise UsageError(f"--task_name is required: one of {sorted(GLUE_TASKS)}.")
+    with reported_as("--task_name", ValueError):
+        get_task(data_args.task_name)  # unknown task -> ValueError naming the choices
     method = model_args.compression_method
-    if method is not None:
-        get_method(method)  # unknown method -> ValueError naming the choices
-        if rankdyna_args.rankdyna and method != "rankdyna":
-            raise ValueError(f"--rankdyna and --compression_method {method} pick two methods; keep one.")
-        if method == "rankdyna":
-            rankdyna_args.rankdyna = True
-            if rankdyna_args.rankdyna_budget is None:
-                rankdyna_args.rankdyna_budget = model_args.compression_budget
-        elif method != "dense" and not training_args.do_train:
-            raise ValueError(f"--compression_method {method} trains (fine-tuning after compression, or adapters): "
-                             "add --do_train.")
-        elif method != "dense" and search_args.hyperparameter_search:
-            raise ValueError(f"--hyperparameter_search supports --compression_method rankdyna or dense, not {method}.")
+    with reported_as("--compression_method", ValueError):
+        get_method(method)  # argparse checks the choices; this covers callers that build the arguments in code
+    if rankdyna_args.rankdyna and method not in ("dense", "rankdyna"):
+        raise UsageError(f"--rankdyna and --compression_method {method} pick two methods; keep one.")
+    if method == "rankdyna":
+        rankdyna_args.rankdyna = True
+        if rankdyna_args.rankdyna_budget == _RANKDYNA_DEFAULTS["target_budget"]:
+            rankdyna_args.rankdyna_budget = model_args.compression_budget
+    elif method != "dense" and not training_args.do_train:
+        raise UsageError(f"--compression_method {method} trains (fine-tuning after compression, or adapters): "
+                         "add --do_train.")
+    elif method != "dense" and search_args.hyperparameter_search:
+        raise UsageError(f"--hyperparameter_search supports --compression_method rankdyna or dense, not {method}.")
+    config_class = get_method(method).config_class
+    if method != "rankdyna" and config_class is not None:
+        try:  # the method's config checks the budget before any model is loaded
+            config_class(target_budget=model_args.compression_budget)
+        except ValueError as err:
+            raise UsageError(str(err).replace("target_budget", "--compression_budget")) from err
     given = rankdyna_args.given_options()
     if given and not rankdyna_args.rankdyna:
         flags = ", ".join(f"--{name}" for name in given)
-        raise ValueError(f"{flags} only take effect with --rankdyna; add --rankdyna to compress, or drop them.")
+        raise UsageError(f"{flags} only take effect with --rankdyna; add --rankdyna to compress, or drop them.")
     if rankdyna_args.rankdyna:
         rankdyna_args.to_config()  # RankDynaConfig validates every value
         if not (training_args.do_train or search_args.hyperparameter_search):
-            raise ValueError("--rankdyna compresses while training: add --do_train. To evaluate a compressed model, "
+            raise UsageError("--rankdyna compresses while training: add --do_train. To evaluate a compressed model, "
                              "pass its folder as --model_name_or_path without --rankdyna.")
     if not (training_args.do_train or training_args.do_eval or search_args.hyperparameter_search):
-        raise ValueError("Nothing to do: pass --do_train and/or --do_eval (or --hyperparameter_search N).")
+        raise UsageError("Nothing to do: pass --do_train and/or --do_eval (or --hyperparameter_search N).")
     if search_args.hyperparameter_search < 0:
-        raise ValueError(f"--hyperparameter_search takes a number of trials >= 0, "
+        raise UsageError(f"--hyperparameter_search takes a number of trials >= 0, "
                          f"got {search_args.hyperparameter_search}.")
+
+
+@contextlib.contextmanager
+def reported_as(flag: str | None, *errors: type[Exception]):
+    """Turn ``errors`` raised inside into a :class:`UsageError` that starts with ``flag``."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except errors as err:
+        message = " ".join(str(err).split())
+        raise UsageError(f"{flag}: {message}" if flag else message) from err
+
+
+def data_source_flag(data_args) -> str:
+    """The flag that chose where GLUE data is read from, for error messages."""
+    if data_args.train_file or data_args.validation_file:
+        return "--train_file/--validation_file"
+    if data_args.glue_dir or os.environ.get("GLUE_DIR"):
+        return "--glue_dir" if data_args.glue_dir else "$GLUE_DIR"
+    return "--glue_dir (not given, so the hub was asked)"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,8 +364,8 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_model(model_path: str, task):
-    if os.path.isfile(os.path.join(model_path, COMPRESSION_CONFIG_FILE)):
-        return load_compressed_model(model_path)
+    if is_compressed_model_dir(model_path):  # transformers rebuilds it through rankdyna_trainer's quantizer
+        return AutoModelForSequenceClassification.from_pretrained(model_path)
     labels = task.label_names or ("score",)
     return AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=task.num_labels,
@@ -294,6 +387,8 @@ class Compression:
     search_arguments: tuple[str, ...]  # argument names a search trial may set for this method
     train_loader: object = None  # labelled task batches, for methods that read the data when compressing
     total_steps: int | None = None  # optimizer steps of the run, for methods that schedule over them
+    # (out, in) of every linear layer before compression: LoRAP's pruned FFN layers change shape
+    dense_shapes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
 def rankdyna_compression(rankdyna_args: RankDynaArguments) -> Compression:
@@ -318,14 +413,17 @@ def registry_compression(model_args: ModelArguments) -> Compression:
     state = {}
 
     def prepare(model, overrides):
+        compression.dense_shapes = {name: linear_shape(m) for name, m in model.named_modules()
+                                    if isinstance(m, TARGET_TYPES)}
+        fields = {f.name for f in dataclasses.fields(method.config_class)} if method.config_class else set()
+        extra = {}
+        if model_args.compression_fisher_batches and "max_fisher_batches" in fields:
+            extra["max_fisher_batches"] = model_args.compression_fisher_batches
+        state["config"] = method.make_config(target_budget=model_args.compression_budget, model=model,
+                                             total_steps=compression.total_steps, **extra)
         if method.post_hoc:
-            extra = {}
-            if model_args.compression_fisher_batches and model_args.compression_method != "svd":
-                extra["max_fisher_batches"] = model_args.compression_fisher_batches
-            state["config"] = method.make_config(target_budget=model_args.compression_budget, **extra)
             state["modules"] = method.compress(model, state["config"], compression.train_loader)
             return model
-        state["config"] = method.make_config(model=model, total_steps=compression.total_steps)
         model, callbacks = method.prepare(model, state["config"])
         compression.callbacks[:] = callbacks
         return model
@@ -344,7 +442,8 @@ def registry_compression(model_args: ModelArguments) -> Compression:
     return compression
 
 
-def build_compression(rankdyna_args: RankDynaArguments, model_args: ModelArguments | None = None) -> Compression | None:
+def build_compression(rankdyna_args: RankDynaArguments,
+                      model_args: ModelArguments | None = None) -> Compression | None:
     """The compression method of this run (None: plain fine-tuning)."""
     if rankdyna_args.rankdyna:
         return rankdyna_compression(rankdyna_args)
@@ -360,12 +459,13 @@ def export_compressed(compression: Compression, model, tokenizer, output_dir: st
     tokenizer.save_pretrained(output_dir)
     if not modules:  # AdaLoRA: adapters merged, nothing compressed
         return {"method": compression.method, "compressed_params": None, "dense_params": None, "params_fraction": 1.0}
-    full_ranks = {name: min(e["in_features"], e["out_features"]) for name, e in modules.items()}
+    shapes = {name: compression.dense_shapes.get(name, (e["out_features"], e["in_features"]))
+              for name, e in modules.items()}
+    full_ranks = {name: min(shape) for name, shape in shapes.items()}
     save_rank_heatmap(ranks, full_ranks, os.path.join(output_dir, HEATMAP_FILE),
                       title=f"{compression.method}: kept rank per matrix ({os.path.basename(output_dir)})")
-    with open(os.path.join(output_dir, COMPRESSION_CONFIG_FILE)) as f:
-        compressed_params = json.load(f)["compressed_params"]
-    dense_params = sum(e["in_features"] * e["out_features"] for e in modules.values())
+    compressed_params = read_compression_config(output_dir)["compressed_params"]
+    dense_params = sum(out_features * in_features for out_features, in_features in shapes.values())
     log_exported_model(output_dir, compressed_params, dense_params)
     return {"method": compression.method, "compressed_params": compressed_params, "dense_params": dense_params,
             "params_fraction": compressed_params / dense_params}
@@ -379,14 +479,18 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     task = get_task(data_args.task_name)
-    model_path = resolve_model_path(model_args.model_name_or_path)
+    with reported_as("--model_name_or_path", OSError, ImportError):
+        model_path = resolve_model_path(model_args.model_name_or_path)
     compression = build_compression(rankdyna_args, model_args)
-    if compression is not None and os.path.isfile(os.path.join(model_path, COMPRESSION_CONFIG_FILE)):
-        raise ValueError(f"{model_path} is already compressed; --{compression.method} needs a dense model.")
+    if compression is not None and is_compressed_model_dir(model_path):
+        raise UsageError(f"--model_name_or_path {model_path} is already compressed; --compression_method "
+                         f"{compression.method} needs a dense model.")
 
     searching = search_args.hyperparameter_search > 0
-    raw = load_raw_datasets(data_args, training_args, need_train=training_args.do_train or searching)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path)
+    with reported_as(data_source_flag(data_args), ValueError, OSError):
+        raw = load_raw_datasets(data_args, training_args, need_train=training_args.do_train or searching)
+    with reported_as("--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path", OSError):
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path)
     encoded = tokenize(raw, tokenizer, task, data_args.max_seq_length)
     validation_splits = [s for s in encoded if s.startswith("validation")]
     if compression is not None and "train" in encoded:
@@ -406,7 +510,8 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = {}
 
     def model_init(trial=None):
-        model = load_model(model_path, task)
+        with reported_as("--model_name_or_path", OSError):
+            model = load_model(model_path, task)
         sizes["model_params_before"] = count_parameters(model)
         if compression is None:
             return model
@@ -442,7 +547,8 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.save_metrics("compression", summary, combined=False)
             results["compression"] = summary
             # Evaluate what a user gets back from disk, not the in-memory model.
-            trainer.model = trainer.model_wrapped = load_compressed_model(training_args.output_dir).to(training_args.device)
+            trainer.model = trainer.model_wrapped = AutoModelForSequenceClassification.from_pretrained(
+                training_args.output_dir).to(training_args.device)
         else:
             trainer.save_model()
         results["train"] = metrics
@@ -453,7 +559,7 @@ def main(argv: list[str] | None = None) -> dict:
             prefix = "eval" if split == validation_splits[0] else "eval_" + split.removeprefix("validation_")
             # predict() returns the same metrics as evaluate() plus the predictions, which the summary checks.
             output = trainer.predict(encoded[split], metric_key_prefix=prefix)
-            eval_metrics.update({**output.metrics, f"{prefix}_samples": len(encoded[split])})
+            eval_metrics.update({**evaluation_keys(output.metrics, prefix), f"{prefix}_samples": len(encoded[split])})
             predictions[split] = predicted_labels(task, output.predictions)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
@@ -469,6 +575,12 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(summary, f, indent=2)
     print_summary(summary)
     return results
+
+
+def evaluation_keys(metrics: dict, prefix: str) -> dict:
+    """Only the evaluation's own metrics: every Trainer log also carries training-time values that callbacks add
+    (``epoch``, ``rankdyna/*``), which do not describe the evaluated model."""
+    return {key: value for key, value in metrics.items() if key.startswith(prefix + "_")}
 
 
 def search_space(sweep_config: str, compression: Compression | None):
@@ -576,9 +688,9 @@ def print_summary(summary: dict) -> None:
     if before and after:
         lines.append(f"  whole model: {after:,} of {before:,} parameters ({100 * after / before:.1f} %)")
     if summary["model_bytes_on_disk"]:
-        lines.append(f"  saved model: {summary['model_bytes_on_disk'] / 2**20:.1f} MiB on disk in {summary['output_dir']}/")
+        lines.append(f"  saved model: {summary['model_bytes_on_disk'] / 2**20:.1f} MiB on disk in {summary['output_dir']}/ "
+                     "(import rankdyna_trainer, then AutoModelForSequenceClassification.from_pretrained)")
     files = [("eval_results.json", "dev-set metrics"), (SUMMARY_FILE, "this summary"),
-             (COMPRESSION_CONFIG_FILE, "compressed layout (load with AutoModel*.from_pretrained / load_compressed_model)"),
              (HEATMAP_FILE, "kept rank per layer and matrix type"), ("rank_pattern.json", "final ranks")]
     present = [(name, what) for name, what in files if os.path.isfile(os.path.join(summary["output_dir"], name))]
     lines += [f"  {summary['output_dir']}/{name:<24} {what}" for name, what in present]
@@ -586,5 +698,15 @@ def print_summary(summary: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: a :class:`UsageError` becomes one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UsageError as err:
+        print(f"run_glue.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -3,7 +3,8 @@
 import torch
 from torch.utils.data import DataLoader
 
-from rankdyna_trainer.export import exported_params, load_compressed_model, save_compressed_model
+from rankdyna_trainer.export import exported_params
+from rankdyna_trainer.quantizer import load_compressed_model, save_compressed_model
 from rankdyna_trainer.targets import find_target_linears
 
 from .conftest import random_classification_dataset

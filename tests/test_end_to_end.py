@@ -38,7 +38,7 @@ def test_minilm_sst2_slice_reaches_budget_and_reloads_identically(tmp_path, mini
 
     modules = export_model(model)
     compressed = sum(model.get_submodule(n).weight.numel() if e["type"] == "linear" else
-                     model.get_submodule(n).down.weight.numel() + model.get_submodule(n).up.weight.numel()
+                     model.get_submodule(n).down.weight.numel() + model.get_submodule(n).weight.numel()
                      for n, e in modules.items())
     target = 0.5 * dense_targeted
     assert len(modules) == 36

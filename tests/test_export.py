@@ -1,19 +1,11 @@
 import json
 
-import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForSequenceClassification
 
-from rankdyna_trainer import (
-    LowRankLinear,
-    RankDynaConfig,
-    export_model,
-    load_compressed_model,
-    prepare_model,
-    save_compressed_model,
-)
+from rankdyna_trainer import LowRankLinear, RankDynaConfig, export_model, prepare_model, read_compression_config
 from rankdyna_trainer.budget import matrix_cost
-from rankdyna_trainer.export import COMPRESSION_CONFIG_FILE
 from rankdyna_trainer.methods.rankdyna import svd_layers
 from tests.conftest import tiny_bert
 
@@ -54,22 +46,21 @@ def test_export_keeps_predictions_and_hits_the_rank_pattern(tmp_path):
                   if any(n.startswith(m + ".") for m in modules) and n.endswith("weight"))
     assert weights == sum(matrix_cost(expected_ranks[n], *shapes[n]) for n in modules)
 
-    save_compressed_model(model, str(tmp_path), modules, method="rankdyna")
-    reloaded = load_compressed_model(str(tmp_path))
+    model.save_pretrained(str(tmp_path))  # export_model recorded the layout on model.config
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path))
     torch.testing.assert_close(reloaded(ids).logits, after, atol=0, rtol=0)
-    saved = json.loads((tmp_path / COMPRESSION_CONFIG_FILE).read_text())
-    assert saved["compressed_params"] == weights
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "rankdyna" and saved["method"] == "rankdyna"
+    assert saved["compressed_params"] == weights and saved["modules"] == modules
+    assert saved["method_config"]["target_budget"] == 0.5
+    assert read_compression_config(str(tmp_path))["modules"] == modules
 
 
-def test_loading_a_folder_without_layout_or_with_a_corrupt_one_is_clear(tmp_path):
-    model = _masked_model()
-    modules = export_model(model)
-    with pytest.raises(FileNotFoundError, match="not a model saved by save_compressed_model"):
-        load_compressed_model(str(tmp_path))
-    save_compressed_model(model, str(tmp_path), modules, method="rankdyna")
-    layout = json.loads((tmp_path / COMPRESSION_CONFIG_FILE).read_text())
-    name = next(iter(layout["modules"]))
-    layout["modules"][name]["type"] = "mystery"
-    (tmp_path / COMPRESSION_CONFIG_FILE).write_text(json.dumps(layout))
-    with pytest.raises(ValueError, match="unknown type 'mystery'"):
-        load_compressed_model(str(tmp_path))
+def test_exported_layers_keep_a_weight_of_their_own_shape():
+    # The output factor is stored as `weight`: T5-style code reading `.weight.dtype` works, and the dense
+    # architecture cannot load it without a size mismatch.
+    layer = LowRankLinear.from_factors(torch.randn(6, 2), torch.randn(2, 5), torch.randn(6))
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "bias", "down.weight"]
+    assert layer.weight.shape == (6, 2) and layer.down.weight.shape == (2, 5)
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(layer(x), x @ (layer.weight @ layer.down.weight).T + layer.bias)

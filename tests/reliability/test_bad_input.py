@@ -118,4 +118,4 @@ def test_messages_name_the_bad_value():
     # Spot checks that the value the user passed appears in the message (the docs table shows the rest).
     assert "0.0" in _raised("target_budget") and "0.3" in _raised("initial_budget")
     assert "'qkv'" in _raised("target_modules_match_nothing")
-    assert re.search(r"model_type=None", _raised("no_default_targets"))
+    assert re.search(r"No repeated blocks found in _OtherModel", _raised("no_default_targets"))

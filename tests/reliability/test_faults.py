@@ -2,13 +2,12 @@
 
 import json
 import logging
-import os
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import BertForSequenceClassification, Trainer, TrainerCallback
 
-from rankdyna_trainer.export import COMPRESSION_CONFIG_FILE, LowRankLinear, load_compressed_model, save_compressed_model
+from rankdyna_trainer.export import LowRankLinear
 from rankdyna_trainer.methods.rankdyna import (
     RANK_PATTERN_FILE,
     RankDynaCallback,
@@ -17,6 +16,12 @@ from rankdyna_trainer.methods.rankdyna import (
     kept_params,
     prepare_model,
     svd_layers,
+)
+from rankdyna_trainer.quantizer import (
+    LowRankCompressionConfig,
+    load_compressed_model,
+    read_compression_config,
+    save_compressed_model,
 )
 from rankdyna_trainer.resume import last_complete_checkpoint
 from tests.conftest import tiny_bert, tiny_llama
@@ -117,7 +122,7 @@ def test_layer_allocated_rank_zero_exports_and_reloads(tmp_path, make_model):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
         x = torch.randn(3, layer.in_features)
-        bias = layer.up.bias if layer.up.bias is not None else torch.zeros(layer.out_features)
+        bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
         torch.testing.assert_close(layer(x), bias.expand(3, -1))  # a rank-0 layer outputs its bias
 
 
@@ -154,12 +159,17 @@ def test_last_complete_checkpoint_without_checkpoints(tmp_path):
 
 
 # -- damaged or mismatched compressed models -----------------------------------------------------------
+# The layout lives in config.json's quantization_config; transformers reads it when from_pretrained starts.
+QUERY = "bert.encoder.layer.0.attention.self.query"
+
+
 @pytest.fixture
 def saved_model(tmp_path):
     model = prepare_model(tiny_bert(), RankDynaConfig())
     for layer in svd_layers(model).values():
         layer.gate[4:] = 0
-    save_compressed_model(model, str(tmp_path), export_model(model), "rankdyna")
+    export_model(model)
+    model.save_pretrained(str(tmp_path))
     return tmp_path
 
 
@@ -169,24 +179,19 @@ def _edit_json(path, edit):
     path.write_text(json.dumps(data))
 
 
-def test_truncated_compression_config_is_reported(saved_model):
-    path = saved_model / COMPRESSION_CONFIG_FILE
-    path.write_text(path.read_text()[:100])
-    with pytest.raises(ValueError, match=f"{COMPRESSION_CONFIG_FILE}.*is not valid JSON"):
-        load_compressed_model(str(saved_model))
+def _edit_layout(folder, edit):
+    _edit_json(folder / "config.json", lambda d: edit(d["quantization_config"]))
 
 
-def test_missing_compression_config_is_reported(saved_model):
-    os.remove(saved_model / COMPRESSION_CONFIG_FILE)
-    with pytest.raises(FileNotFoundError, match="not a model saved by save_compressed_model"):
-        load_compressed_model(str(saved_model))
+def _load(folder):
+    return BertForSequenceClassification.from_pretrained(str(folder))
 
 
-def test_rank_pattern_that_disagrees_with_the_weights_is_reported(saved_model):
-    name = "bert.encoder.layer.0.attention.self.query"
-    _edit_json(saved_model / COMPRESSION_CONFIG_FILE, lambda d: d["modules"][name].update(rank=3))
-    with pytest.raises(ValueError, match=f"(?s)do not fit the rebuilt model.*size mismatch for {name}"):
-        load_compressed_model(str(saved_model))
+def test_rank_that_disagrees_with_the_weights_is_reported(saved_model):
+    _edit_layout(saved_model, lambda q: q["modules"][QUERY].update(rank=3))
+    # transformers' own shape check: its load report lists the key, the error says to read it.
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        _load(saved_model)
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -195,19 +200,36 @@ def test_rank_pattern_that_disagrees_with_the_weights_is_reported(saved_model):
     ({"type": "svd", "in_features": 32, "out_features": 32}, "unknown type 'svd'"),
 ])
 def test_malformed_module_entry_is_reported(saved_model, entry, message):
-    name = "bert.encoder.layer.0.attention.self.query"
-    _edit_json(saved_model / COMPRESSION_CONFIG_FILE, lambda d: d["modules"].__setitem__(name, entry))
+    _edit_layout(saved_model, lambda q: q["modules"].__setitem__(QUERY, entry))
     with pytest.raises(ValueError, match=message):
-        load_compressed_model(str(saved_model))
+        _load(saved_model)
+
+
+def test_layout_of_another_format_version_is_reported(saved_model):
+    _edit_layout(saved_model, lambda q: q.update(format_version=1))
+    with pytest.raises(ValueError, match="format_version=1; this rankdyna_trainer reads format_version 2"):
+        _load(saved_model)
 
 
 def test_layout_for_another_architecture_is_reported(saved_model):
     _edit_json(saved_model / "config.json", lambda d: d.update(num_hidden_layers=1))
     with pytest.raises(ValueError, match="does not exist in BertForSequenceClassification"):
-        load_compressed_model(str(saved_model))
+        _load(saved_model)
 
 
 def test_weights_of_another_width_are_reported(saved_model):
     _edit_json(saved_model / "config.json", lambda d: d.update(hidden_size=48, num_attention_heads=2))
-    with pytest.raises(ValueError, match="do not fit the rebuilt model"):
-        load_compressed_model(str(saved_model))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        _load(saved_model)
+
+
+def test_folder_without_a_layout_is_not_a_compressed_model(tmp_path):
+    tiny_bert().save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="holds no rankdyna compression layout"):
+        read_compression_config(str(tmp_path))
+
+
+def test_layout_passed_for_a_dense_checkpoint_is_refused(tmp_path):
+    tiny_bert().save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="only describes a model saved in compressed form"):
+        BertForSequenceClassification.from_pretrained(str(tmp_path), quantization_config=LowRankCompressionConfig())

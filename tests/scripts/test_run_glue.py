@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForSequenceClassification
 
-from rankdyna_trainer import load_compressed_model, read_compression_config
+from rankdyna_trainer import read_compression_config
 from rankdyna_trainer.experiment.glue_data import load_glue
 from tests.wandb_records import history_rows, offline_run_files
 
@@ -57,6 +58,7 @@ def test_rankdyna_on_pair_task_trains_compresses_saves_and_evaluates(glue_dir, m
 
     evals = json.loads((out / "eval_results.json").read_text())
     assert 0.0 <= evals["eval_accuracy"] <= 1.0 and evals["eval_samples"] == 16
+    assert all(key.startswith("eval_") for key in evals), evals  # no training-time rankdyna/* or epoch values
 
     # The rank pattern ends within the budget, counted independently from the model's shapes.
     pattern = json.loads((out / "rank_pattern.json").read_text())
@@ -65,11 +67,11 @@ def test_rankdyna_on_pair_task_trains_compresses_saves_and_evaluates(glue_dir, m
     assert pattern["params"] <= pattern["budget_params"]
     assert len(pattern["ranks"]) == 36 and all(0 <= r <= 384 for r in pattern["ranks"].values())
 
-    # The saved compressed model holds that many weights in its targeted matrices.
-    model = load_compressed_model(str(out))
+    # The saved compressed model holds that many weights in its targeted matrices, and reloads natively.
+    model = AutoModelForSequenceClassification.from_pretrained(str(out))
     layout = read_compression_config(str(out))["modules"]
     stored = sum(p.numel() for name in layout for pname, p in model.get_submodule(name).named_parameters()
-                 if not pname.endswith("bias"))
+                 if pname != "bias")
     assert stored == results["compression"]["compressed_params"] <= pattern["budget_params"]
 
     # eval_results.json is the accuracy of the model on disk, recomputed here by hand.
@@ -171,31 +173,46 @@ def _argv(tmp_path, *extra):
     return ["--model_name_or_path", "minilm", "--do_train", "--output_dir", str(tmp_path / "out"), *extra]
 
 
+UsageError = run_glue.UsageError
+
+
 def test_unknown_task_name(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown GLUE task 'sst3'.*'sst2'"):
+    with pytest.raises(UsageError, match=r"^--task_name: Unknown GLUE task 'sst3'.*'sst2'"):
         run_glue.main(_argv(tmp_path, "--task_name", "sst3"))
 
 
 def test_budget_flag_without_rankdyna(tmp_path, glue_dir):
-    with pytest.raises(ValueError, match=r"--rankdyna_budget only take effect with --rankdyna"):
-        run_glue.main(_argv(tmp_path, "--task_name", "rte", "--glue_dir", glue_dir, "--rankdyna_budget", "0.5"))
+    with pytest.raises(UsageError, match=r"--rankdyna_budget only take effect with --rankdyna"):
+        run_glue.main(_argv(tmp_path, "--task_name", "rte", "--glue_dir", glue_dir, "--rankdyna_budget", "0.3"))
 
 
 def test_invalid_budget_with_rankdyna(tmp_path, glue_dir):
-    with pytest.raises(ValueError, match=r"target_budget must be in \(0, 1\], got 1.5"):
+    with pytest.raises(UsageError, match=r"^--rankdyna_budget must be in \(0, 1\], got 1.5"):
         run_glue.main(_argv(tmp_path, "--task_name", "rte", "--glue_dir", glue_dir, "--rankdyna",
                             "--rankdyna_budget", "1.5"))
 
 
+def test_invalid_initial_budget_names_both_flags(tmp_path, glue_dir):
+    expected = r"^--rankdyna_initial_budget must be in \[--rankdyna_budget, 1\] = \[0.5, 1\], got 0.3"
+    with pytest.raises(UsageError, match=expected):
+        run_glue.main(_argv(tmp_path, "--task_name", "rte", "--rankdyna", "--rankdyna_initial_budget", "0.3"))
+
+
+def test_invalid_baseline_budget(tmp_path):
+    with pytest.raises(UsageError, match=r"^--compression_budget must be in \(0, 1\], got 0.0"):
+        run_glue.main(_argv(tmp_path, "--task_name", "rte", "--compression_method", "svd", "--compression_budget",
+                            "0"))
+
+
 def test_missing_data_file(tmp_path):
     missing = tmp_path / "nope" / "train.tsv"
-    with pytest.raises(FileNotFoundError, match="GLUE rte file not found: .*nope/train.tsv"):
+    with pytest.raises(UsageError, match="^--train_file/--validation_file: GLUE rte file not found: .*nope/train.tsv"):
         run_glue.main(_argv(tmp_path, "--task_name", "rte", "--train_file", str(missing)))
 
 
 def test_glue_dir_without_the_task_folder(tmp_path, glue_dir):
     (tmp_path / "glue" / "SST-2").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"No RTE/ folder for GLUE rte in .*'SST-2'"):
+    with pytest.raises(UsageError, match=r"^--glue_dir: No RTE/ folder for GLUE rte in .*'SST-2'"):
         run_glue.main(_argv(tmp_path, "--task_name", "rte", "--glue_dir", str(tmp_path / "glue")))
 
 
@@ -203,22 +220,69 @@ def test_file_with_the_wrong_columns(tmp_path, glue_dir):
     sst2_as_rte = tmp_path / "train.tsv"
     shutil.copy(Path(glue_dir) / "SST-2" / "dev.tsv", sst2_as_rte)
     expected = r"lacks the columns \['sentence1', 'sentence2'\] that GLUE rte needs; it has \['sentence', 'label'\]"
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(UsageError, match=expected):
         run_glue.main(_argv(tmp_path, "--task_name", "rte", "--train_file", str(sst2_as_rte)))
 
 
 def test_rankdyna_without_training(tmp_path, glue_dir):
-    with pytest.raises(ValueError, match="--rankdyna compresses while training: add --do_train"):
+    with pytest.raises(UsageError, match="--rankdyna compresses while training: add --do_train"):
         run_glue.main(["--model_name_or_path", "minilm", "--task_name", "rte", "--rankdyna", "--do_eval",
                        "--output_dir", str(tmp_path)])
 
 
 def test_without_a_glue_folder_the_hub_is_asked(tmp_path, monkeypatch):
     monkeypatch.delenv("GLUE_DIR", raising=False)  # conftest sets HF offline, so the hub cannot answer
-    with pytest.raises(ConnectionError, match=r"nyu-mll/glue.*point --glue_dir \(or \$GLUE_DIR\)"):
+    with pytest.raises(UsageError, match=r"^--glue_dir \(not given.*nyu-mll/glue.*point --glue_dir \(or \$GLUE_DIR\)"):
         run_glue.main(_argv(tmp_path, "--task_name", "rte"))
 
 
 def test_nothing_to_do(tmp_path, glue_dir):
-    with pytest.raises(ValueError, match="Nothing to do"):
+    with pytest.raises(UsageError, match="Nothing to do"):
         run_glue.main(["--model_name_or_path", "minilm", "--task_name", "rte", "--output_dir", str(tmp_path)])
+
+
+def test_model_folder_that_does_not_exist(tmp_path, glue_dir):
+    with pytest.raises(UsageError, match="^--model_name_or_path: .*no-such-model"):
+        run_glue.main(["--model_name_or_path", str(tmp_path / "no-such-model"), "--task_name", "rte", "--glue_dir",
+                       glue_dir, "--do_eval", "--output_dir", str(tmp_path / "out")])
+
+
+# -- the command line itself: one line, exit code 2, no traceback; real defaults in --help ------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--task_name", "rte", "--compression_method", "fw-svd", "--do_train"],
+     "argument --compression_method/--compression-method: invalid choice: 'fw-svd'"),
+    (["--task_name", "rte", "--rankdyna", "--rankdyna_budget", "1.5", "--do_train"],
+     "--rankdyna_budget must be in (0, 1], got 1.5."),
+    (["--task_name", "rte", "--rankdyna_singular_value_signal", "hessian"],
+     "argument --rankdyna_singular_value_signal/--rankdyna-singular-value-signal: invalid choice: 'hessian'"),
+])
+def test_usage_errors_print_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    code = run_glue.cli(["--model_name_or_path", "minilm", "--output_dir", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"run_glue.py: error: {message}")
+
+
+def test_the_script_exits_2_without_a_traceback(tmp_path):
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "run_glue.py"), "--model_name_or_path",
+                             "minilm", "--task_name", "sst3", "--do_train", "--output_dir", str(tmp_path)],
+                            capture_output=True, text=True, cwd=str(tmp_path))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"run_glue.py: error: --task_name: Unknown GLUE task 'sst3'; choose one of "
+                     f"{sorted(run_glue.GLUE_TASKS)}."]
+
+
+def test_help_shows_the_real_defaults():
+    parser = run_glue._OneLineErrorParser(run_glue.ARGUMENT_CLASSES)
+    formatter = parser._get_formatter()
+    help_of = {action.option_strings[0]: " ".join(formatter._expand_help(action).split())
+               for action in parser._actions if action.option_strings and action.help}
+    ours = [f.name for cls in (run_glue.ModelArguments, run_glue.RankDynaArguments) for f in dataclasses.fields(cls)]
+    assert not [name for name in ours if "(default: None)" in help_of[f"--{name}"]]
+    for flag, default in (("--rankdyna_budget", "0.5"), ("--rankdyna_reallocation_interval", "10"),
+                          ("--rankdyna_singular_value_signal", "gate"), ("--compression_method", "dense")):
+        assert help_of[flag].endswith(f"(default: {default})"), help_of[flag]
+    assert "every linear layer of the model's repeated blocks" in help_of["--rankdyna_target_modules"]

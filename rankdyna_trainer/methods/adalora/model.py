@@ -10,7 +10,19 @@ from __future__ import annotations
 from peft import AdaLoraConfig, TaskType, get_peft_model
 from torch import nn
 
-from ...targets import default_target_modules
+from ...targets import default_target_names, find_target_linears, is_conv1d
+
+_TASK_TYPES = (("ForSequenceClassification", TaskType.SEQ_CLS), ("ForCausalLM", TaskType.CAUSAL_LM),
+               ("LMHeadModel", TaskType.CAUSAL_LM), ("ForConditionalGeneration", TaskType.SEQ_2_SEQ_LM),
+               ("ForSeq2SeqLM", TaskType.SEQ_2_SEQ_LM), ("ForTokenClassification", TaskType.TOKEN_CLS),
+               ("ForQuestionAnswering", TaskType.QUESTION_ANS))
+
+
+def peft_task_type(model: nn.Module) -> TaskType:
+    """peft's task type for a transformers head class (it decides which head peft keeps trainable); sequence
+    classification when the class name says nothing."""
+    name = type(model).__name__
+    return next((task for suffix, task in _TASK_TYPES if name.endswith(suffix)), TaskType.SEQ_CLS)
 
 
 def adalora_config(model: nn.Module, total_steps: int, target_rank: int = 8, init_rank: int = 12,
@@ -19,9 +31,12 @@ def adalora_config(model: nn.Module, total_steps: int, target_rank: int = 8, ini
     """AdaLoRA settings on the same schedule fractions and target matrices as RankDyna's defaults."""
     if total_steps is None or total_steps < 1:
         raise ValueError(f"AdaLoRA needs the number of optimizer steps up front (total_step), got {total_steps!r}.")
+    targets = target_modules or default_target_names(model)
+    # peft needs to be told that transformers' Conv1D (GPT-2) stores its weight transposed.
+    overrides.setdefault("fan_in_fan_out", any(is_conv1d(m) for m in find_target_linears(model, targets).values()))
     return AdaLoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        target_modules=target_modules or default_target_modules(model),
+        task_type=peft_task_type(model),
+        target_modules=targets,
         target_r=target_rank, init_r=init_rank,
         tinit=round(warmup_fraction * total_steps), tfinal=round(final_fraction * total_steps),
         deltaT=interval, total_step=total_steps, **overrides,

@@ -15,9 +15,11 @@ from ...factorize import (
     replace_with_kept_groups,
     svd_factorization,
     target_linears,
+    target_shapes,
+    target_weight,
 )
-from ..fwsvd.model import fwsvd_factorizations
 from ...targets import set_submodule
+from ..fwsvd.model import fwsvd_factorizations
 from .config import ARSConfig
 from .layer import (
     MaskedFactorizedLinear,
@@ -75,12 +77,12 @@ def compress_ars(model: nn.Module, config: ARSConfig, dataloader) -> dict[str, d
     """Replace the targeted layers of ``model`` (in place, a fine-tuned model) by the groups that learned
     masks keep, projected onto the budget with :func:`~rankdyna_trainer.budget.allocate_groups`."""
     layers = target_linears(model, config.target_modules)
-    shapes = [tuple(l.weight.shape) for l in layers.values()]
+    shapes = target_shapes(layers)
     if config.factorization == "fwsvd":
         fisher = fisher_information(model, dataloader, layers, config.max_fisher_batches)
         factorizations = fwsvd_factorizations(layers, fisher, config.fisher_floor)
     else:
-        factorizations = [svd_factorization(l.weight) for l in layers.values()]
+        factorizations = [svd_factorization(target_weight(l)) for l in layers.values()]
     masked = []
     for (name, linear), fact in zip(layers.items(), factorizations):
         layer = MaskedFactorizedLinear(fact, linear.bias).to(linear.weight.device)
@@ -94,4 +96,4 @@ def compress_ars(model: nn.Module, config: ARSConfig, dataloader) -> dict[str, d
     # Equal probabilities (e.g. saturated at 1) go to the larger singular group first.
     scores = [p.float().cpu() - 1e-6 * torch.arange(len(p)) / len(p) for p in probabilities]
     keep = allocate(scores, shapes, config.target_budget)
-    return replace_with_kept_groups(model, layers, factorizations, keep)
+    return replace_with_kept_groups(model, layers, factorizations, keep, "ars", config.to_dict())

@@ -16,6 +16,8 @@ from ...factorize import (
     fisher_information,
     replace_with_kept_groups,
     target_linears,
+    target_shapes,
+    target_weight,
     uniform_rank_scores,
 )
 from .config import FWSVDConfig
@@ -38,9 +40,9 @@ def row_weighted_error(weight: torch.Tensor, approx: torch.Tensor, row_weight: t
 
 
 def fwsvd_factorizations(
-    layers: dict[str, nn.Linear], fisher: dict[str, torch.Tensor], floor: float
+    layers: dict[str, nn.Module], fisher: dict[str, torch.Tensor], floor: float
 ) -> list[Factorization]:
-    return [fisher_weighted_factorization(l.weight, row_weights(fisher[n], floor)) for n, l in layers.items()]
+    return [fisher_weighted_factorization(target_weight(l), row_weights(fisher[n], floor)) for n, l in layers.items()]
 
 
 @torch.no_grad()
@@ -50,7 +52,7 @@ def compress_fwsvd(model: nn.Module, config: FWSVDConfig, dataloader) -> dict[st
     layers = target_linears(model, config.target_modules)
     with torch.enable_grad():
         fisher = fisher_information(model, dataloader, layers, config.max_fisher_batches)
-    shapes = [tuple(l.weight.shape) for l in layers.values()]
+    shapes = target_shapes(layers)
     factorizations = fwsvd_factorizations(layers, fisher, config.fisher_floor)
     keep = allocate(uniform_rank_scores(shapes), shapes, config.target_budget)
-    return replace_with_kept_groups(model, layers, factorizations, keep)
+    return replace_with_kept_groups(model, layers, factorizations, keep, "fwsvd", config.to_dict())

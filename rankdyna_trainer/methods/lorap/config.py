@@ -1,9 +1,27 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
+from torch import nn
+
 from ...budget import check_budget_fraction
+from ...targets import unwrap_model
+
+ROLES = ("qk_modules", "vo_modules", "ffn_in_modules", "ffn_out_modules")
+_LLAMA_ROLES = {"qk_modules": ["q_proj", "k_proj"], "vo_modules": ["v_proj", "o_proj"],
+                "ffn_in_modules": ["gate_proj", "up_proj"], "ffn_out_modules": ["down_proj"]}
+_BERT_ROLES = {"qk_modules": ["attention.self.query", "attention.self.key"],
+               "vo_modules": ["attention.self.value", "attention.output.dense"],
+               "ffn_in_modules": ["intermediate.dense"], "ffn_out_modules": ["output.dense"]}
+# Which matrices play which part in LoRAP is a naming question that the block structure does not answer, so it
+# is a table per architecture. GPT-2's fused c_attn (query, key and value in one matrix) takes the Q/K role.
+LORAP_MODULE_ROLES: dict[str, dict[str, list[str]]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3"), _LLAMA_ROLES),
+    **dict.fromkeys(("bert", "roberta"), _BERT_ROLES),
+    "gpt2": {"qk_modules": ["attn.c_attn"], "vo_modules": ["attn.c_proj"], "ffn_in_modules": ["mlp.c_fc"],
+             "ffn_out_modules": ["mlp.c_proj"]},
+}
 
 
 @dataclass
@@ -25,11 +43,15 @@ class LowRankSVDConfig:
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
-        metadata={"help": "Module-name suffixes (list) or a full-name regex; None: architecture defaults."},
+        metadata={"help": "Module-name suffixes (list) or a full-name regex; None: the linear layers of the "
+                  "repeated blocks."},
     )
 
     def __post_init__(self):
         check_budget_fraction(self.target_budget)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -45,21 +67,24 @@ class LoRAPConfig:
         metadata={"help": "Parameters kept, as a fraction of the dense parameters of the targeted matrices, "
                   "in (0, 1]."},
     )
-    qk_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj"],
-        metadata={"help": "Name suffixes of the query/key projections (the more low-rank matrices)."},
+    qk_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Name suffixes of the query/key projections (the more low-rank matrices). None, for all four "
+                  "role lists: the table LORAP_MODULE_ROLES for the model's type."},
     )
-    vo_modules: list[str] = field(
-        default_factory=lambda: ["v_proj", "o_proj"],
-        metadata={"help": "Name suffixes of the value/output projections (given more rank)."},
+    vo_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Name suffixes of the value/output projections (given more rank)."}
     )
-    ffn_in_modules: list[str] = field(
-        default_factory=lambda: ["gate_proj", "up_proj"],
-        metadata={"help": "Name suffixes of the FFN layers whose output rows are the pruned channels."},
+    ffn_in_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Name suffixes of the FFN layers whose output rows are the pruned channels."}
     )
-    ffn_out_modules: list[str] = field(
-        default_factory=lambda: ["down_proj"],
-        metadata={"help": "Name suffixes of the FFN layers whose input columns are the pruned channels."},
+    ffn_out_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Name suffixes of the FFN layers whose input columns are the pruned channels."}
+    )
+    max_calibration_batches: int = field(
+        default=8,
+        metadata={"help": "Batches of the dataloader used as calibration data when LoRAP runs through the method "
+                  "registry (rankdyna_trainer.methods); >= 1."},
     )
     vo_rank_ratio: float = field(
         default=2.0,
@@ -79,10 +104,26 @@ class LoRAPConfig:
                              f"got {self.vo_rank_ratio}.")
         if not 0.0 <= self.protected_fraction < 1.0:
             raise ValueError(f"protected_fraction must be in [0, 1), got {self.protected_fraction}.")
-        for name in ("qk_modules", "vo_modules", "ffn_in_modules", "ffn_out_modules"):
+        given = [name for name in ROLES if getattr(self, name) is not None]
+        if given and len(given) < len(ROLES):
+            raise ValueError(f"Pass all of {list(ROLES)} or none of them (the table for the model's type); got only "
+                             f"{given}.")
+        for name in given:
             if not getattr(self, name):
                 raise ValueError(f"{name} must name at least one module suffix.")
+        if not isinstance(self.max_calibration_batches, int) or self.max_calibration_batches < 1:
+            raise ValueError(f"max_calibration_batches must be an integer >= 1, got {self.max_calibration_batches!r}.")
 
-    @property
-    def target_modules(self) -> list[str]:
-        return [*self.qk_modules, *self.vo_modules, *self.ffn_in_modules, *self.ffn_out_modules]
+    def module_roles(self, model: nn.Module) -> dict[str, list[str]]:
+        """Role -> name suffixes: the ones given, or the table entry for the model's type."""
+        if self.qk_modules is not None:
+            return {name: list(getattr(self, name)) for name in ROLES}
+        model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
+        if model_type not in LORAP_MODULE_ROLES:
+            raise ValueError(f"LoRAP has no module roles for model_type={model_type!r}; pass qk_modules, vo_modules, "
+                             f"ffn_in_modules and ffn_out_modules (name suffixes). Tables exist for: "
+                             f"{sorted(LORAP_MODULE_ROLES)}.")
+        return {name: list(suffixes) for name, suffixes in LORAP_MODULE_ROLES[model_type].items()}
+
+    def to_dict(self) -> dict:
+        return asdict(self)

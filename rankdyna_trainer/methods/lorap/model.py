@@ -9,11 +9,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import matrix_cost
-from ...export import describe_module, factorized_or_dense
+from ...export import dense_layer, describe_module, factorized_or_dense
 from ...factorize import svd_factorization
-from ...targets import find_target_linears, set_submodule
+from ...quantizer import record_compression
+from ...targets import find_target_linears, is_conv1d, linear_shape, linear_weight, set_submodule, unwrap_model
 from .calibration import blockwise
-from .config import LoRAPConfig, LowRankSVDConfig
+from .config import ROLES, LoRAPConfig, LowRankSVDConfig
 
 
 def uniform_rank(budget_fraction: float, out_features: int, in_features: int) -> int:
@@ -34,17 +35,18 @@ def svd_factors(weight: torch.Tensor, rank: int, input_rms: torch.Tensor | None 
 
 def _replace_by_factors(model: nn.Module, name: str, rank: int, input_rms: torch.Tensor | None) -> None:
     linear = model.get_submodule(name)
-    left, right = svd_factors(linear.weight, rank, input_rms)
+    left, right = svd_factors(linear_weight(linear), rank, input_rms)
     bias = linear.bias.detach() if linear.bias is not None else None
-    set_submodule(model, name, factorized_or_dense(left, right, bias))
+    set_submodule(model, name, factorized_or_dense(left, right, bias, conv1d=is_conv1d(linear)))
 
 
 @torch.no_grad()
 def compress_svd(model: nn.Module, config: LowRankSVDConfig,
                  calibration_batches: list[dict[str, torch.Tensor]] | None = None) -> dict[str, dict]:
     """Factorize every targeted matrix (in place) at the uniform budget; returns the export layout."""
+    model = unwrap_model(model)
     targets = find_target_linears(model, config.target_modules)
-    ranks = {n: uniform_rank(config.target_budget, l.out_features, l.in_features) for n, l in targets.items()}
+    ranks = {n: uniform_rank(config.target_budget, *linear_shape(l)) for n, l in targets.items()}
     if config.activation_weighted:
         if not calibration_batches:
             raise ValueError("activation_weighted=True needs calibration_batches (token-id batches of sample text).")
@@ -57,7 +59,9 @@ def compress_svd(model: nn.Module, config: LowRankSVDConfig,
     else:
         for n in tqdm(targets, desc="SVD", disable=len(targets) < 50):
             _replace_by_factors(model, n, ranks[n], None)
-    return {n: describe_module(model.get_submodule(n)) for n in targets}
+    modules = {n: describe_module(model.get_submodule(n)) for n in targets}
+    method = "activation_weighted_svd" if config.activation_weighted else "uniform_svd"
+    return record_compression(model, modules, method, config.to_dict())
 
 
 def attention_ranks(shapes: dict[str, tuple[int, int]], weights: dict[str, float],
@@ -82,8 +86,8 @@ def ffn_channel_scores(ffn_in: list[nn.Linear], ffn_out: list[nn.Linear], in_rms
                        out_rms: list[torch.Tensor]) -> torch.Tensor:
     """Activation-weighted magnitude of each intermediate channel: ``sum |W_ij| * rms(x_j)`` over every weight
     that reads from or writes to the channel (gradient-free, Wanda-style)."""
-    score = sum((l.weight.abs().float() * rms[None, :]).sum(dim=1) for l, rms in zip(ffn_in, in_rms))
-    return score + sum(l.weight.abs().float().sum(dim=0) * rms for l, rms in zip(ffn_out, out_rms))
+    score = sum((linear_weight(l).abs().float() * rms[None, :]).sum(dim=1) for l, rms in zip(ffn_in, in_rms))
+    return score + sum(linear_weight(l).abs().float().sum(dim=0) * rms for l, rms in zip(ffn_out, out_rms))
 
 
 def channels_to_keep(scores: torch.Tensor, keep: int, protected_fraction: float) -> torch.Tensor:
@@ -96,27 +100,28 @@ def channels_to_keep(scores: torch.Tensor, keep: int, protected_fraction: float)
     return kept.sort().values
 
 
-def _sliced_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
-    weight = linear.weight.detach().index_select(dim, index)
-    bias = linear.bias
+def _sliced_linear(linear: nn.Module, index: torch.Tensor, dim: int) -> nn.Module:
+    """The layer with only the ``index`` rows (``dim=0``, outputs) or columns (``dim=1``, inputs) of its
+    ``out x in`` weight; same module type (``nn.Linear`` or ``Conv1D``)."""
+    weight = linear_weight(linear).detach().index_select(dim, index)
+    bias = linear.bias.detach() if linear.bias is not None else None
     if bias is not None and dim == 0:
-        bias = bias.detach().index_select(0, index)
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    new.weight.copy_(weight)
-    if bias is not None:
-        new.bias.copy_(bias)
-    return new
+        bias = bias.index_select(0, index)
+    return dense_layer(weight, bias, conv1d=is_conv1d(linear))
 
 
 @torch.no_grad()
 def compress_lorap(model: nn.Module, config: LoRAPConfig,
                    calibration_batches: list[dict[str, torch.Tensor]]) -> dict[str, dict]:
     """LoRAP in place, block by block; returns the export layout (FFN layers become smaller ``nn.Linear``)."""
-    targets = find_target_linears(model, config.target_modules)
+    model = unwrap_model(model)
+    roles_by_kind = config.module_roles(model)
+    targets = find_target_linears(model, [s for kind in ROLES for s in roles_by_kind[kind]])
 
     def role(name: str) -> str:
-        for kind in ("qk_modules", "vo_modules", "ffn_in_modules", "ffn_out_modules"):
-            if any(name == s or name.endswith("." + s) for s in getattr(config, kind)):
+        # In order: BERT's `output.dense` suffix also matches the attention output, which is a V/O matrix.
+        for kind in ROLES:
+            if any(name == s or name.endswith("." + s) for s in roles_by_kind[kind]):
                 return kind
         raise AssertionError(name)
 
@@ -124,7 +129,7 @@ def compress_lorap(model: nn.Module, config: LoRAPConfig,
         roles = {n: role(n) for n in names}
         attention = [n for n in names if roles[n] in ("qk_modules", "vo_modules")]
         if attention:
-            shapes = {n: (targets[n].out_features, targets[n].in_features) for n in attention}
+            shapes = {n: linear_shape(targets[n]) for n in attention}
             weights = {n: config.vo_rank_ratio if roles[n] == "vo_modules" else 1.0 for n in attention}
             budget = config.target_budget * sum(m * k for m, k in shapes.values())
             for n, rank in attention_ranks(shapes, weights, budget).items():
@@ -132,7 +137,7 @@ def compress_lorap(model: nn.Module, config: LoRAPConfig,
         ffn_in = [n for n in names if roles[n] == "ffn_in_modules"]
         ffn_out = [n for n in names if roles[n] == "ffn_out_modules"]
         if ffn_in or ffn_out:
-            widths = {targets[n].out_features for n in ffn_in} | {targets[n].in_features for n in ffn_out}
+            widths = {linear_shape(targets[n])[0] for n in ffn_in} | {linear_shape(targets[n])[1] for n in ffn_out}
             if len(widths) != 1 or not ffn_in or not ffn_out:
                 raise ValueError(f"FFN of {block!r} must have input layers ({ffn_in}) and output layers ({ffn_out}) "
                                  f"that agree on one intermediate width, got widths {sorted(widths)}.")
@@ -147,4 +152,5 @@ def compress_lorap(model: nn.Module, config: LoRAPConfig,
                 set_submodule(model, n, _sliced_linear(targets[n], keep, dim=1))
 
     blockwise(model, targets, calibration_batches, compress_block, desc="LoRAP")
-    return {n: describe_module(model.get_submodule(n)) for n in targets}
+    modules = {n: describe_module(model.get_submodule(n)) for n in targets}
+    return record_compression(model, modules, "lorap", config.to_dict())

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 from ...budget import check_budget_fraction
@@ -25,7 +25,8 @@ class MPOConfig:
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
-        metadata={"help": "Module-name suffixes (list) or a full-name regex; None: architecture defaults."},
+        metadata={"help": "Module-name suffixes (list) or a full-name regex; None: the linear layers of the "
+                  "repeated blocks."},
     )
     train_central: bool = field(
         default=False,
@@ -37,3 +38,6 @@ class MPOConfig:
         check_budget_fraction(self.target_budget)
         if not isinstance(self.num_tensors, int) or self.num_tensors < 3 or self.num_tensors % 2 == 0:
             raise ValueError(f"num_tensors must be an odd integer >= 3 (one central tensor), got {self.num_tensors!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

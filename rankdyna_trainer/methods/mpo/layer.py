@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 def balanced_factors(n: int, count: int) -> list[int]:
@@ -111,26 +112,41 @@ class MPOLinear(nn.Module):
 
     ``tensors[center]`` is the central tensor; the others are auxiliary. The weight is contracted once per
     forward (the tensors are small), then applied as an ordinary matrix multiply.
+
+    The central tensor is stored under the dense layer's parameter name ``weight`` (the auxiliary ones in
+    ``auxiliary``): its 4-d shape differs from the dense weight's, so in a process where rankdyna_trainer is not
+    imported transformers' loader stops with a size mismatch instead of initialising the layer at random.
     """
 
     def __init__(self, tensors: list[torch.Tensor], bias: torch.Tensor | None):
         super().__init__()
         if len(tensors) < 3 or len(tensors) % 2 == 0:
             raise ValueError(f"An MPO needs an odd number (>= 3) of local tensors, got {len(tensors)}.")
-        self.tensors = nn.ParameterList([nn.Parameter(t) for t in tensors])
+        center = len(tensors) // 2
+        self.weight = nn.Parameter(tensors[center])
+        self.auxiliary = nn.ParameterList([nn.Parameter(t) for k, t in enumerate(tensors) if k != center])
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.out_features = math.prod(t.shape[1] for t in tensors)
         self.in_features = math.prod(t.shape[2] for t in tensors)
 
     @property
     def center(self) -> int:
-        return len(self.tensors) // 2
+        return len(self.auxiliary) // 2
+
+    @property
+    def tensors(self) -> list[nn.Parameter]:
+        """The local tensors in chain order (``tensors[center]`` is ``weight``)."""
+        aux = list(self.auxiliary)
+        return [*aux[: self.center], self.weight, *aux[self.center :]]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, num_tensors: int = 3, max_bond: int | None = None) -> "MPOLinear":
-        out_factors = balanced_factors(linear.out_features, num_tensors)
-        in_factors = balanced_factors(linear.in_features, num_tensors)
-        tensors = mpo_decompose(linear.weight, out_factors, in_factors, max_bond)
+    def from_linear(cls, linear: nn.Module, num_tensors: int = 3, max_bond: int | None = None) -> "MPOLinear":
+        """From an ``nn.Linear`` or a transformers ``Conv1D`` (whose weight is stored transposed)."""
+        weight = linear.weight.T if isinstance(linear, Conv1D) else linear.weight
+        out_features, in_features = weight.shape
+        out_factors = balanced_factors(out_features, num_tensors)
+        in_factors = balanced_factors(in_features, num_tensors)
+        tensors = mpo_decompose(weight, out_factors, in_factors, max_bond)
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         return cls(tensors, bias)
 
@@ -141,13 +157,13 @@ class MPOLinear(nn.Module):
         return cls(tensors, torch.zeros(out_features) if bias else None)
 
     def auxiliary_tensors(self) -> list[nn.Parameter]:
-        return [t for k, t in enumerate(self.tensors) if k != self.center]
+        return list(self.auxiliary)
 
-    def weight(self) -> torch.Tensor:
-        return mpo_contract(list(self.tensors))
+    def dense_weight(self) -> torch.Tensor:
+        return mpo_contract(self.tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight(), self.bias)
+        return F.linear(x, self.dense_weight(), self.bias)
 
     def num_params(self) -> int:
         return sum(t.numel() for t in self.tensors)

@@ -24,9 +24,9 @@ class RankDynaConfig(PeftConfigMixin):
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={
-            "help": "Module-name suffixes (list) or a full-name regex (str) of the nn.Linear layers to factorize. "
-            "None uses the defaults for the model's architecture (BERT-like: attention and FFN projections; "
-            "LLaMA-like: q/k/v/o and gate/up/down projections)."
+            "help": "Module-name suffixes (list) or a full-name regex (str) of the nn.Linear / transformers Conv1D "
+            "layers to factorize. None: every such layer inside the model's repeated blocks (attention and FFN "
+            "projections; see rankdyna_trainer.targets)."
         },
     )
     target_budget: float = field(

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 FACTOR_SCALINGS = ("none", "matrix", "group")
 
@@ -60,6 +61,9 @@ class SVDLinear(nn.Module):
     ``element_statistics`` (the ``sensitivity`` importance needs them; the ``fisher`` one does not).
     """
 
+    # Set for a layer made from a transformers Conv1D, so that a dense export restores that module type.
+    exports_as_conv1d = False
+
     def __init__(self, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None,
                  factor_scale: torch.Tensor | None = None, element_statistics: bool = True):
         super().__init__()
@@ -79,17 +83,21 @@ class SVDLinear(nn.Module):
             self.register_buffer(f"uncertainty_{part}", torch.zeros_like(like))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int | None = None, factor_scaling: str = "none",
+    def from_linear(cls, linear: nn.Linear | Conv1D, rank: int | None = None, factor_scaling: str = "none",
                     element_statistics: bool = True) -> "SVDLinear":
         weight = linear.weight.detach()
+        if isinstance(linear, Conv1D):  # GPT-2's Conv1D stores the weight as in x out
+            weight = weight.T
         U, s, Vh = (t.to(weight.device) for t in torch.linalg.svd(_on_accelerator(weight.float()), full_matrices=False))
         scale = factor_step_scale(s, weight.shape[0], weight.shape[1], factor_scaling)
         if rank is not None:
             U, s, Vh, scale = U[:, :rank], s[:rank], Vh[:rank], scale[:rank]
         dtype = weight.dtype
         bias = linear.bias.detach().clone() if linear.bias is not None else None
-        return cls(U.to(dtype).contiguous(), s.to(dtype), Vh.to(dtype).contiguous(), bias, scale,
-                   element_statistics)
+        layer = cls(U.to(dtype).contiguous(), s.to(dtype), Vh.to(dtype).contiguous(), bias, scale,
+                    element_statistics)
+        layer.exports_as_conv1d = isinstance(linear, Conv1D)
+        return layer
 
     @property
     def max_rank(self) -> int:
@@ -122,6 +130,13 @@ class SVDLinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         return (self.left() * (self.s * self.gate)) @ self.right()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``out x in`` weight the gates currently keep, detached: for code that reads ``.weight``
+        (T5's feed-forward reads ``wo.weight.dtype``). Training goes through ``forward``, never through this."""
+        with torch.no_grad():
+            return self.effective_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s_eff = self.s * self._gate()

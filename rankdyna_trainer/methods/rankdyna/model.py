@@ -7,13 +7,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import matrix_cost
-from ...targets import find_target_linears, set_submodule
+from ...targets import find_target_linears, set_submodule, unwrap_model
 from .config import RankDynaConfig
 from .layer import SVDLinear
 
 
 def prepare_model(model: nn.Module, config: RankDynaConfig) -> nn.Module:
-    """Replace every targeted ``nn.Linear`` of ``model`` (in place) by an :class:`SVDLinear` of its weight."""
+    """Replace every targeted ``nn.Linear``/``Conv1D`` of ``model`` (in place) by an :class:`SVDLinear` of its weight.
+
+    ``model`` may be wrapped by ``torch.compile``; the returned object is the one passed in.
+    """
+    wrapper, model = model, unwrap_model(model)
     if svd_layers(model):
         raise ValueError("The model already holds SVDLinear layers; prepare_model must be called once per model.")
     targets = find_target_linears(model, config.target_modules)
@@ -24,7 +28,7 @@ def prepare_model(model: nn.Module, config: RankDynaConfig) -> nn.Module:
             set_submodule(model, name, layer)
     model.rankdyna_config = config
     _keep_buffers_out_of_ddp(model)
-    return model
+    return wrapper
 
 
 def _keep_buffers_out_of_ddp(model: nn.Module) -> None:
@@ -45,7 +49,7 @@ def _keep_buffers_out_of_ddp(model: nn.Module) -> None:
 
 
 def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, SVDLinear)}
+    return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, SVDLinear)}
 
 
 def dense_params(layers: list[SVDLinear]) -> int:
@@ -81,9 +85,13 @@ def pruned_away(ranks: dict[str, int]) -> tuple[list[str], list[str]]:
 @torch.no_grad()
 def export_model(model: nn.Module) -> dict[str, dict]:
     """Replace every SVDLinear (in place) by its kept groups as ``Linear(n, r) -> Linear(r, m)``, or by a dense
-    ``Linear`` where that is no larger. Returns the module layout for :func:`save_compressed_model`."""
+    ``Linear`` (``Conv1D`` where the model had one) where that is no larger. Returns the module layout, which is
+    also recorded on ``model.config`` so that ``model.save_pretrained`` writes a model ``from_pretrained`` reloads.
+    ``model`` may be wrapped by ``torch.compile``: names are those of the model inside."""
     from ...export import describe_module, factorized_or_dense
+    from ...quantizer import record_compression
 
+    model = unwrap_model(model)
     modules = {}
     for name, layer in svd_layers(model).items():
         keep = layer.gate.bool()
@@ -93,9 +101,11 @@ def export_model(model: nn.Module) -> dict[str, dict]:
         left = layer.left()[:, keep] * (root * s.sign())
         right = root[:, None] * layer.right()[keep]
         bias = layer.bias.detach() if layer.bias is not None else None
-        exported = factorized_or_dense(left.detach(), right.detach(), bias)
+        exported = factorized_or_dense(left.detach(), right.detach(), bias, conv1d=layer.exports_as_conv1d)
         set_submodule(model, name, exported)
         modules[name] = describe_module(exported)
-    if hasattr(model, "rankdyna_config"):
+    config = getattr(model, "rankdyna_config", None)
+    record_compression(model, modules, "rankdyna", config.to_dict() if config is not None else None)
+    if config is not None:
         del model.rankdyna_config
     return modules

@@ -12,8 +12,8 @@ class SVDConfig:
 
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
-        metadata={"help": "Module-name suffixes (list) or a full-name regex (str) of the nn.Linear layers to "
-                  "factorize; None uses the architecture's defaults (as RankDyna does)."},
+        metadata={"help": "Module-name suffixes (list) or a full-name regex (str) of the nn.Linear / Conv1D "
+                  "layers to factorize; None: those of the model's repeated blocks (as RankDyna does)."},
     )
     target_budget: float = field(
         default=0.5,

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...factorize import allocate, replace_with_kept_groups, svd_factorization, target_linears, uniform_rank_scores
+from ...factorize import (
+    allocate,
+    replace_with_kept_groups,
+    svd_factorization,
+    target_linears,
+    target_shapes,
+    target_weight,
+    uniform_rank_scores,
+)
 from .config import SVDConfig
 
 
@@ -16,7 +24,7 @@ def compress_svd(model: nn.Module, config: SVDConfig, dataloader=None) -> dict[s
     ``dataloader`` is accepted for a uniform signature with the data-aware methods and is not used.
     """
     layers = target_linears(model, config.target_modules)
-    shapes = [tuple(l.weight.shape) for l in layers.values()]
-    factorizations = [svd_factorization(l.weight) for l in layers.values()]
+    shapes = target_shapes(layers)
+    factorizations = [svd_factorization(target_weight(l)) for l in layers.values()]
     keep = allocate(uniform_rank_scores(shapes), shapes, config.target_budget)
-    return replace_with_kept_groups(model, layers, factorizations, keep)
+    return replace_with_kept_groups(model, layers, factorizations, keep, "svd", config.to_dict())

@@ -19,8 +19,11 @@ from ...factorize import (
     replace_with_kept_groups,
     svd_factorization,
     target_linears,
+    target_shapes,
+    target_weight,
     uniform_rank_scores,
 )
+from ...quantizer import record_compression
 from ..fwsvd.model import fisher_weighted_factorization, row_weights
 from .config import TFWSVDConfig
 
@@ -98,22 +101,23 @@ def compress_tfwsvd(model: nn.Module, config: TFWSVDConfig, dataloader) -> dict[
     layers = target_linears(model, config.target_modules)
     with torch.enable_grad():
         fisher = fisher_information(model, dataloader, layers, config.max_fisher_batches)
-    shapes = [tuple(l.weight.shape) for l in layers.values()]
+    shapes = target_shapes(layers)
     keep = allocate(uniform_rank_scores(shapes), shapes, config.target_budget)
     factorizations, risks = [], []
     for (name, linear), kept in tqdm(list(zip(layers.items(), keep)), desc="Weighted low-rank (ALS)"):
         F = fisher[name] + config.fisher_floor * fisher[name].mean()
-        start = fisher_weighted_factorization(linear.weight, row_weights(fisher[name], config.fisher_floor))
+        weight = target_weight(linear)
+        start = fisher_weighted_factorization(weight, row_weights(fisher[name], config.fisher_floor))
         rank = int(kept.sum())
         left, right = start.factors(torch.arange(len(kept)) < rank)
         if rank > 0:
-            left, right = weighted_low_rank(linear.weight, F, left, right, config.als_iterations, config.ridge,
+            left, right = weighted_low_rank(weight, F, left, right, config.als_iterations, config.ridge,
                                             config.row_chunk)
         fact = factorization_of_product(left, right) if rank > 0 else start
         factorizations.append(fact)
-        risks.append(svd_risk(linear.weight, F, rank, left @ right))
+        risks.append(svd_risk(weight, F, rank, left @ right))
     ranked = [torch.arange(len(f.s)) < int(k.sum()) for f, k in zip(factorizations, keep)]
-    modules = replace_with_kept_groups(model, layers, factorizations, ranked)
+    modules = replace_with_kept_groups(model, layers, factorizations, ranked, "tfwsvd", config.to_dict())
     for entry, risk in zip(modules.values(), risks):
         entry["diagnostics"] = risk
-    return modules
+    return record_compression(model, modules, "tfwsvd", config.to_dict())

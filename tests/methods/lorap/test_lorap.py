@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from rankdyna_trainer.budget import matrix_cost
-from rankdyna_trainer.export import LowRankLinear, exported_params, load_compressed_model, save_compressed_model
+from rankdyna_trainer.export import LowRankLinear, exported_params
 from rankdyna_trainer.methods.lorap import (
     LoRAPConfig,
     LowRankSVDConfig,
@@ -17,6 +17,7 @@ from rankdyna_trainer.methods.lorap import (
     uniform_rank,
 )
 from rankdyna_trainer.methods.lorap.calibration import blockwise
+from rankdyna_trainer.quantizer import load_compressed_model, save_compressed_model
 from rankdyna_trainer.targets import find_target_linears
 from tests.conftest import tiny_llama
 

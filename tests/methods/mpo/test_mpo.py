@@ -6,7 +6,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from rankdyna_trainer.export import exported_params, load_compressed_model, save_compressed_model
+from rankdyna_trainer.export import exported_params
 from rankdyna_trainer.methods.mpo import (
     MPOConfig,
     MPOLinear,
@@ -20,6 +20,7 @@ from rankdyna_trainer.methods.mpo import (
     mpo_params,
     prepare_mpo,
 )
+from rankdyna_trainer.quantizer import load_compressed_model, save_compressed_model
 from rankdyna_trainer.targets import find_target_linears
 from tests.conftest import tiny_llama
 

@@ -1,15 +1,15 @@
 """RankDyna end to end on a decoder-only (LLaMA) model: causal-LM training through the real Trainer."""
 
 import json
-import os
 
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from rankdyna_trainer import RankDynaCallback, RankDynaConfig, export_model, prepare_model
-from rankdyna_trainer.export import exported_params, load_compressed_model, save_compressed_model
+from rankdyna_trainer.export import exported_params
 from rankdyna_trainer.methods.rankdyna import svd_layers
+from rankdyna_trainer.quantizer import read_compression_config
 from rankdyna_trainer.targets import find_target_linears
 from tests.conftest import tiny_llama
 
@@ -42,9 +42,9 @@ def test_causal_lm_training_meets_budget_exports_and_reloads(tmp_path):
     assert not svd_layers(model)
     assert sum(exported_params(e) for e in modules.values()) == pattern["params"]
 
-    save_compressed_model(model, str(tmp_path / "saved"), modules, "rankdyna", config.to_dict())
-    reloaded = load_compressed_model(str(tmp_path / "saved"))
-    assert os.path.isfile(tmp_path / "saved" / "compression_config.json")
+    model.save_pretrained(str(tmp_path / "saved"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
+    assert read_compression_config(str(tmp_path / "saved"))["method_config"]["target_budget"] == 0.4
     probe = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=probe).logits, model.eval()(input_ids=probe).logits)

@@ -30,7 +30,7 @@ def test_each_layer_is_the_truncated_svd_of_its_weight():
         U, s, Vh = torch.linalg.svd(weight.double())
         r = layer.rank
         expected = (U[:, :r] * s[:r]) @ Vh[:r]
-        torch.testing.assert_close((layer.up.weight @ layer.down.weight).double(), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close((layer.weight @ layer.down.weight).double(), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_bad_budget_is_rejected():

@@ -4,9 +4,9 @@ import torch
 
 from rankdyna_trainer.factorize import fisher_information
 from rankdyna_trainer.methods.fwsvd import fisher_weighted_factorization, row_weights
-from rankdyna_trainer.targets import find_target_linears
 from rankdyna_trainer.methods.tfwsvd import TFWSVDConfig, compress_tfwsvd, weighted_error, weighted_low_rank
 from rankdyna_trainer.methods.tfwsvd.model import _solve_rows
+from rankdyna_trainer.targets import find_target_linears
 
 from ...compression_checks import (
     assert_budget_met,
@@ -56,6 +56,6 @@ def test_budget_met_reload_and_diagnostics(budget, tmp_path):
         W, F = layers[name].weight.detach(), fisher[name]
         fw = fisher_weighted_factorization(W, row_weights(F)).weight(torch.arange(min(W.shape)) < risk["rank"])
         layer = model.get_submodule(name)
-        exported = layer.up.weight @ layer.down.weight
+        exported = layer.weight @ layer.down.weight
         assert weighted_error(W, exported, F) <= weighted_error(W, fw, F) * (1 + 1e-4)
     assert_reloads_identically(model, modules, "tfwsvd", tmp_path)
