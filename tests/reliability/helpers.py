@@ -11,7 +11,10 @@ from tests.conftest import random_classification_dataset, tiny_bert
 
 def small_config(**overrides) -> RankDynaConfig:
     """A schedule that prunes within a 20-step run: 2 warm-up steps, reallocation every 2 steps, 4 final steps."""
-    settings = dict(target_budget=0.3, warmup_fraction=0.1, final_fraction=0.2, reallocation_interval=2)
+    # The element-wise 'sensitivity' statistics are the most state a fault can corrupt, so these tests use them;
+    # tests/methods/rankdyna/test_importance.py covers the default 'fisher' score.
+    settings = dict(target_budget=0.3, warmup_fraction=0.1, final_fraction=0.2, reallocation_interval=2,
+                    importance="sensitivity")
     settings.update(overrides)
     return RankDynaConfig(**settings)
 

@@ -77,7 +77,7 @@ class SVDLinear(nn.Module):
         self.register_buffer("gate", torch.ones_like(s))
         self.register_buffer("gate_grad", torch.zeros_like(s), persistent=False)
         self.register_buffer("gate_fisher", torch.zeros_like(s))
-        parts = (("U", U), ("V", V), ("gate", s)) if element_statistics else (("gate", s),)
+        parts = (("U", U), ("V", V), ("gate", s)) if element_statistics else ()
         for part, like in parts:
             self.register_buffer(f"sensitivity_{part}", torch.zeros_like(like))
             self.register_buffer(f"uncertainty_{part}", torch.zeros_like(like))

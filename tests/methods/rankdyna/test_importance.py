@@ -93,3 +93,19 @@ def test_adalora_signal_scores_masked_groups_by_their_vectors_only():
 def test_unknown_singular_value_signal_is_refused():
     with pytest.raises(ValueError, match="singular_value_signal must be one of"):
         SingularGroupScores(_layers_with_grads(0), singular_value_signal="hessian")
+
+
+def test_fisher_importance_is_the_smoothed_squared_gate_gradient_and_skips_non_finite_steps():
+    from rankdyna_trainer.methods.rankdyna import SingularGroupScores, SVDLinear
+
+    torch.manual_seed(0)
+    layer = SVDLinear.from_linear(torch.nn.Linear(6, 5), element_statistics=False)
+    assert not hasattr(layer, "sensitivity_U")  # no element-wise state: the fisher score does not need it
+    scores = SingularGroupScores([layer], beta1=0.5, importance="fisher")
+    layer(torch.randn(3, 6)).pow(2).sum().backward()
+    grad = layer.gate_grad.clone()
+    assert scores.update()
+    torch.testing.assert_close(layer.gate_fisher, 0.5 * grad ** 2)
+    layer.gate_grad[0] = float("nan")
+    assert not scores.update() and scores.skipped_steps == 1
+    torch.testing.assert_close(scores.group_scores()[0], 0.5 * grad ** 2)
