@@ -4,8 +4,9 @@ Two kinds of method:
 
 * **in-training** (``dense``, ``rankdyna``, ``adalora``): ``prepare`` the pre-trained model, train it with the
   returned callbacks, then ``export`` it: one fine-tuning run.
-* **post-hoc** (``svd``, ``fwsvd``, ``tfwsvd``, ``ars``): ``compress`` a model already fine-tuned on the task,
-  given a dataloader of labelled task batches, then fine-tune the factorized model again: two runs.
+* **post-hoc** (``svd``, ``fwsvd``, ``tfwsvd``, ``ars``, ``svdllm``): ``compress`` a model already fine-tuned on
+  the task, given a dataloader of task batches (labelled; ``svdllm`` only reads their inputs, as calibration
+  data), then fine-tune the factorized model again: two runs.
 
 Either way the result is a model plus the module layout that
 :func:`~rankdyna_trainer.export.save_compressed_model` takes.
@@ -29,6 +30,7 @@ from .ars import ARSConfig, compress_ars
 from .fwsvd import FWSVDConfig, compress_fwsvd
 from .rankdyna import RankDynaCallback, RankDynaConfig, export_model, prepare_model
 from .svd import SVDConfig, compress_svd
+from .svdllm import SVDLLMConfig, compress_svdllm
 from .tfwsvd import TFWSVDConfig, compress_tfwsvd
 
 
@@ -82,6 +84,8 @@ METHODS: dict[str, CompressionMethod] = {
                           TFWSVDConfig, compress=compress_tfwsvd),
         CompressionMethod("ars", "FWSVD + adaptive rank selection (learned masks, projected to budget)", True,
                           ARSConfig, compress=compress_ars),
+        CompressionMethod("svdllm", "whitened SVD (SVD-LLM): truncation error = output error on calibration inputs",
+                          True, SVDLLMConfig, compress=compress_svdllm),
     )
 }
 

@@ -12,7 +12,7 @@ from ...budget import matrix_cost
 from ...export import describe_module, factorized_or_dense
 from ...factorize import svd_factorization
 from ...targets import find_target_linears, set_submodule
-from .calibration import blockwise
+from ...calibration import blockwise
 from .config import LoRAPConfig, LowRankSVDConfig
 
 

@@ -8,6 +8,8 @@ from peft.config import PeftConfigMixin
 from ...budget import check_budget_fraction
 from .importance import SINGULAR_VALUE_SIGNALS
 
+INITS = ("svd", "whitened")
+
 
 @dataclass
 class RankDynaConfig(PeftConfigMixin):
@@ -40,6 +42,27 @@ class RankDynaConfig(PeftConfigMixin):
         default=None,
         metadata={"help": "Keep only the top `init_rank` singular groups of each matrix at factorization time "
                   "(saves memory on large models). None keeps all min(m, n) groups."},
+    )
+    factor_budget: Optional[float] = field(
+        default=1.0,
+        metadata={"help": "Factor storage of each matrix at factorization time, as a fraction of its dense "
+                  "parameters: it keeps its top floor(factor_budget * m*n / (m+n)) groups (>= target_budget; above 1 "
+                  "the factors may exceed the dense size). "
+                  "1.0 (break-even rank) bounds the factors by the dense weights, which keeps training memory "
+                  "within 1.5x of dense fine-tuning (docs/DECODER.md); None keeps all min(m, n) groups (factors "
+                  "of a square matrix then hold twice its weights)."},
+    )
+    init: str = field(
+        default="svd",
+        metadata={"help": "How the factors start: 'svd' (SVD of the weight) or 'whitened' (SVD of W S, S the "
+                  "Cholesky-like factor of the second moment of the layer's calibration inputs, so the dropped "
+                  "groups are the ones carrying the least output energy; needs calibration_batches in "
+                  "prepare_model)."},
+    )
+    whitening_damping: float = field(
+        default=1e-2,
+        metadata={"help": "init='whitened': ridge added to the inputs' second moment, relative to its mean "
+                  "diagonal (>= 0)."},
     )
     warmup_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of optimizer steps before pruning starts (scores accumulate)."}
@@ -87,6 +110,16 @@ class RankDynaConfig(PeftConfigMixin):
                 raise ValueError(f"{name} must be in [0, 1), got {value}.")
         if self.init_rank is not None and (not isinstance(self.init_rank, int) or self.init_rank < 1):
             raise ValueError(f"init_rank must be None or an integer >= 1, got {self.init_rank!r}.")
+        if self.factor_budget is not None and (isinstance(self.factor_budget, bool)
+                                               or not isinstance(self.factor_budget, (int, float))
+                                               or not self.factor_budget >= self.target_budget):
+            raise ValueError(f"factor_budget must be None or a number >= target_budget ({self.target_budget}; below "
+                             f"it the target could not be reached), got {self.factor_budget!r}.")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}.")
+        if isinstance(self.whitening_damping, bool) or not isinstance(self.whitening_damping, (int, float)) \
+                or not self.whitening_damping >= 0:
+            raise ValueError(f"whitening_damping must be a number >= 0, got {self.whitening_damping!r}.")
         if self.singular_value_signal not in SINGULAR_VALUE_SIGNALS:
             raise ValueError(f"singular_value_signal must be one of {SINGULAR_VALUE_SIGNALS}, "
                              f"got {self.singular_value_signal!r}.")

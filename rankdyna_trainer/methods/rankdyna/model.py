@@ -2,27 +2,78 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import matrix_cost
+from ...calibration import blockwise
+from ...factorize import Factorization, svd_factorization, whitened_factorization
 from ...targets import find_target_linears, set_submodule
 from .config import RankDynaConfig
 from .layer import SVDLinear
 
 
-def prepare_model(model: nn.Module, config: RankDynaConfig) -> nn.Module:
-    """Replace every targeted ``nn.Linear`` of ``model`` (in place) by an :class:`SVDLinear` of its weight."""
+def prepare_model(model: nn.Module, config: RankDynaConfig,
+                  calibration_batches: Iterable[dict[str, torch.Tensor]] | None = None) -> nn.Module:
+    """Replace every targeted ``nn.Linear`` of ``model`` (in place) by an :class:`SVDLinear` of its weight.
+
+    ``config.init="whitened"`` factorizes each weight in the whitened basis of its inputs, measured on
+    ``calibration_batches`` (token batches such as ``{"input_ids": ...}``; labels are ignored) block by block.
+    """
     if svd_layers(model):
         raise ValueError("The model already holds SVDLinear layers; prepare_model must be called once per model.")
     targets = find_target_linears(model, config.target_modules)
-    with torch.no_grad():
-        for name, linear in tqdm(targets.items(), desc="Factorizing (SVD)", disable=len(targets) < 50):
-            set_submodule(model, name, SVDLinear.from_linear(linear, rank=config.init_rank))
+    if config.init == "whitened":
+        if calibration_batches is None:
+            raise ValueError("RankDynaConfig(init='whitened') needs calibration data: pass calibration_batches "
+                             "(a list or dataloader of token-id batches) to prepare_model.")
+        batches = [{k: v for k, v in b.items() if k != "labels"} for b in calibration_batches]
+
+        def factorize_block(block, names, second_moments):
+            cache = {}
+            for name in names:
+                factorization = whitened_factorization(targets[name].weight, second_moments[name],
+                                                       config.whitening_damping, cache)
+                set_submodule(model, name, _svd_linear(targets[name], factorization, config))
+
+        blockwise(model, targets, batches, factorize_block, desc="Factorizing (whitened SVD)",
+                  statistic="second_moment")
+    else:
+        with torch.no_grad():
+            for name, linear in tqdm(targets.items(), desc="Factorizing (SVD)", disable=len(targets) < 50):
+                set_submodule(model, name, _svd_linear(linear, svd_factorization(linear.weight), config))
     model.rankdyna_config = config
     _keep_buffers_out_of_ddp(model)
     return model
+
+
+def initial_rank(config: RankDynaConfig, out_features: int, in_features: int) -> int:
+    """Groups a matrix keeps at factorization time: capped by ``factor_budget`` and ``init_rank``."""
+    rank = min(out_features, in_features)
+    if config.factor_budget is not None:
+        rank = min(rank, max(1, int(config.factor_budget * out_features * in_features) // (out_features + in_features)))
+    if config.init_rank is not None:
+        rank = min(rank, config.init_rank)
+    return rank
+
+
+def _svd_linear(linear: nn.Linear, factorization: Factorization, config: RankDynaConfig) -> SVDLinear:
+    """The top groups of ``factorization`` as an SVDLinear with unit-norm rows of ``V``.
+
+    A whitened ``V`` has rows of very different norms; scaling each to unit norm (the norm moves into ``s``)
+    gives its entries the scale of an orthonormal SVD factor, so the optimizer treats both inits alike. The
+    product ``U diag(s) V`` is unchanged.
+    """
+    rank = initial_rank(config, linear.out_features, linear.in_features)
+    U, s, V = factorization.left[:, :rank], factorization.s[:rank], factorization.right[:rank]
+    norms = V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)
+    dtype = linear.weight.dtype
+    bias = linear.bias.detach().clone() if linear.bias is not None else None
+    return SVDLinear(U.to(dtype).contiguous(), (s * norms).to(dtype), (V / norms[:, None]).to(dtype).contiguous(),
+                     bias)
 
 
 def _keep_buffers_out_of_ddp(model: nn.Module) -> None:
