@@ -56,7 +56,7 @@ def test_prepare_model_replaces_targets_and_keeps_outputs():
     model = tiny_bert()
     ids = torch.randint(0, 128, (2, 12))
     before = model(ids).logits
-    prepare_model(model, RankDynaConfig())
+    prepare_model(model, RankDynaConfig(factor_budget=None))  # full rank: exact
     assert sum(isinstance(m, SVDLinear) for m in model.modules()) == 12
     torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="called once per model"):
@@ -66,3 +66,15 @@ def test_prepare_model_replaces_targets_and_keeps_outputs():
 def test_init_rank_truncates_each_matrix():
     model = prepare_model(tiny_bert(), RankDynaConfig(init_rank=4))
     assert {m.max_rank for m in model.modules() if isinstance(m, SVDLinear)} == {4}
+
+
+def test_factor_budget_keeps_the_break_even_rank_by_default():
+    model = prepare_model(tiny_bert(), RankDynaConfig(target_budget=0.3))
+    for layer in (m for m in model.modules() if isinstance(m, SVDLinear)):
+        m, n = layer.out_features, layer.in_features
+        assert layer.max_rank == m * n // (m + n)  # factors no larger than the dense matrix
+        assert layer.max_rank * (m + n) <= m * n
+    half = prepare_model(tiny_bert(), RankDynaConfig(target_budget=0.3, factor_budget=0.5, init_rank=5))
+    assert {l.max_rank for l in half.modules() if isinstance(l, SVDLinear)} == {5}
+    wide = prepare_model(tiny_bert(), RankDynaConfig(factor_budget=2.0))
+    assert all(l.max_rank == min(l.out_features, l.in_features) for l in wide.modules() if isinstance(l, SVDLinear))
