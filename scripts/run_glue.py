@@ -17,6 +17,7 @@ reloaded compressed model. Metrics go to ``<output_dir>/eval_results.json``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -66,6 +67,7 @@ logger = logging.getLogger("run_glue")
 MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path}  # short names for packaged models
 DEFAULT_SWEEP_CONFIG = str(Path(__file__).resolve().parent / "sweep_rankdyna.yaml")
 HEATMAP_FILE = "rank_heatmap.png"
+FISHER_METHODS = ("fwsvd", "tfwsvd", "ars")  # methods that read --compression_fisher_batches
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ class ModelArguments:
     compression_method: Optional[str] = field(
         default=None,
         metadata={"help": f"One of {sorted(METHODS)} (rankdyna_trainer.methods). 'rankdyna' is --rankdyna; "
-                  "'svd', 'fwsvd', 'tfwsvd', 'ars' compress --model_name_or_path, which should already be "
+                  "'svd', 'fwsvd', 'tfwsvd', 'ars', 'svdllm' compress --model_name_or_path, which should already be "
                   "fine-tuned on the task, then fine-tune the factorized model (their second round); 'adalora' "
                   "trains peft AdaLoRA adapters and exports the merged dense model."},
     )
@@ -90,6 +92,11 @@ class ModelArguments:
     )
     compression_fisher_batches: Optional[int] = field(
         default=None, metadata={"help": "Training batches for the Fisher information of fwsvd/tfwsvd/ars (None: all)."}
+    )
+    compression_calibration_batches: int = field(
+        default=16,
+        metadata={"help": "Training batches used as calibration inputs by svdllm and by RankDyna's whitened start "
+                  "(--rankdyna_init whitened)."},
     )
 
 
@@ -130,6 +137,14 @@ class RankDynaArguments:
     rankdyna_orth_reg_weight: Optional[float] = field(
         default=None, metadata={"help": "Weight of the orthogonality regularizer (0 disables it)."})
     rankdyna_init_rank: Optional[int] = field(default=None, metadata={"help": "Keep the top-k groups at SVD time."})
+    rankdyna_factor_budget: Optional[float] = field(
+        default=None, metadata={"help": "Factor storage per matrix at factorization time, fraction of its dense "
+                                "weights (default 1.0; 2 keeps every group)."})
+    rankdyna_init: Optional[str] = field(
+        default=None, metadata={"help": "'svd' (default) or 'whitened' (calibrated on "
+                                "--compression_calibration_batches training batches)."})
+    rankdyna_whitening_damping: Optional[float] = field(
+        default=None, metadata={"help": "Ridge of the whitened start, relative to the inputs' mean square."})
     rankdyna_target_modules: Optional[str] = field(
         default=None, metadata={"help": "Comma-separated module-name suffixes to factorize (default: per model type)."})
 
@@ -173,6 +188,9 @@ def check_arguments(model_args, data_args, rankdyna_args, search_args, training_
     if data_args.task_name is None:
         raise ValueError(f"--task_name is required: one of {sorted(GLUE_TASKS)}.")
     get_task(data_args.task_name)  # unknown task -> ValueError naming the choices
+    if model_args.compression_calibration_batches < 1:
+        raise ValueError(f"--compression_calibration_batches must be >= 1, "
+                         f"got {model_args.compression_calibration_batches}.")
     method = model_args.compression_method
     if method is not None:
         get_method(method)  # unknown method -> ValueError naming the choices
@@ -282,20 +300,31 @@ class Compression:
     total_steps: int | None = None  # optimizer steps of the run, for methods that schedule over them
 
 
-def rankdyna_compression(rankdyna_args: RankDynaArguments) -> Compression:
+def calibration_batches(loader, count: int) -> list[dict]:
+    """The first ``count`` training batches, inputs only (calibration needs no labels)."""
+    if loader is None:
+        raise ValueError("Calibration needs the training set: add --do_train.")
+    return [{k: v for k, v in batch.items() if k != "labels"} for batch in itertools.islice(loader, count)]
+
+
+def rankdyna_compression(rankdyna_args: RankDynaArguments, model_args: ModelArguments | None = None) -> Compression:
     callback = RankDynaCallback()
+    calibration_count = model_args.compression_calibration_batches if model_args is not None else 16
 
     def prepare(model, overrides):
         config = rankdyna_args.to_config(overrides)
         callback.config = config  # a search trial's config replaces the previous trial's
-        return prepare_model(model, config)
+        calibration = (calibration_batches(compression.train_loader, calibration_count)
+                       if config.init == "whitened" else None)
+        return prepare_model(model, config, calibration)
 
     def export(model):
         config, ranks = model.rankdyna_config, rank_pattern(model)
         return model, export_model(model), config.to_dict(), ranks
 
     names = tuple(f.name for f in dataclasses.fields(RankDynaArguments) if f.name != "rankdyna")
-    return Compression("rankdyna", prepare, [callback, RankDynaWandbCallback()], export, names)
+    compression = Compression("rankdyna", prepare, [callback, RankDynaWandbCallback()], export, names)
+    return compression
 
 
 def registry_compression(model_args: ModelArguments) -> Compression:
@@ -306,8 +335,10 @@ def registry_compression(model_args: ModelArguments) -> Compression:
     def prepare(model, overrides):
         if method.post_hoc:
             extra = {}
-            if model_args.compression_fisher_batches and model_args.compression_method != "svd":
+            if model_args.compression_fisher_batches and model_args.compression_method in FISHER_METHODS:
                 extra["max_fisher_batches"] = model_args.compression_fisher_batches
+            if model_args.compression_method == "svdllm":
+                extra["max_calibration_batches"] = model_args.compression_calibration_batches
             state["config"] = method.make_config(target_budget=model_args.compression_budget, **extra)
             state["modules"] = method.compress(model, state["config"], compression.train_loader)
             return model
@@ -333,7 +364,7 @@ def registry_compression(model_args: ModelArguments) -> Compression:
 def build_compression(rankdyna_args: RankDynaArguments, model_args: ModelArguments | None = None) -> Compression | None:
     """The compression method of this run (None: plain fine-tuning)."""
     if rankdyna_args.rankdyna:
-        return rankdyna_compression(rankdyna_args)
+        return rankdyna_compression(rankdyna_args, model_args)
     if model_args is not None and model_args.compression_method not in (None, "dense", "rankdyna"):
         return registry_compression(model_args)
     return None
