@@ -1,0 +1,164 @@
+"""Peak training memory of dense fine-tuning against RankDyna on SmolLM2-135M, side by side.
+
+Each setting runs in its own process (a fresh peak): load the model, prepare it (RankDyna: factorize, with
+the whitened start calibrated on a few blocks), then train ``--steps`` optimizer steps with the real
+``Trainer`` (AdamW, fp32) on random token blocks. The peak resident set size (RSS) is reset just before
+training (``/proc/self/clear_refs``), so the figure is the training peak, not the loading peak; on a GPU the
+figure is ``torch.cuda.max_memory_allocated`` over the training steps. Next to the measurement, the
+training state is counted exactly from the prepared model: trainable parameters x 4 (weight, gradient, two
+Adam moments) plus buffers (RankDyna's importance statistics).
+
+    python scripts/bench_memory.py --settings dense rankdyna rankdyna_full_rank --out docs/MEMORY_LM.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+SETTINGS = {
+    "dense": ("dense fine-tuning", None),
+    "rankdyna": ("RankDyna, default start (factor_budget=1.0, whitened)", {"init": "whitened"}),
+    "rankdyna_full_rank": ("RankDyna, full-rank start (factor_budget=None, whitened)",
+                           {"init": "whitened", "factor_budget": None}),
+}
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+parser.add_argument("--steps", type=int, default=4)
+parser.add_argument("--batch-size", type=int, default=2)
+parser.add_argument("--seq-len", type=int, default=128)
+parser.add_argument("--calib-sequences", type=int, default=8)
+parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--json", default=os.path.join(REPO, "benchmarks", "memory_lm.json"))
+parser.add_argument("--out", default=os.path.join(REPO, "docs", "MEMORY_LM.md"))
+parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one setting in this process
+args = parser.parse_args()
+
+
+def rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def measure(setting: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from rankdyna_trainer import RankDynaCallback, RankDynaConfig, prepare_model
+    from rankdyna_trainer.packaged_models import smollm2_path
+
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).to(device)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (args.steps * args.batch_size, args.seq_len), generator=g)
+    callbacks = []
+    overrides = SETTINGS[setting][1]
+    if overrides is not None:
+        config = RankDynaConfig(target_budget=0.5, warmup_fraction=0.25, final_fraction=0.25,
+                                reallocation_interval=1, **overrides)
+        calib = torch.randint(0, vocab, (args.calib_sequences, args.seq_len), generator=g).to(device)
+        prepare_model(model, config, [{"input_ids": calib[i : i + 4]} for i in range(0, len(calib), 4)])
+        callbacks = [RankDynaCallback(config)]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    buffers = sum(b.numel() for b in model.buffers())
+    state_bytes = 4 * (4 * trainable + frozen + buffers)  # fp32: weight, grad, Adam m and v; buffers once
+    train = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    before = rss_bytes("VmRSS")
+    peak_reset = reset_peak_rss()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        training_args = TrainingArguments(
+            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=5e-5,
+            save_strategy="no", report_to="none", use_cpu=device == "cpu", disable_tqdm=True, logging_steps=1)
+        Trainer(model=model, args=training_args, train_dataset=train, callbacks=callbacks).train()
+    record = {
+        "setting": setting, "device": device, "trainable_params": trainable, "frozen_params": frozen,
+        "buffer_elements": buffers, "training_state_bytes": state_bytes, "rss_before_training": before,
+        "peak_rss_training": rss_bytes("VmHWM"), "peak_rss_reset": peak_reset,
+        "seconds_per_step": (time.perf_counter() - start) / args.steps,
+    }
+    if device == "cuda":
+        record["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+    return record
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def write_report(records: list[dict]) -> None:
+    dense = next((r for r in records if r["setting"] == "dense"), None)
+    command = "python scripts/bench_memory.py " + " ".join(sys.argv[1:])
+    peak_key = "cuda_max_allocated" if records[0]["device"] == "cuda" else "peak_rss_training"
+    peak_name = "CUDA max allocated" if peak_key == "cuda_max_allocated" else "peak RSS while training"
+    lines = [
+        "# Training memory: dense fine-tuning vs RankDyna (SmolLM2-135M)",
+        "",
+        "Generated by `scripts/bench_memory.py`; do not edit by hand.",
+        "",
+        f"- Command: `{command}` (run under `flock /work/notes/heavy.lock`), Python {platform.python_version()}, "
+        f"device: {records[0]['device']}.",
+        f"- Each setting in a fresh process: {args.steps} AdamW steps (fp32) of {args.batch_size} x {args.seq_len} "
+        "random tokens through the real `Trainer`; RankDyna at target budget 0.5 with the whitened start "
+        f"(calibrated on {args.calib_sequences} blocks before training). The peak is reset after loading and "
+        "preparing the model, so it is the training peak (weights, gradients, optimizer and importance "
+        "state, activations, allocator slack).",
+        "- Training state: trainable parameters x 4 (weight, gradient, Adam m and v) + frozen parameters + "
+        "buffers (RankDyna's gate and importance statistics), fp32, counted from the prepared model.",
+        "",
+        f"| setting | trainable params | buffers | training state (GiB) | {peak_name} (GiB) | x dense | s/step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        ratio = f"{r[peak_key] / dense[peak_key]:.2f}" if dense else "-"
+        lines.append(f"| {SETTINGS[r['setting']][0]} | {r['trainable_params']:,} | {r['buffer_elements']:,} | "
+                     f"{gib(r['training_state_bytes'])} | {gib(r[peak_key])} | {ratio} | "
+                     f"{r['seconds_per_step']:.1f} |")
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(args.json, "w") as f:
+        json.dump({"command": command, "records": records}, f, indent=2)
+
+
+if __name__ == "__main__":
+    if args.child:
+        print("RECORD " + json.dumps(measure(args.child)), flush=True)
+        sys.exit(0)
+    records = []
+    for setting in args.settings:
+        child = [sys.executable, os.path.abspath(__file__), "--child", setting, "--steps", str(args.steps),
+                 "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+                 "--calib-sequences", str(args.calib_sequences), "--threads", str(args.threads)]
+        done = subprocess.run(child, capture_output=True, text=True)
+        lines = [l for l in done.stdout.splitlines() if l.startswith("RECORD ")]
+        if done.returncode != 0 or not lines:
+            sys.exit(f"Measuring {setting} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        records.append(json.loads(lines[-1].removeprefix("RECORD ")))
+        print(f"{setting}: peak {gib(records[-1]['peak_rss_training'])} GiB", flush=True)
+    write_report(records)
