@@ -57,6 +57,7 @@ RANKDYNA_VARIANTS = {
     "rankdyna": {},
     "rankdyna_svd_init": {"init": "svd"},
     "rankdyna_full_rank": {"factor_budget": None},
+    "rankdyna_final_half": {"final_fraction": 0.5},
 }
 # name -> (label, whether the seed changes the result, whether the method fine-tunes)
 METHODS = {
@@ -66,6 +67,8 @@ METHODS = {
     "asvd": ("activation-weighted SVD (uniform rank)", True, False),
     "svdllm": ("whitened SVD, SVD-LLM (uniform rank)", True, False),
     "svdllm_global": ("whitened SVD, SVD-LLM (global allocation)", True, False),
+    "svdllm_damping_1e-4": ("ablation: whitened SVD (uniform), ridge 1e-4 instead of 1e-2", True, False),
+    "svdllm_damping_1e-6": ("ablation: whitened SVD (uniform), ridge 1e-6 instead of 1e-2", True, False),
     "lorap": ("LoRAP", True, False),
     "mpo": ("MPO (3 tensors, bond-truncated)", False, False),
     "svdllm_ft": ("whitened SVD (uniform) + same fine-tune", True, True),
@@ -75,6 +78,7 @@ METHODS = {
     "rankdyna": ("RankDyna, whitened start (fine-tuned)", True, True),
     "rankdyna_svd_init": ("ablation: RankDyna, plain SVD start", True, True),
     "rankdyna_full_rank": ("ablation: RankDyna, whitened start at full rank", True, True),
+    "rankdyna_final_half": ("ablation: RankDyna, last half of the steps at the target budget", True, True),
 }
 SETTINGS = ("seq_len", "calib_sequences", "eval_sequences", "train_steps", "batch_size", "lr")
 
@@ -198,8 +202,9 @@ def compress(method: str, model, budget: float, data: RunData):
     elif base == "asvd":
         config = LowRankSVDConfig(target_budget=budget, activation_weighted=True)
         modules = compress_svd(model, config, data.calibration)
-    elif base in ("svdllm", "svdllm_global"):
-        config = SVDLLMConfig(target_budget=budget, allocation="global" if base == "svdllm_global" else "uniform")
+    elif base.startswith("svdllm"):
+        config = SVDLLMConfig(target_budget=budget, allocation="global" if base == "svdllm_global" else "uniform",
+                              damping=float(base.rsplit("_", 1)[1]) if "_damping_" in base else 1e-2)
         modules = compress_svdllm(model, config, data.calibration)
     elif base == "lorap":
         config = LoRAPConfig(target_budget=budget)
@@ -271,6 +276,8 @@ def run_one(method: str, budget: float, seed: int) -> dict:
         "method": method, "budget": budget, "seed": seed, "perplexity": perplexity(reloaded),
         **kept_params(modules), "total_params": sum(p.numel() for p in reloaded.parameters()),
         "seconds": seconds, **extra, "settings": SETTING_VALUES, "method_config": method_config,
+        # kept rank per targeted matrix ("dense": stored as a full matrix, as wide as the method left it)
+        "ranks": {n: e.get("rank", "dense") for n, e in modules.items()},
         "command": COMMAND, "threads": args.threads,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -37,6 +37,11 @@ METHOD_FLAGS = {
     "rankdyna": lambda budget: ["--rankdyna", "--rankdyna_budget", str(budget)],
     "rankdyna_sv_grad": lambda budget: ["--rankdyna", "--rankdyna_budget", str(budget),
                                         "--rankdyna_singular_value_signal", "singular_value"],
+    # The whitened start (factors of SVD(W S) S^-1, calibrated on 16 training batches) and the full-rank start
+    # (factor_budget 2 keeps every group of every matrix), each against the default plain-SVD, break-even start.
+    "rankdyna_whitened": lambda budget: ["--rankdyna", "--rankdyna_budget", str(budget), "--rankdyna_init", "whitened"],
+    "rankdyna_full_rank": lambda budget: ["--rankdyna", "--rankdyna_budget", str(budget),
+                                          "--rankdyna_factor_budget", "2"],
 }
 
 
