@@ -2,8 +2,9 @@
 
 Each setting runs in its own process (a fresh peak): load the model, prepare it (RankDyna: factorize, with
 the whitened start calibrated on a few blocks), then train ``--steps`` optimizer steps with the real
-``Trainer`` (AdamW, fp32) on random token blocks. The peak resident set size (RSS) is reset just before
-training (``/proc/self/clear_refs``), so the figure is the training peak, not the loading peak; on a GPU the
+``Trainer`` (AdamW, fp32) on random token blocks. Freed heap is returned to the OS (``malloc_trim``) and the
+peak resident set size (RSS) is reset just before training (``/proc/self/clear_refs``), so the figure is the
+training peak, not the loading peak; on a GPU the
 figure is ``torch.cuda.max_memory_allocated`` over the training steps. Next to the measurement, the
 training state is counted exactly from the prepared model: trainable parameters x 4 (weight, gradient, two
 Adam moments) plus buffers (RankDyna's importance statistics).
@@ -29,6 +30,8 @@ sys.path.insert(0, REPO)
 SETTINGS = {
     "dense": ("dense fine-tuning", None),
     "rankdyna": ("RankDyna, default start (factor_budget=1.0, whitened)", {"init": "whitened"}),
+    "rankdyna_svd_start": ("RankDyna, factor_budget=1.0, plain SVD start (no calibration)", {"init": "svd"}),
+    "rankdyna_0.9": ("RankDyna, factor_budget=0.9, whitened", {"init": "whitened", "factor_budget": 0.9}),
     "rankdyna_full_rank": ("RankDyna, full-rank start (factor_budget=None, whitened)",
                            {"init": "whitened", "factor_budget": None}),
 }
@@ -49,6 +52,22 @@ args = parser.parse_args()
 def rss_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+def release_free_heap() -> None:
+    """Hand memory that is freed but still held by glibc's allocator back to the OS (no effect elsewhere).
+
+    Preparing RankDyna (factorization, calibration) frees large temporaries that glibc may keep mapped; without
+    this the "training" peak would count them although training never uses them.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak_rss() -> bool:
@@ -87,6 +106,8 @@ def measure(setting: str) -> dict:
     buffers = sum(b.numel() for b in model.buffers())
     state_bytes = 4 * (4 * trainable + frozen + buffers)  # fp32: weight, grad, Adam m and v; buffers once
     train = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    prepare_peak = rss_bytes("VmHWM")
+    release_free_heap()
     before = rss_bytes("VmRSS")
     peak_reset = reset_peak_rss()
     if device == "cuda":
@@ -99,13 +120,51 @@ def measure(setting: str) -> dict:
         Trainer(model=model, args=training_args, train_dataset=train, callbacks=callbacks).train()
     record = {
         "setting": setting, "device": device, "trainable_params": trainable, "frozen_params": frozen,
-        "buffer_elements": buffers, "training_state_bytes": state_bytes, "rss_before_training": before,
+        "buffer_elements": buffers, "training_state_bytes": state_bytes, "peak_rss_loading_preparing": prepare_peak,
+        "rss_before_training": before,
         "peak_rss_training": rss_bytes("VmHWM"), "peak_rss_reset": peak_reset,
         "seconds_per_step": (time.perf_counter() - start) / args.steps,
     }
     if device == "cuda":
         record["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
     return record
+
+
+def state_bytes_estimate(model, factor_budget) -> tuple[int, int]:
+    """(dense fine-tuning, RankDyna) training-state bytes in fp32 with AdamW, counted from the shapes only.
+
+    Dense: every parameter x 16 bytes (weight, gradient, Adam m and v). RankDyna: each targeted matrix is held
+    as r groups (r from ``factor_budget``, as prepare_model picks it): factor elements r*(m+n) x 24 bytes
+    (16 as above + 8 for the sensitivity and uncertainty of U and V), and per group 32 bytes (s with its
+    gradient and Adam moments, gate, gate gradient, gate sensitivity and uncertainty).
+    """
+    from rankdyna_trainer import RankDynaConfig
+    from rankdyna_trainer.methods.rankdyna.model import initial_rank
+    from rankdyna_trainer.targets import find_target_linears
+
+    config = RankDynaConfig(target_budget=min(0.5, factor_budget or 0.5), factor_budget=factor_budget)
+    targets = {n: tuple(l.weight.shape) for n, l in find_target_linears(model).items()}
+    total = sum(p.numel() for p in model.parameters())
+    targeted = sum(m * n for m, n in targets.values())
+    ranks = [initial_rank(config, m, n) for m, n in targets.values()]
+    factor_elements = sum(r * (m + n) for r, (m, n) in zip(ranks, targets.values()))
+    return 16 * total, 16 * (total - targeted) + 24 * factor_elements + 32 * sum(ranks)
+
+
+def llama_7b_arithmetic() -> list[str]:
+    """Training-state estimate for LLaMA-7B (shapes of meta-llama/Llama-2-7b, built on the meta device)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32))
+    lines = []
+    for factor_budget in (1.0, None):
+        dense, rankdyna = state_bytes_estimate(model, factor_budget)
+        lines.append(f"| LLaMA-7B, factor_budget={factor_budget} | {dense / 1e9:.1f} | {rankdyna / 1e9:.1f} | "
+                     f"{rankdyna / dense:.2f} |")
+    return lines
 
 
 def gib(n: float) -> str:
@@ -126,20 +185,45 @@ def write_report(records: list[dict]) -> None:
         f"device: {records[0]['device']}.",
         f"- Each setting in a fresh process: {args.steps} AdamW steps (fp32) of {args.batch_size} x {args.seq_len} "
         "random tokens through the real `Trainer`; RankDyna at target budget 0.5 with the whitened start "
-        f"(calibrated on {args.calib_sequences} blocks before training). The peak is reset after loading and "
-        "preparing the model, so it is the training peak (weights, gradients, optimizer and importance "
-        "state, activations, allocator slack).",
+        f"(calibrated on {args.calib_sequences} blocks before training). After loading and preparing the model, "
+        "freed heap is handed back to the OS (`malloc_trim`) and the peak is reset, so the peak is the "
+        "training peak (weights, gradients, optimizer and importance state, activations, temporaries); the "
+        "loading + preparing peak is shown apart.",
         "- Training state: trainable parameters x 4 (weight, gradient, Adam m and v) + frozen parameters + "
         "buffers (RankDyna's gate and importance statistics), fp32, counted from the prepared model.",
         "",
-        f"| setting | trainable params | buffers | training state (GiB) | {peak_name} (GiB) | x dense | s/step |",
-        "|---|---|---|---|---|---|---|",
+        f"| setting | trainable params | buffers | training state (GiB) | RSS before training (GiB) | {peak_name} "
+        "(GiB) | x dense | peak while loading + preparing (GiB) | s/step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         ratio = f"{r[peak_key] / dense[peak_key]:.2f}" if dense else "-"
         lines.append(f"| {SETTINGS[r['setting']][0]} | {r['trainable_params']:,} | {r['buffer_elements']:,} | "
-                     f"{gib(r['training_state_bytes'])} | {gib(r[peak_key])} | {ratio} | "
-                     f"{r['seconds_per_step']:.1f} |")
+                     f"{gib(r['training_state_bytes'])} | {gib(r['rss_before_training'])} | {gib(r[peak_key])} | "
+                     f"**{ratio}** | {gib(r['peak_rss_loading_preparing'])} | {r['seconds_per_step']:.1f} |")
+    lines += [
+        "",
+        "## Arithmetic for larger models",
+        "",
+        "Training state only (fp32 weights, gradients, AdamW moments, RankDyna's importance buffers), counted "
+        "from the shapes by `state_bytes_estimate` in this script; activations come on top and are about the "
+        "same for both, so the ratio of totals is lower still. RankDyna per factor element: 16 bytes as a dense "
+        "weight has, plus 8 for the sensitivity and uncertainty of U and V.",
+        "",
+        "| model | dense fine-tuning (GB) | RankDyna (GB) | x dense |",
+        "|---|---|---|---|",
+    ]
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from rankdyna_trainer.packaged_models import smollm2_path
+    import torch
+
+    with torch.device("meta"):
+        smol = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2_path()))
+    for factor_budget in (1.0, None):
+        dense_bytes, rankdyna_bytes = state_bytes_estimate(smol, factor_budget)
+        lines.append(f"| SmolLM2-135M, factor_budget={factor_budget} | {dense_bytes / 1e9:.2f} | "
+                     f"{rankdyna_bytes / 1e9:.2f} | {rankdyna_bytes / dense_bytes:.2f} |")
+    lines += llama_7b_arithmetic()
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(args.json, "w") as f:

@@ -68,12 +68,15 @@ def test_init_rank_truncates_each_matrix():
     assert {m.max_rank for m in model.modules() if isinstance(m, SVDLinear)} == {4}
 
 
-def test_factor_budget_keeps_the_break_even_rank_by_default():
+def test_factor_budget_bounds_the_factors_by_default():
     model = prepare_model(tiny_bert(), RankDynaConfig(target_budget=0.3))
     for layer in (m for m in model.modules() if isinstance(m, SVDLinear)):
         m, n = layer.out_features, layer.in_features
-        assert layer.max_rank == m * n // (m + n)  # factors no larger than the dense matrix
-        assert layer.max_rank * (m + n) <= m * n
+        assert layer.max_rank == int(0.9 * m * n) // (m + n)  # factors within 90% of the dense matrix
+        assert layer.max_rank * (m + n) <= 0.9 * m * n < (layer.max_rank + 1) * (m + n)
+    break_even = prepare_model(tiny_bert(), RankDynaConfig(target_budget=0.3, factor_budget=1.0))
+    assert all(l.max_rank == l.out_features * l.in_features // (l.out_features + l.in_features)
+               for l in break_even.modules() if isinstance(l, SVDLinear))
     half = prepare_model(tiny_bert(), RankDynaConfig(target_budget=0.3, factor_budget=0.5, init_rank=5))
     assert {l.max_rank for l in half.modules() if isinstance(l, SVDLinear)} == {5}
     wide = prepare_model(tiny_bert(), RankDynaConfig(factor_budget=2.0))
