@@ -9,7 +9,7 @@ figure is ``torch.cuda.max_memory_allocated`` over the training steps. Next to t
 training state is counted exactly from the prepared model: trainable parameters x 4 (weight, gradient, two
 Adam moments) plus buffers (RankDyna's importance statistics).
 
-    python scripts/bench_memory.py --settings dense rankdyna rankdyna_full_rank --out docs/MEMORY_LM.md
+    python scripts/bench_memory.py --settings dense rankdyna rankdyna_break_even rankdyna_full_rank
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ sys.path.insert(0, REPO)
 
 SETTINGS = {
     "dense": ("dense fine-tuning", None),
-    "rankdyna": ("RankDyna, default start (factor_budget=1.0, whitened)", {"init": "whitened"}),
-    "rankdyna_svd_start": ("RankDyna, factor_budget=1.0, plain SVD start (no calibration)", {"init": "svd"}),
-    "rankdyna_0.9": ("RankDyna, factor_budget=0.9, whitened", {"init": "whitened", "factor_budget": 0.9}),
+    "rankdyna": ("RankDyna, default start (factor_budget=0.9, whitened)", {"init": "whitened"}),
+    "rankdyna_break_even": ("RankDyna, factor_budget=1.0 (break-even rank), whitened",
+                            {"init": "whitened", "factor_budget": 1.0}),
     "rankdyna_full_rank": ("RankDyna, full-rank start (factor_budget=None, whitened)",
                            {"init": "whitened", "factor_budget": None}),
 }
@@ -160,7 +160,7 @@ def llama_7b_arithmetic() -> list[str]:
         model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                                              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32))
     lines = []
-    for factor_budget in (1.0, None):
+    for factor_budget in (0.9, 1.0, None):
         dense, rankdyna = state_bytes_estimate(model, factor_budget)
         lines.append(f"| LLaMA-7B, factor_budget={factor_budget} | {dense / 1e9:.1f} | {rankdyna / 1e9:.1f} | "
                      f"{rankdyna / dense:.2f} |")
@@ -219,7 +219,7 @@ def write_report(records: list[dict]) -> None:
 
     with torch.device("meta"):
         smol = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2_path()))
-    for factor_budget in (1.0, None):
+    for factor_budget in (0.9, 1.0, None):
         dense_bytes, rankdyna_bytes = state_bytes_estimate(smol, factor_budget)
         lines.append(f"| SmolLM2-135M, factor_budget={factor_budget} | {dense_bytes / 1e9:.2f} | "
                      f"{rankdyna_bytes / 1e9:.2f} | {rankdyna_bytes / dense_bytes:.2f} |")
