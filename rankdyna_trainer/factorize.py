@@ -44,6 +44,14 @@ class Factorization:
         return left @ right
 
 
+def _thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Compression runs before the Trainer moves the model; a GPU, when there is one, does the SVDs far faster
+    # (and per-process CPU SVDs of several processes sharing a node were seen to stall).
+    if W.device.type == "cpu" and torch.cuda.is_available():
+        return tuple(t.to(W.device) for t in torch.linalg.svd(W.cuda(), full_matrices=False))
+    return torch.linalg.svd(W, full_matrices=False)
+
+
 def svd_factorization(weight: torch.Tensor, input_rms: torch.Tensor | None = None) -> Factorization:
     """Thin SVD of ``weight``; with ``input_rms``, the activation-weighted SVD (LoRAP).
 
@@ -53,12 +61,65 @@ def svd_factorization(weight: torch.Tensor, input_rms: torch.Tensor | None = Non
     """
     W = weight.detach().float()
     if input_rms is None:
-        U, s, Vh = torch.linalg.svd(W, full_matrices=False)
-        return Factorization(U, s, Vh)
+        return Factorization(*_thin_svd(W))
     # A dead channel would make the inverse scale blow up; floor it relative to the largest one.
     scale = input_rms.float().clamp_min(1e-6 * float(input_rms.max()) + 1e-12)
-    U, s, Vh = torch.linalg.svd(W * scale[None, :], full_matrices=False)
+    U, s, Vh = _thin_svd(W * scale[None, :])
     return Factorization(U, s, Vh / scale[None, :])
+
+
+def whitening(second_moment: torch.Tensor, damping: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, S^-1)`` in float64 with ``S S^T = C + damping * mean(diag C) * I``, ``C`` the inputs' second moment.
+
+    From the eigendecomposition ``C = Q diag(l) Q^T``: ``S = Q diag(sqrt(l))``. The ridge keeps every
+    eigenvalue positive when ``C`` is singular (fewer calibration tokens than input channels, dead channels)
+    or ill-conditioned, where a plain Cholesky factorization fails or its inverse blows up.
+    """
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}.")
+    C = second_moment.detach().double()
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"The second moment must be a square matrix, got shape {tuple(C.shape)}.")
+    if not bool(torch.isfinite(C).all()):
+        raise ValueError("The second moment of the calibration inputs is not finite; check the calibration data.")
+    C = (C + C.T) / 2  # summation order can leave it slightly asymmetric
+    scale = float(C.diagonal().mean())
+    if scale <= 0:  # no input energy at all: every direction is equally (un)important
+        eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        return eye, eye
+    eigenvalues, Q = torch.linalg.eigh(C)
+    # Rounding can leave a PSD matrix with tiny negative eigenvalues; the floor keeps the inverse bounded
+    # even with damping=0.
+    eigenvalues = eigenvalues.clamp_min(0) + max(damping, 1e-10) * scale
+    root = eigenvalues.sqrt()
+    return Q * root, (Q / root).T
+
+
+def whitened_factorization(weight: torch.Tensor, second_moment: torch.Tensor, damping: float = 1e-2,
+                           whitening_cache: dict | None = None) -> Factorization:
+    """SVD of ``W S`` with ``S S^T`` the (damped) second moment of the layer's inputs, ``S`` undone on the right.
+
+    For inputs ``x`` with ``E[x x^T] = S S^T``, the output error of any approximation ``W'`` is
+    ``E||(W - W') x||^2 = ||(W - W') S||_F^2``. With ``W S = U diag(s) V'^T``, keeping groups and dropping the
+    others therefore costs exactly the sum of the dropped ``s_i^2`` in output error (SVD-LLM's truncation-aware
+    whitening): the groups are ordered by the output energy they carry. ``right = V'^T S^-1`` is not
+    orthonormal; with every group kept, ``left diag(s) right = W`` exactly.
+
+    ``whitening_cache`` (a dict, keyed by the second-moment tensor's identity) lets layers that share one
+    second-moment tensor (q/k/v, gate/up of a block) share one eigendecomposition.
+    """
+    if whitening_cache is None:
+        S, S_inv = whitening(second_moment, damping)
+    else:
+        if id(second_moment) not in whitening_cache:  # the tensor is kept with it, so its id stays unique
+            whitening_cache[id(second_moment)] = (second_moment, whitening(second_moment, damping))
+        S, S_inv = whitening_cache[id(second_moment)][1]
+    W = weight.detach().double()
+    if S.shape[0] != W.shape[1]:
+        raise ValueError(f"The second moment is {S.shape[0]}x{S.shape[0]} but the weight has {W.shape[1]} inputs.")
+    S, S_inv = S.to(W.device), S_inv.to(W.device)
+    U, s, Vh = torch.linalg.svd(W @ S, full_matrices=False)
+    return Factorization(U.float(), s.float(), (Vh @ S_inv).float())
 
 
 def target_linears(model: nn.Module, target_modules) -> dict[str, nn.Module]:

@@ -1,29 +1,38 @@
-"""Held-out perplexity of SmolLM2-135M compressed by SVD, activation-weighted SVD, LoRAP and RankDyna.
+"""Held-out perplexity of SmolLM2-135M compressed by RankDyna and the post-training baselines, same budget.
 
 Every method keeps the same fraction (``--budgets``) of the dense weight parameters of the targeted matrices
-(q/k/v/o/gate/up/down of all 30 blocks). Text is GLUE sentences (offline): training sentences feed the
-calibration set and RankDyna's short causal-LM fine-tune, dev sentences are the held-out set. Every compressed
-model is exported, saved, reloaded with ``load_compressed_model`` and evaluated from the reloaded copy.
-Results go to a JSON file after each run and the Markdown table is regenerated from it, so a run cut short
-still reports what finished.
+(q/k/v/o/gate/up/down of all 30 blocks). Text is GLUE sentences (offline): training sentences give the
+calibration set (the same blocks for every calibrated method, RankDyna's whitened start included) and the
+short causal-LM fine-tune, dev sentences the held-out set. ``*_ft`` methods and RankDyna get the same
+fine-tune (steps, batches, learning rate). Every compressed model is exported, saved, reloaded with
+``load_compressed_model`` and evaluated from the reloaded copy.
 
-    OMP_NUM_THREADS=1 nice -n 10 python scripts/benchmark_lm.py --out docs/RESULTS_LM.md
+Each (method, budget, seed) run writes one JSON under ``--runs-dir`` and is skipped when that file exists, so
+the benchmark resumes where it stopped. The seed picks the calibration and fine-tune blocks and the fine-tune's
+data order; the held-out blocks are the same for every run. ``--results-json`` (mean over seeds under
+``method@budget`` keys) and the Markdown table are rebuilt from all run files after each run.
+
+    OMP_NUM_THREADS=2 python scripts/benchmark_lm.py --methods dense svdllm rankdyna --seeds 0 1 2
+    python scripts/benchmark_lm.py --report-only
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import math
 import os
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -32,46 +41,91 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 import rankdyna_trainer  # noqa: E402
 from rankdyna_trainer import RankDynaCallback, RankDynaConfig, export_model, prepare_model  # noqa: E402
+from rankdyna_trainer.export import exported_params  # noqa: E402
 from rankdyna_trainer.experiment.glue_data import load_glue  # noqa: E402
 from rankdyna_trainer.methods.lorap import LoRAPConfig, LowRankSVDConfig, compress_lorap, compress_svd  # noqa: E402
 from rankdyna_trainer.methods.mpo import MPOConfig, export_mpo, prepare_mpo  # noqa: E402
+from rankdyna_trainer.methods.svdllm import SVDLLMConfig, compress_svdllm  # noqa: E402
 from rankdyna_trainer.packaged_models import smollm2_path  # noqa: E402
 from rankdyna_trainer.quantizer import load_compressed_model, save_compressed_model  # noqa: E402
 from rankdyna_trainer.targets import find_target_linears  # noqa: E402
 
+# RankDyna as benchmarked here (the recipe under `rankdyna`) and its ablations: config values on top of
+# RankDynaConfig's defaults, so a row's name says exactly what ran.
+RANKDYNA_RECIPE = {"init": "whitened", "warmup_fraction": 0.1, "final_fraction": 0.2, "reallocation_interval": 2}
+# The method as first shipped (before issue 9's fixes): AdaLoRA sensitivity, plain factorized steps, raw scores.
+V0 = {"importance": "sensitivity", "factor_scaling": "none", "rank_by": "score", "min_rank": 0}
+TRUNCATED = {"untrained_groups": "dropped"}  # groups beyond factor_budget dropped at factorization time
+RANKDYNA_VARIANTS = {
+    "rankdyna": {},  # the library defaults: factor_budget 1.0 trainable, the other groups frozen (exact start)
+    "rankdyna_full_rank": {"factor_budget": None},
+    "rankdyna_truncated": {"factor_budget": 1.0, **TRUNCATED},
+    "rankdyna_v0_truncated_0.9": {**V0, "factor_budget": 0.9, **TRUNCATED},
+    "rankdyna_v0_full_rank": {**V0, "factor_budget": None},
+    "rankdyna_v0_break_even": {**V0, "factor_budget": 1.0, **TRUNCATED},
+    "rankdyna_v0_break_even_svd_init": {**V0, "factor_budget": 1.0, **TRUNCATED, "init": "svd"},
+    "rankdyna_v0_break_even_final_half": {**V0, "factor_budget": 1.0, **TRUNCATED, "final_fraction": 0.5},
+}
+# name -> (label, whether the seed changes the result, whether the method fine-tunes)
+METHODS = {
+    "dense": ("dense (no compression)", False, False),
+    "dense_ft": ("dense + same fine-tune (control)", True, True),
+    "svd": ("SVD (uniform rank)", False, False),
+    "asvd": ("activation-weighted SVD (uniform rank)", True, False),
+    "svdllm": ("whitened SVD, SVD-LLM (uniform rank)", True, False),
+    "svdllm_global": ("whitened SVD, SVD-LLM (global allocation)", True, False),
+    "svdllm_damping_1e-4": ("ablation: whitened SVD (uniform), ridge 1e-4 instead of 1e-2", True, False),
+    "svdllm_damping_1e-6": ("ablation: whitened SVD (uniform), ridge 1e-6 instead of 1e-2", True, False),
+    "lorap": ("LoRAP", True, False),
+    "mpo": ("MPO (3 tensors, bond-truncated)", False, False),
+    "svdllm_ft": ("whitened SVD (uniform) + same fine-tune", True, True),
+    "svdllm_global_ft": ("whitened SVD (global) + same fine-tune", True, True),
+    "lorap_ft": ("LoRAP + same fine-tune", True, True),
+    "mpo_ft": ("MPO + same fine-tune (auxiliary tensors)", True, True),
+    "rankdyna": ("RankDyna (defaults: whitened start, all groups, factors of the first break-even ones trained)",
+                 True, True),
+    "rankdyna_full_rank": ("RankDyna, every group's factors trained (factor_budget None, ~2x memory)", True, True),
+    "rankdyna_truncated": ("ablation: RankDyna, start truncated at break-even (groups beyond dropped)", True, True),
+    "rankdyna_v0_truncated_0.9": ("ablation, pre-issue-9 method: start truncated at factor_budget 0.9", True, True),
+    "rankdyna_v0_full_rank": ("ablation, pre-issue-9 method: every group's factors trained", True, True),
+    "rankdyna_v0_break_even": ("ablation, pre-issue-9 method: start truncated at break-even", True, True),
+    "rankdyna_v0_break_even_svd_init": ("ablation, pre-issue-9 method: plain SVD start truncated at break-even",
+                                        True, True),
+    "rankdyna_v0_break_even_final_half": ("ablation, pre-issue-9 method: truncated at break-even, last half of the "
+                                          "steps at the target", True, True),
+}
+SETTINGS = ("seq_len", "calib_sequences", "eval_sequences", "train_steps", "batch_size", "lr")
+
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--methods", nargs="+", default=["dense", "svdllm", "lorap", "rankdyna"], choices=list(METHODS))
 parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.5])
-# dense_ft and lorap_ft are controls: the same causal-LM fine-tune as RankDyna's on the dense model (budget 1.0)
-# and on the LoRAP-compressed model, to separate in-domain adaptation from compression quality.
-# mpo is the MPO decomposition alone; mpo_ft adds the same fine-tune, of the auxiliary tensors only (plus the
-# untargeted embeddings and norms), as the MPO recipe prescribes.
-METHODS = ["svd", "asvd", "lorap", "rankdyna", "dense_ft", "lorap_ft", "mpo", "mpo_ft"]
-parser.add_argument("--methods", nargs="+", default=["svd", "asvd", "lorap", "rankdyna"], choices=METHODS)
-parser.add_argument("--glue-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue"))
+parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="methods whose result does not depend on the seed run with the first one only")
+parser.add_argument("--glue-dir", default=os.path.join(REPO, "..", "shared", "data", "glue"))
 parser.add_argument("--seq-len", type=int, default=128)
-parser.add_argument("--calib-sequences", type=int, default=8)
+parser.add_argument("--calib-sequences", type=int, default=32)
 parser.add_argument("--eval-sequences", type=int, default=32)
 parser.add_argument("--train-steps", type=int, default=30)
-parser.add_argument("--batch-size", type=int, default=4)
+parser.add_argument("--batch-size", type=int, default=2)
 parser.add_argument("--lr", type=float, default=5e-5)
-parser.add_argument("--threads", type=int, default=1)
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--out", default="docs/RESULTS_LM.md")
-parser.add_argument("--results-json", default="docs/results_lm.json")
-parser.add_argument("--fresh", action="store_true", help="ignore results already in --results-json")
-parser.add_argument("--report-only", action="store_true", help="rewrite --out from --results-json and exit")
+parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--runs-dir", default=os.path.join(REPO, "benchmarks", "lm"))
+parser.add_argument("--results-json", default=os.path.join(REPO, "docs", "results_lm.json"))
+parser.add_argument("--out", default=os.path.join(REPO, "docs", "RESULTS_LM.md"))
+parser.add_argument("--report-only", action="store_true", help="rebuild --results-json and --out from the run files")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
-torch.manual_seed(args.seed)
-COMMAND = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+COMMAND = "python scripts/benchmark_lm.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+SETTING_VALUES = {k: getattr(args, k) for k in SETTINGS}
 
-# -- text: GLUE sentences, packed into fixed-length blocks ---------------------------------------------
 model_dir = smollm2_path()
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 TASKS = {"sst2": ["sentence"], "cola": ["sentence"], "mrpc": ["sentence1", "sentence2"],
          "rte": ["sentence1", "sentence2"]}
+EVAL_SEED = 0  # the held-out blocks never change with --seeds
 
 
+# -- text: GLUE sentences, packed into fixed-length blocks ---------------------------------------------
 def sentences(split: str) -> list[str]:
     out = []
     for task, columns in TASKS.items():
@@ -92,19 +146,28 @@ def blocks(texts: list[str], count: int, seed: int) -> torch.Tensor:
     return torch.tensor(ids[:needed]).view(count, args.seq_len)
 
 
-train_blocks_needed = args.calib_sequences + args.train_steps * args.batch_size
-train_blocks = blocks(sentences("train"), train_blocks_needed, args.seed)
-calib_ids, finetune_ids = train_blocks[: args.calib_sequences], train_blocks[args.calib_sequences :]
-eval_ids = blocks(sentences("validation"), args.eval_sequences, args.seed)
-calibration = [{"input_ids": calib_ids[i : i + 4]} for i in range(0, len(calib_ids), 4)]
+class RunData:
+    """Calibration and fine-tune blocks of one seed (disjoint), plus the fixed held-out blocks."""
+
+    _train_sentences: list[str] | None = None
+    eval_ids: torch.Tensor | None = None
+
+    def __init__(self, seed: int):
+        if RunData._train_sentences is None:
+            RunData._train_sentences = sentences("train")
+            RunData.eval_ids = blocks(sentences("validation"), args.eval_sequences, EVAL_SEED)
+        train = blocks(RunData._train_sentences, args.calib_sequences + args.train_steps * args.batch_size, seed)
+        self.seed = seed
+        self.calib_ids, self.finetune_ids = train[: args.calib_sequences], train[args.calib_sequences :]
+        self.calibration = [{"input_ids": self.calib_ids[i : i + 4]} for i in range(0, len(self.calib_ids), 4)]
 
 
 @torch.no_grad()
 def perplexity(model) -> float:
     model.eval()
     nll, tokens = 0.0, 0
-    for i in range(0, len(eval_ids), 4):
-        batch = eval_ids[i : i + 4]
+    for i in range(0, len(RunData.eval_ids), 4):
+        batch = RunData.eval_ids[i : i + 4]
         loss = model(input_ids=batch, labels=batch).loss  # mean over the batch's shifted tokens
         n = batch.numel() - batch.shape[0]
         nll, tokens = nll + loss.item() * n, tokens + n
@@ -115,169 +178,241 @@ def fresh_model():
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
-dense = fresh_model()
-TARGETS = find_target_linears(dense)
-DENSE_TARGET_PARAMS = sum(l.weight.numel() for l in TARGETS.values())
-DENSE_TOTAL_PARAMS = sum(p.numel() for p in dense.parameters())
-
-
 # -- methods ----------------------------------------------------------------------------------------------
-def finetune(model, callbacks=()) -> None:
-    """The short causal-LM fine-tune shared by RankDyna and the fine-tuned controls (same data, steps, lr)."""
-    train = Dataset.from_dict({"input_ids": finetune_ids.tolist(), "labels": finetune_ids.tolist()})
+def finetune(model, data: RunData, callbacks=()) -> float:
+    """The causal-LM fine-tune every fine-tuning method gets (same blocks, steps, lr); returns the last loss."""
+    train = Dataset.from_dict({"input_ids": data.finetune_ids.tolist(), "labels": data.finetune_ids.tolist()})
     with tempfile.TemporaryDirectory() as out:
         training_args = TrainingArguments(
             output_dir=out, max_steps=args.train_steps, per_device_train_batch_size=args.batch_size,
             learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0, logging_steps=5,
-            save_strategy="no", report_to="none", use_cpu=True, seed=args.seed, disable_tqdm=False,
+            save_strategy="no", report_to="none", use_cpu=True, seed=data.seed, disable_tqdm=True,
         )
-        Trainer(model=model, args=training_args, train_dataset=train, callbacks=list(callbacks)).train()
+        trainer = Trainer(model=model, args=training_args, train_dataset=train, callbacks=list(callbacks))
+        trainer.train()
     model.eval()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses[-1] if losses else float("nan")
 
 
-def run_rankdyna(model, budget: float):
-    config = RankDynaConfig(target_budget=budget, warmup_fraction=0.1, final_fraction=0.2, reallocation_interval=2)
-    prepare_model(model, config)
-    finetune(model, [RankDynaCallback(config)])
-    return export_model(model), config.to_dict()
+def rankdyna_config(method: str, budget: float) -> RankDynaConfig:
+    return RankDynaConfig(target_budget=budget, **{**RANKDYNA_RECIPE, **RANKDYNA_VARIANTS[method]})
 
 
-def compress(method: str, model, budget: float):
-    if method == "svd":
+def compress(method: str, model, budget: float, data: RunData):
+    """Compress (and fine-tune) ``model`` in place; returns (module layout, method config, extra record fields)."""
+    base = method.removesuffix("_ft")
+    extra = {}
+    if method in RANKDYNA_VARIANTS:
+        config = rankdyna_config(method, budget)
+        prepare_model(model, config, data.calibration)
+        extra["final_train_loss"] = finetune(model, data, [RankDynaCallback(config)])
+        return export_model(model), config.to_dict(), extra
+    if base == "dense":
+        modules, config = {}, {}
+    elif base == "svd":
         config = LowRankSVDConfig(target_budget=budget)
-        return compress_svd(model, config), vars(config)
-    if method == "asvd":
+        modules = compress_svd(model, config)
+    elif base == "asvd":
         config = LowRankSVDConfig(target_budget=budget, activation_weighted=True)
-        return compress_svd(model, config, calibration), vars(config)
-    if method in ("lorap", "lorap_ft"):
+        modules = compress_svd(model, config, data.calibration)
+    elif base.startswith("svdllm"):
+        config = SVDLLMConfig(target_budget=budget, allocation="global" if base == "svdllm_global" else "uniform",
+                              damping=float(base.rsplit("_", 1)[1]) if "_damping_" in base else 1e-2)
+        modules = compress_svdllm(model, config, data.calibration)
+    elif base == "lorap":
         config = LoRAPConfig(target_budget=budget)
-        modules = compress_lorap(model, config, calibration)
-        if method == "lorap_ft":
-            finetune(model)  # shapes do not change, so the layout stays valid
-        return modules, vars(config)
-    if method in ("mpo", "mpo_ft"):
+        modules = compress_lorap(model, config, data.calibration)
+    elif base == "mpo":
         config = MPOConfig(target_budget=budget)
         prepare_mpo(model, config)
-        if method == "mpo_ft":
-            finetune(model)
-        return export_mpo(model), vars(config)
-    if method == "dense_ft":
-        finetune(model)
-        return {}, {}
-    return run_rankdyna(model, budget)
+    else:
+        raise AssertionError(method)
+    if method.endswith("_ft"):
+        extra["final_train_loss"] = finetune(model, data)  # shapes do not change, so the layout stays valid
+    if base == "mpo":
+        modules = export_mpo(model)
+    return modules, (vars(config) if not isinstance(config, dict) else config), extra
 
 
-# -- run, one (method, budget) at a time, saving after each -------------------------------------------------
-results = {}
-if os.path.isfile(args.results_json) and not args.fresh:
-    with open(args.results_json) as f:
-        results = json.load(f)
-
-
-def save_results() -> None:
-    with open(args.results_json, "w") as f:
-        json.dump(results, f, indent=2)
-    write_markdown()
-
-
-LABELS = {"dense": "dense (no compression)", "dense_ft": "dense + same fine-tune (control)",
-          "svd": "SVD (uniform rank)", "asvd": "activation-weighted SVD", "lorap": "LoRAP",
-          "lorap_ft": "LoRAP + same fine-tune (control)", "mpo": "MPO (3 tensors, bond-truncated)",
-          "mpo_ft": "MPO + same fine-tune (auxiliary tensors)", "rankdyna": "RankDyna (fine-tuned)"}
-
-
-def planned_runs(methods: list[str], budgets: list[float]) -> list[tuple[str, float]]:
-    """Cheap post-training methods first, fine-tuning ones last, so a run cut short still has the baselines."""
-    order = sorted(methods, key=lambda m: m in ("rankdyna", "dense_ft", "lorap_ft", "mpo_ft"))
-    return [(m, b) for m in order for b in ([1.0] if m == "dense_ft" else budgets)]
-
-
-def write_markdown() -> None:
-    meta = results.get("_meta", {})
-    run = argparse.Namespace(**meta.get("args", vars(args)))  # the settings the numbers were measured with
-    lines = [
-        "# Decoder LM compression: SmolLM2-135M held-out perplexity",
-        "",
-        "Generated by `scripts/benchmark_lm.py`; do not edit by hand.",
-        "",
-        "- Commands (run in this order, each adding its rows to the same results file): "
-        + "; ".join(f"`{c}`" for c in meta.get("commands", [COMMAND])),
-        f"- Date of the last command: {meta.get('date')}; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, "
-        f"rankdyna_trainer {rankdyna_trainer.__version__}, Python {platform.python_version()}",
-        f"- Model: SmolLM2-135M-Instruct (packaged Q4_1 GGUF, dequantized to float32), targeted matrices: "
-        f"{len(TARGETS)} (q/k/v/o/gate/up/down x 30 blocks), {DENSE_TARGET_PARAMS:,} dense weight params "
-        f"of {DENSE_TOTAL_PARAMS:,} in the model.",
-        f"- Text: GLUE sentences (SST-2, CoLA, MRPC, RTE) joined by EOS into blocks of {run.seq_len} tokens. "
-        f"Calibration: {run.calib_sequences} training blocks. Fine-tune (RankDyna and the controls): "
-        f"{run.train_steps} steps x "
-        f"{run.batch_size} training blocks (disjoint from calibration), lr {run.lr}. Held-out: "
-        f"{run.eval_sequences} blocks of dev sentences "
-        f"({run.eval_sequences * (run.seq_len - 1):,} predicted tokens).",
-        "- Times are wall-clock seconds of compression (+ calibration, + fine-tuning where there is one), measured "
-        "side by side by this script on a shared 2-core CPU (other jobs were running): compare them only roughly.",
-        "- Run as `OMP_NUM_THREADS=1 nice -n 10 <command>` with `--threads 1` (the default); the converted model "
-        "cache came from `rankdyna_trainer.packaged_models.smollm2_path()`.",
-        "- Every compressed model was exported, saved, reloaded with `load_compressed_model`, and evaluated "
-        "after reload.",
-        "",
-        "| budget (kept) | method | held-out PPL | targeted params | total params | time (s) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for key, r in sorted(((k, v) for k, v in results.items() if not k.startswith("_")),
-                         key=lambda kv: (-kv[1]["budget"], list(LABELS).index(kv[1]["method"]))):
-        ppl = f"{r['perplexity']:.2f}" if r["perplexity"] < 1e4 else f"{r['perplexity']:.3g}"
-        lines.append(f"| {r['budget']:.0%} | {LABELS[r['method']]} | {ppl} | "
-                     f"{r['target_params']:,} ({r['target_params'] / DENSE_TARGET_PARAMS:.1%}) | "
-                     f"{r['total_params']:,} | {r['seconds']:.0f} |")
-    missing = [f"{m}@{b}" for m, b in planned_runs(run.methods, run.budgets) if f"{m}@{b}" not in results]
-    if missing:
-        lines += ["", f"Not finished in this run: {', '.join(missing)}."]
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-if args.report_only:
-    write_markdown()
-    sys.exit(0)
-SETTINGS = ("seq_len", "calib_sequences", "eval_sequences", "train_steps", "batch_size", "lr", "seed", "glue_dir")
-meta = results.get("_meta", {})
-if "args" in meta and any(meta["args"][k] != vars(args)[k] for k in SETTINGS):
-    sys.exit(f"{args.results_json} holds results measured with other settings; pass --fresh or the same "
-             f"{', '.join('--' + k.replace('_', '-') for k in SETTINGS)}.")
-now = datetime.datetime.now(datetime.timezone.utc)
-commands = meta.get("commands", [meta["command"]] if "command" in meta else [])
-results["_meta"] = {"commands": [c for c in commands if c != COMMAND] + [COMMAND],
-                    "date": now.strftime("%Y-%m-%d %H:%M UTC"), "args": vars(args)}
-if "dense@1.0" not in results:
-    t0 = time.perf_counter()
-    results["dense@1.0"] = {"method": "dense", "budget": 1.0, "perplexity": perplexity(dense),
-                            "target_params": DENSE_TARGET_PARAMS, "total_params": DENSE_TOTAL_PARAMS, "seconds": 0.0}
-    print(f"dense: ppl {results['dense@1.0']['perplexity']:.2f} ({time.perf_counter() - t0:.0f}s to evaluate)",
-          flush=True)
-    save_results()
+# -- accounting -------------------------------------------------------------------------------------------
+dense = fresh_model()
+TARGETS = {n: tuple(l.weight.shape) for n, l in find_target_linears(dense).items()}
+DENSE_TARGET_PARAMS = sum(m * n for m, n in TARGETS.values())
+DENSE_TOTAL_PARAMS = sum(p.numel() for p in dense.parameters())
 del dense
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
-for method, budget in planned_runs(args.methods, args.budgets):
-    key = f"{method}@{budget}"
-    if key in results:
-        print(f"{key}: already measured, skipping", flush=True)
-        continue
+
+def kept_params(modules: dict) -> dict[str, int]:
+    """Targeted weight parameters kept, in all and split into attention and FFN matrices."""
+    kept = {n: exported_params(modules[n]) if n in modules else m * k for n, (m, k) in TARGETS.items()}
+    attention = sum(v for n, v in kept.items() if n.rsplit(".", 1)[-1] in ATTENTION)
+    return {"target_params": sum(kept.values()), "attention_params": attention,
+            "ffn_params": sum(kept.values()) - attention}
+
+
+def dense_split() -> tuple[int, int]:
+    attention = sum(m * k for n, (m, k) in TARGETS.items() if n.rsplit(".", 1)[-1] in ATTENTION)
+    return attention, DENSE_TARGET_PARAMS - attention
+
+
+# -- runs ---------------------------------------------------------------------------------------------------
+def run_path(method: str, budget: float, seed: int) -> str:
+    return os.path.join(args.runs_dir, f"{method}@{budget}_seed{seed}.json")
+
+
+def planned_runs() -> list[tuple[str, float, int]]:
+    """Cheap post-training methods first, fine-tuning ones last; seed-independent methods once."""
+    order = sorted(args.methods, key=lambda m: METHODS[m][2])
+    runs = []
+    for seed_index, seed in enumerate(args.seeds):
+        for method in order:
+            if seed_index > 0 and not METHODS[method][1]:
+                continue
+            for budget in ([1.0] if method in ("dense", "dense_ft") else args.budgets):
+                runs.append((method, budget, seed))
+    return runs
+
+
+def run_one(method: str, budget: float, seed: int) -> dict:
+    data = RunData(seed)
     model = fresh_model()
+    torch.manual_seed(seed)
     start = time.perf_counter()
-    modules, method_config = compress(method, model, budget)
+    modules, method_config, extra = compress(method, model, budget, data)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as saved:
         save_compressed_model(model, saved, modules, method, method_config)
         del model
         reloaded = load_compressed_model(saved)
-    untouched = [n for n in TARGETS if n not in modules]  # dense_ft keeps every targeted matrix dense
-    target_params = sum(rankdyna_trainer.export.exported_params(e) for e in modules.values())
-    target_params += sum(TARGETS[n].weight.numel() for n in untouched)
-    results[key] = {"method": method, "budget": budget, "perplexity": perplexity(reloaded),
-                    "target_params": target_params, "total_params": sum(p.numel() for p in reloaded.parameters()),
-                    "seconds": seconds}
-    print(f"{key}: ppl {results[key]['perplexity']:.2f}, params {target_params:,}, {seconds:.0f}s", flush=True)
-    save_results()
-    del reloaded
-print("done", flush=True)
+    record = {
+        "method": method, "budget": budget, "seed": seed, "perplexity": perplexity(reloaded),
+        **kept_params(modules), "total_params": sum(p.numel() for p in reloaded.parameters()),
+        "seconds": seconds, **extra, "settings": SETTING_VALUES, "method_config": method_config,
+        # kept rank per targeted matrix ("dense": stored as a full matrix, as wide as the method left it)
+        "ranks": {n: e.get("rank", "dense") for n, e in modules.items()},
+        "command": COMMAND, "threads": args.threads,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "rankdyna_trainer": rankdyna_trainer.__version__, "python": platform.python_version()},
+    }
+    return json.loads(json.dumps(record, default=str))
+
+
+# -- report -------------------------------------------------------------------------------------------------
+def load_runs() -> tuple[list[dict], list[str]]:
+    current, stale = [], []
+    for path in sorted(glob.glob(os.path.join(args.runs_dir, "*.json"))):
+        with open(path) as f:
+            record = json.load(f)
+        if record.get("settings") == SETTING_VALUES:
+            current.append(record)
+        else:
+            stale.append(os.path.basename(path))
+    return current, stale
+
+
+def aggregate(runs: list[dict]) -> dict:
+    grouped: dict[str, list[dict]] = {}
+    for r in runs:
+        grouped.setdefault(f"{r['method']}@{r['budget']}", []).append(r)
+    results = {}
+    for key, rs in grouped.items():
+        rs.sort(key=lambda r: r["seed"])
+        ppl = [r["perplexity"] for r in rs]
+        first = rs[0]
+        results[key] = {
+            "method": first["method"], "budget": first["budget"], "perplexity": statistics.fmean(ppl),
+            "perplexity_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
+            "perplexity_seeds": ppl, "seeds": [r["seed"] for r in rs],
+            "target_params": first["target_params"], "attention_params": first["attention_params"],
+            "ffn_params": first["ffn_params"], "total_params": first["total_params"],
+            "seconds": statistics.fmean(r["seconds"] for r in rs),
+        }
+    return results
+
+
+def fmt_ppl(value: float) -> str:
+    return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
+
+
+def write_report(runs: list[dict], stale: list[str]) -> None:
+    results = aggregate(runs)
+    commands = sorted({r["command"] for r in runs})
+    dates = sorted(r["date"] for r in runs)
+    meta = {"settings": SETTING_VALUES, "commands": commands, "dates": [dates[0], dates[-1]] if dates else [],
+            "runs_dir": os.path.relpath(args.runs_dir, REPO), "rankdyna_recipe": RANKDYNA_RECIPE,
+            "rankdyna_variants": RANKDYNA_VARIANTS, "dense_target_params": DENSE_TARGET_PARAMS,
+            "dense_total_params": DENSE_TOTAL_PARAMS}
+    with open(args.results_json, "w") as f:
+        json.dump({"_meta": meta, **dict(sorted(results.items()))}, f, indent=2)
+    s = SETTING_VALUES
+    att_dense, ffn_dense = dense_split()
+    versions = runs[-1]["versions"] if runs else {}
+    lines = [
+        "# Decoder LM compression: SmolLM2-135M held-out perplexity",
+        "",
+        f"Generated by `scripts/benchmark_lm.py` from the run files in `{meta['runs_dir']}/` "
+        "(one per method, budget and seed); do not edit by hand. Mean over seeds in docs/results_lm.json.",
+        "",
+        "- Commands (each adds the runs it is missing): " + "; ".join(f"`{c}`" for c in commands),
+        f"- Runs dated {' to '.join(meta['dates'])}; torch {versions.get('torch')}, transformers "
+        f"{versions.get('transformers')}, Python {versions.get('python')}; CPU, 2 threads, run under the shared "
+        "lock (`flock /work/notes/heavy.lock ...`) so no other heavy job ran beside them.",
+        f"- Model: SmolLM2-135M-Instruct (packaged Q4_1 GGUF, dequantized to float32). Targeted: {len(TARGETS)} "
+        f"matrices (q/k/v/o/gate/up/down x 30 blocks), {DENSE_TARGET_PARAMS:,} dense weight params of "
+        f"{DENSE_TOTAL_PARAMS:,} in the model ({att_dense:,} attention, {ffn_dense:,} FFN).",
+        f"- Text: GLUE sentences (SST-2, CoLA, MRPC, RTE) joined by EOS into blocks of {s['seq_len']} tokens. "
+        f"Calibration (LoRAP, activation-weighted SVD, SVD-LLM, RankDyna's whitened start): the same "
+        f"{s['calib_sequences']} training blocks. Fine-tune (RankDyna and every `+ same fine-tune` row): "
+        f"{s['train_steps']} steps x {s['batch_size']} training blocks (disjoint from calibration), AdamW lr "
+        f"{s['lr']} linear decay. The seed draws the calibration and fine-tune blocks and the data order. "
+        f"Held-out: {s['eval_sequences']} fixed blocks of dev sentences "
+        f"({s['eval_sequences'] * (s['seq_len'] - 1):,} predicted tokens).",
+        f"- RankDyna recipe (`RankDynaConfig` values on top of its defaults): `{RANKDYNA_RECIPE}`; ablation rows "
+        f"are: {', '.join(f'`{k}` {v}' for k, v in RANKDYNA_VARIANTS.items() if v)}.",
+        "- Every compressed model was exported, saved, reloaded with `load_compressed_model` and evaluated after "
+        "reload. Time: wall-clock seconds of compression (+ calibration, + fine-tune), mean over seeds.",
+        "",
+        "| budget (kept) | method | held-out PPL (mean) | per seed | targeted params | attention / FFN kept "
+        "| time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = list(METHODS)
+    for key, r in sorted(results.items(), key=lambda kv: (-kv[1]["budget"], order.index(kv[1]["method"]))):
+        per_seed = ", ".join(fmt_ppl(p) for p in r["perplexity_seeds"]) if len(r["seeds"]) > 1 else "(one run)"
+        lines.append(
+            f"| {r['budget']:.0%} | {METHODS[r['method']][0]} | {fmt_ppl(r['perplexity'])} | {per_seed} | "
+            f"{r['target_params']:,} ({r['target_params'] / DENSE_TARGET_PARAMS:.1%}) | "
+            f"{r['attention_params'] / att_dense:.0%} / {r['ffn_params'] / ffn_dense:.0%} | {r['seconds']:.0f} |")
+    missing = [f"{m}@{b} seed {sd}" for m, b, sd in planned_runs()
+               if not os.path.isfile(run_path(m, b, sd))] if not args.report_only else []
+    if missing:
+        lines += ["", f"Not run yet in the last command: {', '.join(missing)}."]
+    if stale:
+        lines += ["", f"Ignored (measured with other settings): {', '.join(stale)}."]
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    os.makedirs(args.runs_dir, exist_ok=True)
+    if not args.report_only:
+        for method, budget, seed in planned_runs():
+            path = run_path(method, budget, seed)
+            if os.path.isfile(path):
+                print(f"{method}@{budget} seed {seed}: already measured, skipping", flush=True)
+                continue
+            record = run_one(method, budget, seed)
+            with open(path + ".partial", "w") as f:
+                json.dump(record, f, indent=2)
+            os.replace(path + ".partial", path)
+            print(f"{method}@{budget} seed {seed}: ppl {record['perplexity']:.2f}, params {record['target_params']:,}"
+                  f", {record['seconds']:.0f}s", flush=True)
+            write_report(*load_runs())
+    write_report(*load_runs())
+
+
+if __name__ == "__main__":
+    main()

@@ -65,6 +65,10 @@ METHOD_FLAGS = {
     "rankdyna_group_fisher_per_param": _rankdyna(*FIXED),
     "rankdyna_v0_fisher_per_param": _rankdyna(*_replace(FIXED, "--rankdyna_factor_scaling", "none")),
     "rankdyna_group_fisher_per_param_min8": _rankdyna(*_replace(FIXED, "--rankdyna_min_rank", "8")),
+    # The whitened start (factors of SVD(W S) S^-1, calibrated on 16 training batches) and the full-rank start
+    # (factor_budget 2 keeps every group of every matrix trainable).
+    "rankdyna_whitened": _rankdyna("--rankdyna_init", "whitened"),
+    "rankdyna_full_rank": _rankdyna("--rankdyna_factor_budget", "2"),
 }
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -118,7 +119,7 @@ class ModelArguments:
         metadata={"choices": sorted(METHODS),
                   "help": "Compression method (rankdyna_trainer.methods). 'dense' fine-tunes without compressing; "
                   "'rankdyna' is --rankdyna; 'mpo' trains matrix product operators' auxiliary tensors; 'svd', "
-                  "'fwsvd', 'tfwsvd', 'ars' compress --model_name_or_path, which should already be fine-tuned on the "
+                  "'fwsvd', 'tfwsvd', 'ars', 'svdllm' compress --model_name_or_path, which should already be fine-tuned on the "
                   "task, then fine-tune the factorized model (their second round); 'lorap' compresses with "
                   "calibration batches, then fine-tunes; 'adalora' trains peft AdaLoRA adapters and exports the "
                   "merged dense model."},
@@ -129,6 +130,11 @@ class ModelArguments:
     compression_fisher_batches: Optional[int] = field(
         default=None,
         metadata={"help": "Training batches for the Fisher information of fwsvd/tfwsvd/ars (default: all of them)."}
+    )
+    compression_calibration_batches: int = field(
+        default=16,
+        metadata={"help": "Training batches used as calibration inputs by lorap, svdllm and RankDyna's whitened "
+                  "start (--rankdyna_init whitened)."},
     )
 
 
@@ -191,6 +197,17 @@ class RankDynaArguments:
         metadata={"help": "Weight of the orthogonality regularizer (0 disables it)."})
     rankdyna_init_rank: Optional[int] = field(
         default=None, metadata={"help": "Keep the top-k groups at SVD time (default: all min(m, n) groups)."})
+    rankdyna_factor_budget: Optional[float] = field(
+        default=_RANKDYNA_DEFAULTS["factor_budget"],
+        metadata={"help": "Trainable factor storage per matrix at factorization time, fraction of its dense weights "
+                  "(None: every group trains; see docs/method.md)."})
+    rankdyna_init: str = field(
+        default=_RANKDYNA_DEFAULTS["init"],
+        metadata={"choices": ["svd", "whitened"],
+                  "help": "'svd' or 'whitened' (calibrated on --compression_calibration_batches training batches)."})
+    rankdyna_whitening_damping: float = field(
+        default=_RANKDYNA_DEFAULTS["whitening_damping"],
+        metadata={"help": "Ridge of the whitened start, relative to the inputs' mean square."})
     rankdyna_target_modules: Optional[str] = field(
         default=None,
         metadata={"help": "Comma-separated module-name suffixes to factorize (default: every linear layer of the "
@@ -253,6 +270,9 @@ def check_arguments(model_args, data_args, rankdyna_args, search_args, training_
         raise UsageError(f"--task_name is required: one of {sorted(GLUE_TASKS)}.")
     with reported_as("--task_name", ValueError):
         get_task(data_args.task_name)  # unknown task -> ValueError naming the choices
+    if model_args.compression_calibration_batches < 1:
+        raise UsageError(f"--compression_calibration_batches must be >= 1, "
+                         f"got {model_args.compression_calibration_batches}.")
     method = model_args.compression_method
     with reported_as("--compression_method", ValueError):
         get_method(method)  # argparse checks the choices; this covers callers that build the arguments in code
@@ -391,20 +411,31 @@ class Compression:
     dense_shapes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
-def rankdyna_compression(rankdyna_args: RankDynaArguments) -> Compression:
+def calibration_batches(loader, count: int) -> list[dict]:
+    """The first ``count`` training batches, inputs only (calibration needs no labels)."""
+    if loader is None:
+        raise ValueError("Calibration needs the training set: add --do_train.")
+    return [{k: v for k, v in batch.items() if k != "labels"} for batch in itertools.islice(loader, count)]
+
+
+def rankdyna_compression(rankdyna_args: RankDynaArguments, model_args: ModelArguments | None = None) -> Compression:
     callback = RankDynaCallback()
+    calibration_count = model_args.compression_calibration_batches if model_args is not None else 16
 
     def prepare(model, overrides):
         config = rankdyna_args.to_config(overrides)
         callback.config = config  # a search trial's config replaces the previous trial's
-        return prepare_model(model, config)
+        calibration = (calibration_batches(compression.train_loader, calibration_count)
+                       if config.init == "whitened" else None)
+        return prepare_model(model, config, calibration)
 
     def export(model):
         config, ranks = model.rankdyna_config, rank_pattern(model)
         return model, export_model(model), config.to_dict(), ranks
 
     names = tuple(f.name for f in dataclasses.fields(RankDynaArguments) if f.name != "rankdyna")
-    return Compression("rankdyna", prepare, [callback, RankDynaWandbCallback()], export, names)
+    compression = Compression("rankdyna", prepare, [callback, RankDynaWandbCallback()], export, names)
+    return compression
 
 
 def registry_compression(model_args: ModelArguments) -> Compression:
@@ -419,6 +450,8 @@ def registry_compression(model_args: ModelArguments) -> Compression:
         extra = {}
         if model_args.compression_fisher_batches and "max_fisher_batches" in fields:
             extra["max_fisher_batches"] = model_args.compression_fisher_batches
+        if "max_calibration_batches" in fields:
+            extra["max_calibration_batches"] = model_args.compression_calibration_batches
         state["config"] = method.make_config(target_budget=model_args.compression_budget, model=model,
                                              total_steps=compression.total_steps, **extra)
         if method.post_hoc:
@@ -446,7 +479,7 @@ def build_compression(rankdyna_args: RankDynaArguments,
                       model_args: ModelArguments | None = None) -> Compression | None:
     """The compression method of this run (None: plain fine-tuning)."""
     if rankdyna_args.rankdyna:
-        return rankdyna_compression(rankdyna_args)
+        return rankdyna_compression(rankdyna_args, model_args)
     if model_args is not None and model_args.compression_method not in (None, "dense", "rankdyna"):
         return registry_compression(model_args)
     return None

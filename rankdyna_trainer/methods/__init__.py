@@ -4,9 +4,9 @@ Two kinds of method:
 
 * **in-training** (``dense``, ``rankdyna``, ``mpo``, ``adalora``): ``prepare`` the pre-trained model, train it with
   the returned callbacks, then ``export`` it: one fine-tuning run.
-* **post-hoc** (``svd``, ``fwsvd``, ``tfwsvd``, ``ars``, ``lorap``): ``compress`` a model (for the first four,
-  one already fine-tuned on the task), given a dataloader of task batches, then fine-tune the factorized model
-  again: two runs.
+* **post-hoc** (``svd``, ``fwsvd``, ``tfwsvd``, ``ars``, ``lorap``, ``svdllm``): ``compress`` a model (for all but
+  ``lorap``, one already fine-tuned on the task), given a dataloader of task batches (``lorap`` and ``svdllm`` only
+  read their inputs, as calibration data), then fine-tune the factorized model again: two runs.
 
 Either way the compressed model records its module layout on ``model.config``, so ``model.save_pretrained``
 writes a folder that ``AutoModelFor....from_pretrained`` reloads (see :mod:`rankdyna_trainer.quantizer`).
@@ -37,6 +37,7 @@ from .lorap import LoRAPConfig, compress_lorap
 from .mpo import MPOConfig, export_mpo, prepare_mpo
 from .rankdyna import RankDynaCallback, RankDynaConfig, export_model, prepare_model
 from .svd import SVDConfig, compress_svd
+from .svdllm import SVDLLMConfig, compress_svdllm
 from .tfwsvd import TFWSVDConfig, compress_tfwsvd
 
 
@@ -83,14 +84,22 @@ def _prepare_rankdyna(model, config):
     return prepare_model(model, config), [RankDynaCallback(config)]
 
 
-def _compress_lorap(model, config: LoRAPConfig, dataloader) -> dict:
-    """LoRAP calibrated on the first ``config.max_calibration_batches`` batches of ``dataloader`` (labels unused)."""
+def _calibration_batches(model, dataloader, limit: int, method: str) -> list[dict]:
+    """The first ``limit`` batches of ``dataloader`` on the model's device (labels are not read)."""
     if dataloader is None:
-        raise ValueError("LoRAP needs a dataloader of task batches for calibration; got None.")
+        raise ValueError(f"{method} needs a dataloader of task batches for calibration; got None.")
     device = next(unwrap_model(model).parameters()).device
-    batches = [{k: v.to(device) for k, v in batch.items()}
-               for batch in itertools.islice(dataloader, config.max_calibration_batches)]
-    return compress_lorap(model, config, batches)
+    return [{k: v.to(device) for k, v in batch.items()} for batch in itertools.islice(dataloader, limit)]
+
+
+def _compress_lorap(model, config: LoRAPConfig, dataloader) -> dict:
+    return compress_lorap(model, config, _calibration_batches(model, dataloader, config.max_calibration_batches,
+                                                              "LoRAP"))
+
+
+def _compress_svdllm(model, config: SVDLLMConfig, dataloader) -> dict:
+    return compress_svdllm(model, config, _calibration_batches(model, dataloader, config.max_calibration_batches,
+                                                               "svdllm"))
 
 
 def _export_mpo(model):
@@ -122,6 +131,8 @@ METHODS: dict[str, CompressionMethod] = {
                           _config_of(ARSConfig), compress=compress_ars, config_class=ARSConfig),
         CompressionMethod("lorap", "LoRAP: activation-weighted SVD for attention, channel pruning for the FFN", True,
                           _config_of(LoRAPConfig), compress=_compress_lorap, config_class=LoRAPConfig),
+        CompressionMethod("svdllm", "whitened SVD (SVD-LLM): truncation error = output error on calibration inputs",
+                          True, _config_of(SVDLLMConfig), compress=_compress_svdllm, config_class=SVDLLMConfig),
     )
 }
 

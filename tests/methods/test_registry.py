@@ -8,7 +8,7 @@ from ..conftest import random_classification_dataset, tiny_bert
 
 
 def test_registry_names_every_method_and_rejects_unknown_ones():
-    assert set(METHODS) == {"dense", "rankdyna", "mpo", "adalora", "svd", "fwsvd", "tfwsvd", "ars", "lorap"}
+    assert set(METHODS) == {"dense", "rankdyna", "mpo", "adalora", "svd", "fwsvd", "tfwsvd", "ars", "lorap", "svdllm"}
     for method in METHODS.values():
         assert (method.compress is not None) == method.post_hoc
         assert (method.prepare is not None and method.export is not None) != method.post_hoc

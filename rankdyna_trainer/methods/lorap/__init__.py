@@ -1,6 +1,6 @@
 """Post-training compression that needs no fine-tuning: LoRAP and the (activation-weighted) SVD baselines."""
 
-from .calibration import input_mean_squares
+from ...calibration import input_mean_squares
 from .config import LoRAPConfig, LowRankSVDConfig
 from .model import (
     attention_ranks,

@@ -9,11 +9,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import matrix_cost
+from ...calibration import blockwise
 from ...export import dense_layer, describe_module, factorized_or_dense
 from ...factorize import svd_factorization
 from ...quantizer import record_compression
 from ...targets import find_target_linears, is_conv1d, linear_shape, linear_weight, set_submodule, unwrap_model
-from .calibration import blockwise
 from .config import ROLES, LoRAPConfig, LowRankSVDConfig
 
 

@@ -11,6 +11,9 @@ from .layer import FACTOR_SCALINGS
 
 RANK_ORDERS = ("score", "score_per_param")
 
+INITS = ("svd", "whitened")
+UNTRAINED_GROUPS = ("frozen", "dropped")
+
 
 @dataclass
 class RankDynaConfig(PeftConfigMixin):
@@ -43,6 +46,32 @@ class RankDynaConfig(PeftConfigMixin):
         default=None,
         metadata={"help": "Keep only the top `init_rank` singular groups of each matrix at factorization time "
                   "(saves memory on large models). None keeps all min(m, n) groups."},
+    )
+    factor_budget: Optional[float] = field(
+        default=1.0,
+        metadata={"help": "Trainable factors of each matrix, as a fraction of its dense parameters: the leading "
+                  "floor(factor_budget * m*n / (m+n)) singular groups train their U and V; the other groups start "
+                  "exact but with frozen factors (their singular values and gates still train and are scored). "
+                  "It bounds the gradient and optimizer memory: the default 1.0 keeps RankDyna's training memory "
+                  "within 1.5x of dense fine-tuning (docs/MEMORY_LM.md). None trains every group's factors (a "
+                  "square matrix's factors then hold twice its weights, each with gradient and Adam state)."},
+    )
+    untrained_groups: str = field(
+        default="frozen",
+        metadata={"help": "The groups beyond factor_budget: 'frozen' (kept, factors frozen: an exact start) or "
+                  "'dropped' at factorization time (a truncated start, less memory)."},
+    )
+    init: str = field(
+        default="svd",
+        metadata={"help": "How the factors start: 'svd' (SVD of the weight) or 'whitened' (SVD of W S, S the "
+                  "Cholesky-like factor of the second moment of the layer's calibration inputs, so the dropped "
+                  "groups are the ones carrying the least output energy; needs calibration_batches in "
+                  "prepare_model)."},
+    )
+    whitening_damping: float = field(
+        default=1e-2,
+        metadata={"help": "init='whitened': ridge added to the inputs' second moment, relative to its mean "
+                  "diagonal (>= 0)."},
     )
     warmup_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of optimizer steps before pruning starts (scores accumulate)."}
@@ -112,6 +141,21 @@ class RankDynaConfig(PeftConfigMixin):
                 raise ValueError(f"{name} must be in [0, 1), got {value}.")
         if self.init_rank is not None and (not isinstance(self.init_rank, int) or self.init_rank < 1):
             raise ValueError(f"init_rank must be None or an integer >= 1, got {self.init_rank!r}.")
+        if self.factor_budget is not None and (isinstance(self.factor_budget, bool)
+                                               or not isinstance(self.factor_budget, (int, float))
+                                               or not self.factor_budget > 0):
+            raise ValueError(f"factor_budget must be None or a number > 0, got {self.factor_budget!r}.")
+        if self.untrained_groups == "dropped" and self.factor_budget is not None \
+                and self.factor_budget < self.target_budget:
+            raise ValueError(f"With untrained_groups='dropped', factor_budget must be >= target_budget "
+                             f"({self.target_budget}; below it the target could not be reached), got {self.factor_budget!r}.")
+        if self.untrained_groups not in UNTRAINED_GROUPS:
+            raise ValueError(f"untrained_groups must be one of {UNTRAINED_GROUPS}, got {self.untrained_groups!r}.")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}.")
+        if isinstance(self.whitening_damping, bool) or not isinstance(self.whitening_damping, (int, float)) \
+                or not self.whitening_damping >= 0:
+            raise ValueError(f"whitening_damping must be a number >= 0, got {self.whitening_damping!r}.")
         if self.singular_value_signal not in SINGULAR_VALUE_SIGNALS:
             raise ValueError(f"singular_value_signal must be one of {SINGULAR_VALUE_SIGNALS}, "
                              f"got {self.singular_value_signal!r}.")

@@ -15,6 +15,7 @@ Two scores (``RankDynaConfig.importance``):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .layer import SVDLinear
 
@@ -107,4 +108,6 @@ class SingularGroupScores:
         element = torch._foreach_mul(self._sensitivity, self._uncertainty)
         n = len(self.layers)
         U_scores, V_scores, gate_scores = element[:n], element[n : 2 * n], element[2 * n :]
-        return [g + u.mean(dim=0) + v.mean(dim=1) for u, v, g in zip(U_scores, V_scores, gate_scores)]
+        # Frozen groups (beyond a layer's trainable_rank) have no factor statistics: their score is the gate's.
+        return [g + F.pad(u.mean(dim=0) + v.mean(dim=1), (0, g.numel() - u.shape[1]))
+                for u, v, g in zip(U_scores, V_scores, gate_scores)]

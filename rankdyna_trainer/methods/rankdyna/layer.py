@@ -5,6 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...factorize import svd_factorization
+from ...targets import linear_weight
+
 FACTOR_SCALINGS = ("none", "matrix", "group")
 
 
@@ -38,26 +41,24 @@ def factor_step_scale(s: torch.Tensor, out_features: int, in_features: int, scal
     raise ValueError(f"factor_scaling must be one of {FACTOR_SCALINGS}, got {scaling!r}.")
 
 
-def _on_accelerator(tensor: torch.Tensor) -> torch.Tensor:
-    # prepare_model runs before the Trainer moves the model; a GPU, when there is one, does the SVDs far faster.
-    if tensor.device.type == "cpu" and torch.cuda.is_available():
-        return tensor.cuda()
-    return tensor
-
-
 class SVDLinear(nn.Module):
     """A linear layer trained in factorized form ``W = U diag(s * gate) V``.
 
-    ``U`` (out x r), ``s`` (r) and ``V`` (r x in) are trainable; ``gate`` is a 0/1 buffer over singular groups
-    set by the allocation. The stored parameters are ``U / a`` and ``V / a`` with ``a`` the fixed per-group
-    ``factor_scale`` buffer (see :func:`factor_step_scale`): the factors themselves are :meth:`left` and
-    :meth:`right`. Masked groups keep their ``s``, so a group that is given back later resumes from its value
-    instead of from zero. The gradient of the loss with respect to the gate is accumulated in ``gate_grad``: for a
-    kept group it equals ``s_i * dL/ds_i`` (AdaLoRA's sensitivity of the singular value), and for a masked group it
-    is the first-order change in loss from re-adding it, which keeps masked groups' scores informative.
+    ``U`` (out x r), ``s`` (r) and ``V`` (r x in); ``gate`` is a 0/1 buffer over singular groups set by the
+    allocation. The stored parameters are ``U / a`` and ``V / a`` with ``a`` the fixed per-group ``factor_scale``
+    buffer (see :func:`factor_step_scale`): the factors themselves are :meth:`left` and :meth:`right`. Masked
+    groups keep their ``s``, so a group that is given back later resumes from its value instead of from zero. The
+    gradient of the loss with respect to the gate is accumulated in ``gate_grad``: for a kept group it equals
+    ``s_i * dL/ds_i`` (AdaLoRA's sensitivity of the singular value), and for a masked group it is the first-order
+    change in loss from re-adding it, which keeps masked groups' scores informative.
+
+    With ``trainable_rank`` k < r, only the leading k groups' factors train (parameters ``U``, ``V``); the other
+    groups' factors are frozen buffers ``U_frozen``, ``V_frozen``. Every ``s`` and gate still trains and is scored,
+    so the frozen groups are kept or pruned like the others: the layer starts exact at full rank while its
+    gradient and optimizer state cost only what the k trainable groups cost.
 
     The importance statistics live here as buffers so that Trainer checkpoints carry them and a resumed run
-    continues with the same scores. Element-wise statistics of ``U`` and ``V`` exist only when
+    continues with the same scores. Element-wise statistics of ``U`` and ``V`` (trainable part) exist only when
     ``element_statistics`` (the ``sensitivity`` importance needs them; the ``fisher`` one does not).
     """
 
@@ -65,37 +66,41 @@ class SVDLinear(nn.Module):
     exports_as_conv1d = False
 
     def __init__(self, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None,
-                 factor_scale: torch.Tensor | None = None, element_statistics: bool = True):
+                 factor_scale: torch.Tensor | None = None, element_statistics: bool = True,
+                 trainable_rank: int | None = None):
         super().__init__()
         self.out_features, self.in_features = U.shape[0], V.shape[1]
+        rank = s.shape[0]
+        k = rank if trainable_rank is None else max(1, min(int(trainable_rank), rank))
         scale = torch.ones_like(s) if factor_scale is None else factor_scale.to(s.dtype)
-        self.register_buffer("factor_scale", scale)
-        self.U = nn.Parameter(U / scale)
+        self.register_buffer("factor_scale", scale[:k].clone())
+        self.U = nn.Parameter(U[:, :k] / self.factor_scale)
         self.s = nn.Parameter(s)
-        self.V = nn.Parameter(V / scale[:, None])
+        self.V = nn.Parameter(V[:k] / self.factor_scale[:, None])
+        if k < rank:
+            self.register_buffer("U_frozen", U[:, k:].detach().clone().contiguous())
+            self.register_buffer("V_frozen", V[k:].detach().clone().contiguous())
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.register_buffer("gate", torch.ones_like(s))
         self.register_buffer("gate_grad", torch.zeros_like(s), persistent=False)
         self.register_buffer("gate_fisher", torch.zeros_like(s))
-        parts = (("U", U), ("V", V), ("gate", s)) if element_statistics else ()
-        for part, like in parts:
-            self.register_buffer(f"sensitivity_{part}", torch.zeros_like(like))
-            self.register_buffer(f"uncertainty_{part}", torch.zeros_like(like))
+        if element_statistics:
+            for part, like in (("U", self.U), ("V", self.V), ("gate", s)):
+                self.register_buffer(f"sensitivity_{part}", torch.zeros_like(like, requires_grad=False))
+                self.register_buffer(f"uncertainty_{part}", torch.zeros_like(like, requires_grad=False))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear | Conv1D, rank: int | None = None, factor_scaling: str = "none",
-                    element_statistics: bool = True) -> "SVDLinear":
-        weight = linear.weight.detach()
-        if isinstance(linear, Conv1D):  # GPT-2's Conv1D stores the weight as in x out
-            weight = weight.T
-        U, s, Vh = (t.to(weight.device) for t in torch.linalg.svd(_on_accelerator(weight.float()), full_matrices=False))
+                    element_statistics: bool = True, trainable_rank: int | None = None) -> "SVDLinear":
+        weight = linear_weight(linear).detach()
+        factorization = svd_factorization(weight)
+        U, s, Vh = factorization.left, factorization.s, factorization.right
         scale = factor_step_scale(s, weight.shape[0], weight.shape[1], factor_scaling)
         if rank is not None:
             U, s, Vh, scale = U[:, :rank], s[:rank], Vh[:rank], scale[:rank]
-        dtype = weight.dtype
         bias = linear.bias.detach().clone() if linear.bias is not None else None
-        layer = cls(U.to(dtype).contiguous(), s.to(dtype), Vh.to(dtype).contiguous(), bias, scale,
-                    element_statistics)
+        layer = cls(U.to(weight).contiguous(), s.to(weight), Vh.to(weight).contiguous(), bias, scale,
+                    element_statistics, trainable_rank)
         layer.exports_as_conv1d = isinstance(linear, Conv1D)
         return layer
 
@@ -104,17 +109,29 @@ class SVDLinear(nn.Module):
         return self.s.shape[0]
 
     @property
+    def trainable_rank(self) -> int:
+        return self.U.shape[1]
+
+    @property
     def has_element_statistics(self) -> bool:
         return hasattr(self, "sensitivity_U")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, max_rank={self.max_rank}"
+        frozen = f", trainable_rank={self.trainable_rank}" if self.trainable_rank < self.max_rank else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, max_rank={self.max_rank}{frozen}"
+
+    def _factor_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(left, right)`` of the trainable groups, then of the frozen ones (if any)."""
+        pairs = [(self.U * self.factor_scale, self.factor_scale[:, None] * self.V)]
+        if self.trainable_rank < self.max_rank:
+            pairs.append((self.U_frozen, self.V_frozen))
+        return pairs
 
     def left(self) -> torch.Tensor:
-        return self.U * self.factor_scale
+        return torch.cat([left for left, _ in self._factor_pairs()], dim=1)
 
     def right(self) -> torch.Tensor:
-        return self.factor_scale[:, None] * self.V
+        return torch.cat([right for _, right in self._factor_pairs()], dim=0)
 
     def _gate(self) -> torch.Tensor:
         if not (torch.is_grad_enabled() and self.training):
@@ -142,11 +159,17 @@ class SVDLinear(nn.Module):
         s_eff = self.s * self._gate()
         tokens = x.numel() // self.in_features
         m, n, r = self.out_features, self.in_features, self.max_rank
-        U, V = self.left(), self.right()
+        pairs = self._factor_pairs()
         # Same result either way; pick the cheaper multiply from static shapes (no host sync).
-        if tokens * r * (m + n) <= m * r * n + tokens * m * n:
-            return F.linear(F.linear(x, V) * s_eff, U, self.bias)
-        return F.linear(x, (U * s_eff) @ V, self.bias)
+        if tokens * r * (m + n) > m * r * n + tokens * m * n:
+            weight = sum((U * part) @ V for (U, V), part in zip(pairs, s_eff.split([U.shape[1] for U, _ in pairs])))
+            return F.linear(x, weight, self.bias)
+        # Per part rather than on concatenated factors, so autograd does not keep a copy of the frozen ones.
+        out = None
+        for (U, V), part in zip(pairs, s_eff.split([U.shape[1] for U, _ in pairs])):
+            y = F.linear(F.linear(x, V) * part, U)
+            out = y if out is None else out + y
+        return out if self.bias is None else out + self.bias
 
     def orthogonality_penalty(self) -> torch.Tensor:
         eye = torch.eye(self.max_rank, device=self.U.device, dtype=self.U.dtype)

@@ -2,33 +2,92 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import matrix_cost
-from ...targets import find_target_linears, set_submodule, unwrap_model
+from ...calibration import blockwise
+from ...factorize import Factorization, svd_factorization, whitened_factorization
+from ...targets import find_target_linears, is_conv1d, linear_shape, linear_weight, set_submodule, unwrap_model
 from .config import RankDynaConfig
-from .layer import SVDLinear
+from .layer import SVDLinear, factor_step_scale
 
 
-def prepare_model(model: nn.Module, config: RankDynaConfig) -> nn.Module:
+def prepare_model(model: nn.Module, config: RankDynaConfig,
+                  calibration_batches: Iterable[dict[str, torch.Tensor]] | None = None) -> nn.Module:
     """Replace every targeted ``nn.Linear``/``Conv1D`` of ``model`` (in place) by an :class:`SVDLinear` of its weight.
 
+    ``config.init="whitened"`` factorizes each weight in the whitened basis of its inputs, measured on
+    ``calibration_batches`` (token batches such as ``{"input_ids": ...}``; labels are ignored) block by block.
     ``model`` may be wrapped by ``torch.compile``; the returned object is the one passed in.
     """
     wrapper, model = model, unwrap_model(model)
     if svd_layers(model):
         raise ValueError("The model already holds SVDLinear layers; prepare_model must be called once per model.")
     targets = find_target_linears(model, config.target_modules)
-    with torch.no_grad():
-        for name, linear in tqdm(targets.items(), desc="Factorizing (SVD)", disable=len(targets) < 50):
-            layer = SVDLinear.from_linear(linear, rank=config.init_rank, factor_scaling=config.factor_scaling,
-                                          element_statistics=config.importance == "sensitivity")
-            set_submodule(model, name, layer)
+    if config.init == "whitened":
+        if calibration_batches is None:
+            raise ValueError("RankDynaConfig(init='whitened') needs calibration data: pass calibration_batches "
+                             "(a list or dataloader of token-id batches) to prepare_model.")
+        batches = [{k: v for k, v in b.items() if k != "labels"} for b in calibration_batches]
+
+        def factorize_block(block, names, second_moments):
+            cache = {}
+            for name in names:
+                factorization = whitened_factorization(linear_weight(targets[name]), second_moments[name],
+                                                       config.whitening_damping, cache)
+                set_submodule(model, name, _svd_linear(targets[name], factorization, config))
+
+        blockwise(model, targets, batches, factorize_block, desc="Factorizing (whitened SVD)",
+                  statistic="second_moment")
+    else:
+        with torch.no_grad():
+            for name, linear in tqdm(targets.items(), desc="Factorizing (SVD)", disable=len(targets) < 50):
+                set_submodule(model, name, _svd_linear(linear, svd_factorization(linear_weight(linear)), config))
     model.rankdyna_config = config
     _keep_buffers_out_of_ddp(model)
     return wrapper
+
+
+def initial_rank(config: RankDynaConfig, out_features: int, in_features: int) -> int:
+    """Groups a matrix keeps at factorization time: all ``min(m, n)``, or ``init_rank``."""
+    rank = min(out_features, in_features)
+    return rank if config.init_rank is None else min(rank, config.init_rank)
+
+
+def trainable_rank(config: RankDynaConfig, out_features: int, in_features: int) -> int:
+    """Leading groups whose factors train: those ``factor_budget`` of the dense weights pays for (all when None)."""
+    rank = initial_rank(config, out_features, in_features)
+    if config.factor_budget is None:
+        return rank
+    paid = int(config.factor_budget * out_features * in_features) // (out_features + in_features)
+    return min(rank, max(1, paid))
+
+
+def _svd_linear(linear: nn.Module, factorization: Factorization, config: RankDynaConfig) -> SVDLinear:
+    """The top groups of ``factorization`` as an SVDLinear with unit-norm rows of ``V``.
+
+    A whitened ``V`` has rows of very different norms; scaling each to unit norm (the norm moves into ``s``)
+    gives its entries the scale of an orthonormal SVD factor, so the optimizer treats both inits alike. The
+    product ``U diag(s) V`` is unchanged.
+    """
+    m, n = linear_shape(linear)
+    trainable = trainable_rank(config, m, n)
+    rank = trainable if config.untrained_groups == "dropped" else initial_rank(config, m, n)
+    norms = factorization.right.norm(dim=1).clamp_min(torch.finfo(factorization.right.dtype).tiny)
+    s = factorization.s * norms
+    scale = factor_step_scale(s, m, n, config.factor_scaling)[:rank]
+    U, s, V = factorization.left[:, :rank], s[:rank], factorization.right[:rank] / norms[:rank, None]
+    weight = linear_weight(linear)
+    bias = linear.bias.detach().clone() if linear.bias is not None else None
+    layer = SVDLinear(U.to(weight).contiguous(), s.to(weight), V.to(weight).contiguous(), bias, scale,
+                      element_statistics=config.importance == "sensitivity",
+                      trainable_rank=trainable)
+    layer.exports_as_conv1d = is_conv1d(linear)
+    return layer
 
 
 def _keep_buffers_out_of_ddp(model: nn.Module) -> None:

@@ -16,7 +16,6 @@ from rankdyna_trainer.methods.lorap import (
     svd_factors,
     uniform_rank,
 )
-from rankdyna_trainer.methods.lorap.calibration import blockwise
 from rankdyna_trainer.quantizer import load_compressed_model, save_compressed_model
 from rankdyna_trainer.targets import find_target_linears
 from tests.conftest import tiny_llama
@@ -89,35 +88,6 @@ def test_channels_to_keep_protects_the_lowest_scores():
     assert channels_to_keep(scores, 5, 0.2).tolist() == sorted(ascending[:2] + ascending[::-1][:3])
     assert channels_to_keep(scores, 5, 0.0).tolist() == sorted(ascending[::-1][:5])
     assert channels_to_keep(scores, 10, 0.2).tolist() == list(range(10))
-
-
-# -- calibration -------------------------------------------------------------------------------------------
-def test_input_mean_squares_matches_hand_computed_inputs_and_skips_padding():
-    model = tiny_llama()
-    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    stats = input_mean_squares(model, "model.layers.0", ["model.layers.0.self_attn.q_proj"],
-                               [{"input_ids": ids, "attention_mask": mask}])
-    with torch.no_grad():
-        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
-    kept = x[mask.bool()]
-    torch.testing.assert_close(stats["model.layers.0.self_attn.q_proj"], kept.pow(2).mean(dim=0))
-
-
-def test_each_block_is_calibrated_on_the_already_compressed_previous_blocks():
-    model, reference = tiny_llama(), tiny_llama()
-    seen = {}
-
-    def compress_block(block, names, stats):
-        seen[block] = stats[f"{block}.self_attn.q_proj"]
-        model.get_submodule(block).mlp.down_proj.weight.data.zero_()
-
-    batches = _batches()
-    blockwise(model, find_target_linears(model), batches, compress_block, desc="test")
-    reference.model.layers[0].mlp.down_proj.weight.data.zero_()
-    expected = input_mean_squares(reference, "model.layers.1", ["model.layers.1.self_attn.q_proj"], batches)
-    torch.testing.assert_close(seen["model.layers.1"], expected["model.layers.1.self_attn.q_proj"])
 
 
 # -- whole methods on a tiny LLaMA -------------------------------------------------------------------------

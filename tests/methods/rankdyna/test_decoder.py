@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -21,13 +22,15 @@ def test_default_llama_targets_are_all_seven_projections():
     assert len(names) == 14 and not any("lm_head" in n for n in names)
 
 
-def test_causal_lm_training_meets_budget_exports_and_reloads(tmp_path):
+@pytest.mark.parametrize("init", ["svd", "whitened"])
+def test_causal_lm_training_meets_budget_exports_and_reloads(init, tmp_path):
     model = tiny_llama()
     dense = sum(l.weight.numel() for l in find_target_linears(model).values())
     ids = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(0))
     train = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    config = RankDynaConfig(target_budget=0.4, warmup_fraction=0.1, final_fraction=0.2, reallocation_interval=1)
-    prepare_model(model, config)
+    config = RankDynaConfig(target_budget=0.4, warmup_fraction=0.1, final_fraction=0.2, reallocation_interval=1,
+                            init=init)
+    prepare_model(model, config, [{"input_ids": ids[:8]}])
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=10, per_device_train_batch_size=8,
                              learning_rate=1e-3, report_to="none", save_strategy="no", use_cpu=True, logging_steps=5)
     trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[RankDynaCallback(config)])

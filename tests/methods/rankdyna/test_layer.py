@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rankdyna_trainer import RankDynaConfig, SVDLinear, prepare_model
@@ -52,11 +53,12 @@ def test_gate_gradient_accumulates_over_micro_batches():
     torch.testing.assert_close(layer.gate_grad, full, atol=1e-4, rtol=1e-4)
 
 
-def test_prepare_model_replaces_targets_and_keeps_outputs():
+@pytest.mark.parametrize("factor_budget", [None, 1.0])
+def test_prepare_model_replaces_targets_and_keeps_outputs(factor_budget):
     model = tiny_bert()
     ids = torch.randint(0, 128, (2, 12))
     before = model(ids).logits
-    prepare_model(model, RankDynaConfig())
+    prepare_model(model, RankDynaConfig(factor_budget=factor_budget))  # full rank (trainable or partly frozen): exact
     assert sum(isinstance(m, SVDLinear) for m in model.modules()) == 12
     torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="called once per model"):
@@ -66,3 +68,46 @@ def test_prepare_model_replaces_targets_and_keeps_outputs():
 def test_init_rank_truncates_each_matrix():
     model = prepare_model(tiny_bert(), RankDynaConfig(init_rank=4))
     assert {m.max_rank for m in model.modules() if isinstance(m, SVDLinear)} == {4}
+
+
+def _svd_layers(model):
+    return [m for m in model.modules() if isinstance(m, SVDLinear)]
+
+
+def test_factor_budget_bounds_the_trainable_factors_and_freezes_the_rest():
+    model = prepare_model(tiny_bert(), RankDynaConfig(target_budget=0.3, factor_budget=0.9))
+    for layer in _svd_layers(model):
+        m, n = layer.out_features, layer.in_features
+        assert layer.max_rank == min(m, n)  # every group is still there...
+        k = layer.trainable_rank
+        assert k * (m + n) <= 0.9 * m * n < (k + 1) * (m + n)  # ... but only 90% of the dense size trains
+        assert layer.U.shape == (m, k) and layer.V.shape == (k, n)
+        assert layer.U_frozen.shape == (m, min(m, n) - k) and not layer.U_frozen.requires_grad
+    half = prepare_model(tiny_bert(), RankDynaConfig(target_budget=0.3, factor_budget=0.5, init_rank=5))
+    assert {l.max_rank for l in _svd_layers(half)} == {5}
+    wide = prepare_model(tiny_bert(), RankDynaConfig(factor_budget=2.0))
+    assert all(l.trainable_rank == l.max_rank == min(l.out_features, l.in_features) for l in _svd_layers(wide))
+
+
+def test_dropped_untrained_groups_truncate_the_start():
+    model = prepare_model(tiny_bert(), RankDynaConfig(target_budget=0.3, factor_budget=1.0, untrained_groups="dropped"))
+    for layer in _svd_layers(model):
+        m, n = layer.out_features, layer.in_features
+        assert layer.max_rank == layer.trainable_rank == m * n // (m + n)
+        assert not hasattr(layer, "U_frozen")
+
+
+def test_frozen_groups_get_no_gradient_but_are_scored_and_pruned():
+    torch.manual_seed(0)
+    layer = SVDLinear.from_linear(nn.Linear(12, 10), trainable_rank=4).train()
+    dense = layer.effective_weight().detach().clone()
+    x = torch.randn(6, 12)
+    layer(x).pow(2).sum().backward()
+    assert layer.U.grad.shape == (10, 4) and layer.V.grad.shape == (4, 12)
+    assert layer.s.grad.shape == (10,) and bool((layer.gate_grad[4:] != 0).all())  # frozen groups are scored
+    # Both forward paths (low rank and dense) agree and give the full-rank weight's output.
+    torch.testing.assert_close(layer(x), F.linear(x, dense, layer.bias))
+    torch.testing.assert_close(layer(torch.randn(500, 12)).shape, torch.Size([500, 10]))
+    layer.gate[6:] = 0  # prune frozen groups: the weight follows
+    kept = (layer.left()[:, :6] * layer.s[:6]) @ layer.right()[:6]
+    torch.testing.assert_close(layer.effective_weight(), kept)
