@@ -9,7 +9,7 @@ figure is ``torch.cuda.max_memory_allocated`` over the training steps. Next to t
 training state is counted exactly from the prepared model: trainable parameters x 4 (weight, gradient, two
 Adam moments) plus buffers (RankDyna's importance statistics).
 
-    python scripts/bench_memory.py --settings dense rankdyna rankdyna_break_even rankdyna_full_rank
+    python scripts/bench_memory.py
 """
 
 from __future__ import annotations
@@ -29,12 +29,17 @@ sys.path.insert(0, REPO)
 
 SETTINGS = {
     "dense": ("dense fine-tuning", None),
-    "rankdyna": ("RankDyna, default start (factor_budget=0.9, whitened)", {"init": "whitened"}),
-    "rankdyna_break_even": ("RankDyna, factor_budget=1.0 (break-even rank), whitened",
-                            {"init": "whitened", "factor_budget": 1.0}),
-    "rankdyna_full_rank": ("RankDyna, full-rank start (factor_budget=None, whitened)",
+    "rankdyna": ("RankDyna, defaults (factor_budget=1.0: break-even groups train, the rest frozen; whitened)",
+                 {"init": "whitened"}),
+    "rankdyna_truncated": ("RankDyna, start truncated at break-even (untrained_groups='dropped'), whitened",
+                           {"init": "whitened", "factor_budget": 1.0, "untrained_groups": "dropped"}),
+    "rankdyna_full_rank": ("RankDyna, every group's factors trained (factor_budget=None), whitened",
                            {"init": "whitened", "factor_budget": None}),
+    "rankdyna_v0_full_rank": ("RankDyna, every group's factors trained, with the element-wise 'sensitivity' "
+                              "statistics", {"init": "whitened", "factor_budget": None, "importance": "sensitivity"}),
 }
+# Variants whose training state the arithmetic section counts from shapes alone.
+ESTIMATED = ("rankdyna", "rankdyna_truncated", "rankdyna_full_rank", "rankdyna_v0_full_rank")
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -130,25 +135,38 @@ def measure(setting: str) -> dict:
     return record
 
 
-def state_bytes_estimate(model, factor_budget) -> tuple[int, int]:
+def state_bytes_estimate(model, variant: dict) -> tuple[int, int]:
     """(dense fine-tuning, RankDyna) training-state bytes in fp32 with AdamW, counted from the shapes only.
 
-    Dense: every parameter x 16 bytes (weight, gradient, Adam m and v). RankDyna: each targeted matrix is held
-    as r groups (r from ``factor_budget``, as prepare_model picks it): factor elements r*(m+n) x 24 bytes
-    (16 as above + 8 for the sensitivity and uncertainty of U and V), and per group 32 bytes (s with its
-    gradient and Adam moments, gate, gate gradient, gate sensitivity and uncertainty).
+    Dense: every parameter x 16 bytes (weight, gradient, Adam m and v). RankDyna (``variant``: RankDynaConfig
+    values): each targeted matrix holds r groups, k of them with trainable factors (r, k as prepare_model picks
+    them). Trainable factor elements k*(m+n) cost 16 bytes (+ 8 for the 'sensitivity' importance's element
+    statistics), frozen ones (r-k)*(m+n) cost 4; per group 28 bytes (s with gradient and Adam moments, gate,
+    gate gradient, Fisher score; + 8 with 'sensitivity').
     """
     from rankdyna_trainer import RankDynaConfig
-    from rankdyna_trainer.methods.rankdyna.model import initial_rank
-    from rankdyna_trainer.targets import find_target_linears
+    from rankdyna_trainer.methods.rankdyna.model import initial_rank, trainable_rank
+    from rankdyna_trainer.targets import find_target_linears, linear_shape
 
-    config = RankDynaConfig(target_budget=min(0.5, factor_budget or 0.5), factor_budget=factor_budget)
-    targets = {n: tuple(l.weight.shape) for n, l in find_target_linears(model).items()}
+    config = RankDynaConfig(target_budget=0.5, **{k: v for k, v in variant.items() if k != "init"})
+    element_stats = 8 if config.importance == "sensitivity" else 0
+    targets = [linear_shape(l) for l in find_target_linears(model).values()]
     total = sum(p.numel() for p in model.parameters())
-    targeted = sum(m * n for m, n in targets.values())
-    ranks = [initial_rank(config, m, n) for m, n in targets.values()]
-    factor_elements = sum(r * (m + n) for r, (m, n) in zip(ranks, targets.values()))
-    return 16 * total, 16 * (total - targeted) + 24 * factor_elements + 32 * sum(ranks)
+    rankdyna = 16 * (total - sum(m * n for m, n in targets))
+    for m, n in targets:
+        k = trainable_rank(config, m, n)
+        r = k if config.untrained_groups == "dropped" else initial_rank(config, m, n)
+        rankdyna += (16 + element_stats) * k * (m + n) + 4 * (r - k) * (m + n) + (28 + element_stats) * r
+    return 16 * total, rankdyna
+
+
+def arithmetic_rows(name: str, model) -> list[str]:
+    rows = []
+    for setting in ESTIMATED:
+        dense, rankdyna = state_bytes_estimate(model, SETTINGS[setting][1])
+        rows.append(f"| {name} | {SETTINGS[setting][0]} | {dense / 1e9:.2f} | {rankdyna / 1e9:.2f} | "
+                    f"{rankdyna / dense:.2f} |")
+    return rows
 
 
 def llama_7b_arithmetic() -> list[str]:
@@ -159,12 +177,7 @@ def llama_7b_arithmetic() -> list[str]:
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                                              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32))
-    lines = []
-    for factor_budget in (0.9, 1.0, None):
-        dense, rankdyna = state_bytes_estimate(model, factor_budget)
-        lines.append(f"| LLaMA-7B, factor_budget={factor_budget} | {dense / 1e9:.1f} | {rankdyna / 1e9:.1f} | "
-                     f"{rankdyna / dense:.2f} |")
-    return lines
+    return arithmetic_rows("LLaMA-7B", model)
 
 
 def gib(n: float) -> str:
@@ -207,11 +220,12 @@ def write_report(records: list[dict]) -> None:
         "",
         "Training state only (fp32 weights, gradients, AdamW moments, RankDyna's importance buffers), counted "
         "from the shapes by `state_bytes_estimate` in this script; activations come on top and are about the "
-        "same for both, so the ratio of totals is lower still. RankDyna per factor element: 16 bytes as a dense "
-        "weight has, plus 8 for the sensitivity and uncertainty of U and V.",
+        "same for both, so the ratio of totals is lower still. Bytes: see `state_bytes_estimate` (trainable "
+        "factor element 16, frozen factor element 4, per group 28; the 'sensitivity' importance adds 8 per "
+        "trainable element and per group).",
         "",
-        "| model | dense fine-tuning (GB) | RankDyna (GB) | x dense |",
-        "|---|---|---|---|",
+        "| model | setting | dense fine-tuning (GB) | RankDyna (GB) | x dense |",
+        "|---|---|---|---|---|",
     ]
     from transformers import AutoConfig, AutoModelForCausalLM
     from rankdyna_trainer.packaged_models import smollm2_path
@@ -219,10 +233,7 @@ def write_report(records: list[dict]) -> None:
 
     with torch.device("meta"):
         smol = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2_path()))
-    for factor_budget in (0.9, 1.0, None):
-        dense_bytes, rankdyna_bytes = state_bytes_estimate(smol, factor_budget)
-        lines.append(f"| SmolLM2-135M, factor_budget={factor_budget} | {dense_bytes / 1e9:.2f} | "
-                     f"{rankdyna_bytes / 1e9:.2f} | {rankdyna_bytes / dense_bytes:.2f} |")
+    lines += arithmetic_rows("SmolLM2-135M", smol)
     lines += llama_7b_arithmetic()
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -35,10 +35,11 @@ COMMON_ARGS = ["--model_name_or_path", "minilm", "--do_train", "--do_eval", "--m
 #   rankdyna_v0*  the method as first shipped (plain factorized steps, AdaLoRA sensitivity, raw-score greedy);
 #   *_full        budget 1.0: factorized training alone, nothing pruned;
 #   *_sv_grad     AdaLoRA's s * dL/ds instead of the gate gradient.
+# Issue 9's rows trained every group's factors (factor_budget 2 = all groups, the default then).
 V0 = ["--rankdyna_factor_scaling", "none", "--rankdyna_importance", "sensitivity", "--rankdyna_rank_by", "score",
-      "--rankdyna_min_rank", "0"]
+      "--rankdyna_min_rank", "0", "--rankdyna_factor_budget", "2"]
 FIXED = ["--rankdyna_factor_scaling", "group", "--rankdyna_importance", "fisher", "--rankdyna_rank_by",
-         "score_per_param", "--rankdyna_min_rank", "0"]
+         "score_per_param", "--rankdyna_min_rank", "0", "--rankdyna_factor_budget", "2"]
 
 
 def _rankdyna(*flags: str, budget: float | None = None):

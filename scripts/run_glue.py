@@ -199,8 +199,12 @@ class RankDynaArguments:
         default=None, metadata={"help": "Keep the top-k groups at SVD time (default: all min(m, n) groups)."})
     rankdyna_factor_budget: Optional[float] = field(
         default=_RANKDYNA_DEFAULTS["factor_budget"],
-        metadata={"help": "Trainable factor storage per matrix at factorization time, fraction of its dense weights "
-                  "(None: every group trains; see docs/method.md)."})
+        metadata={"help": "Trainable factors per matrix, fraction of its dense weights; the other groups' factors "
+                  "are frozen (2 or more: every group trains; see docs/method.md)."})
+    rankdyna_untrained_groups: str = field(
+        default=_RANKDYNA_DEFAULTS["untrained_groups"],
+        metadata={"choices": ["frozen", "dropped"],
+                  "help": "Groups beyond --rankdyna_factor_budget: kept with frozen factors, or dropped at the start."})
     rankdyna_init: str = field(
         default=_RANKDYNA_DEFAULTS["init"],
         metadata={"choices": ["svd", "whitened"],
