@@ -99,6 +99,8 @@ def parse_args(argv=None):
     parser.add_argument("--latency_seq_len", type=int, default=128)
     parser.add_argument("--latency_multiples", nargs="+", type=int, default=[8],
                         help="rank multiples whose layouts are timed beside the unrounded ones")
+    parser.add_argument("--latency_patterns_from", default=None,
+                        help="folder of run files whose rank patterns are timed (default: --results_dir)")
     parser.add_argument("--measure_cost", action="store_true", help="time training steps per length and threads")
     parser.add_argument("--cost_steps", type=int, default=5)
     args = parser.parse_args(argv)
@@ -535,6 +537,18 @@ def latency_layouts(args, records, shapes) -> dict[str, tuple[dict | None, int]]
     return layouts
 
 
+def rank_pattern_records(folder: str) -> list[dict]:
+    """Run files with a rank pattern (any protocol: a layout's speed depends on its ranks alone)."""
+    records = []
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            if name.endswith(".json") and name not in ("latency.json", "cost.json"):
+                record = read_optional(os.path.join(root, name))
+                if isinstance(record, dict) and record.get("ranks") and record.get("budget"):
+                    records.append(record)
+    return records
+
+
 @torch.inference_mode()
 def time_forward(model, ids, mask, device) -> float:
     if device == "cuda":
@@ -691,7 +705,7 @@ def main(argv=None):
         if not args.no_runs:
             run_campaign(args)
         if args.latency_rounds > 0:
-            measure_latency(args, glue_report.read_run_files(args.results_dir))
+            measure_latency(args, rank_pattern_records(args.latency_patterns_from or args.results_dir))
     if not args.no_report:
         write_summary_and_report(args)
 

@@ -67,6 +67,7 @@ CASES = {
     "beta2": lambda: RankDynaConfig(beta2=-0.5),
     "init_rank": lambda: RankDynaConfig(init_rank=0),
     "orth_reg_weight": lambda: RankDynaConfig(orth_reg_weight=-1.0),
+    "rank_multiple": lambda: RankDynaConfig(rank_multiple=0),
     "singular_value_signal": lambda: RankDynaConfig(singular_value_signal="hessian"),
     "target_modules_empty": lambda: RankDynaConfig(target_modules=[]),
     "target_modules_match_nothing": lambda: prepare_model(tiny_bert(), RankDynaConfig(target_modules=["qkv"])),
