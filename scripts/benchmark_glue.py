@@ -683,11 +683,10 @@ def write_summary_and_report(args) -> dict:
     report_dir = os.path.dirname(os.path.abspath(args.report))
     plot_name = os.path.splitext(os.path.basename(args.summary))[0] + "_retention.png"
     glue_report.plot_retention(summary, os.path.join(report_dir, plot_name))
-    commands = sorted({r["command"] for r in records})
     latency = read_optional(os.path.join(args.results_dir, "latency.json"))
     cost = read_optional(os.path.join(args.results_dir, "cost.json"))
     page = glue_report.render_report(summary, records, plot_name, os.path.relpath(args.summary, REPO),
-                                     latency=latency, cost=cost, commands=commands, budgets=args.budgets)
+                                     latency=latency, cost=cost, budgets=args.budgets)
     with open(args.report, "w") as f:
         f.write(page)
     print(f"wrote {args.summary}, {args.report} and {plot_name} from {len(records)} run files", flush=True)
