@@ -560,6 +560,25 @@ def time_forward(model, ids, mask, device) -> float:
     return 1000 * (time.perf_counter() - start)
 
 
+MATMUL_KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
+                  "aten::_scaled_dot_product_flash_attention")
+
+
+def matmul_time_share(model, ids, mask) -> dict:
+    """One profiled forward: milliseconds in matmul kernels (GEMMs and the attention kernel) and in everything else
+    (softmax, GELU, layer norm, embeddings, copies). Only the matmul part can shrink with the ranks, so
+    dense_ms / (other_ms + matmul_ms / ideal) bounds the speed-up any low-rank layout can reach (Amdahl)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, attention_mask=mask)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1000
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_KERNELS) / 1000
+    return {"matmul_ms": matmul, "other_ms": total - matmul}
+
+
 def measure_latency(args, records) -> dict:
     from rankdyna_trainer.flops import forward_flops
     from rankdyna_trainer.packaged_models import minilm_path
@@ -578,6 +597,7 @@ def measure_latency(args, records) -> dict:
     for _ in range(args.latency_rounds):
         for name, model in models.items():
             times[name].append(time_forward(model, ids, mask, device))
+    profiles = {name: matmul_time_share(model, ids, mask) for name, model in models.items()} if device == "cpu" else {}
     result = {
         "command": "python scripts/benchmark_glue.py " + " ".join(sys.argv[1:]),
         "rounds": args.latency_rounds, "batch_size": args.latency_batch, "seq_len": args.latency_seq_len,
@@ -586,7 +606,8 @@ def measure_latency(args, records) -> dict:
         "layouts": {name: {"ranks": layouts[name][0], "rank_multiple": layouts[name][1],
                            "params_fraction": params_fraction(layouts[name][0], shapes),
                            "flops": forward_flops(models[name], args.latency_batch, args.latency_seq_len),
-                           "median_ms": statistics.median(times[name]), "all_ms": times[name]}
+                           "median_ms": statistics.median(times[name]), "all_ms": times[name],
+                           "profile": profiles.get(name)}
                     for name in models},
     }
     write_json(os.path.join(args.results_dir, "latency.json"), result)
@@ -594,7 +615,7 @@ def measure_latency(args, records) -> dict:
         dense = result["layouts"]["dense"]
         speedup, ideal = dense["median_ms"] / entry["median_ms"], dense["flops"] / entry["flops"]
         print(f"{name:45s} {entry['median_ms']:8.1f} ms  speed-up {speedup:.2f}  ideal {ideal:.2f}  "
-              f"fraction {speedup / ideal:.2f}", flush=True)
+              f"fraction {speedup / ideal:.2f}  profile {entry['profile']}", flush=True)
     return result
 
 

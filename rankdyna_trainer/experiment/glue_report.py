@@ -321,16 +321,25 @@ def latency_lines(latency: dict) -> list[str]:
              f"the pooler and head included, plus the attention scores at this length; "
              f"`rankdyna_trainer.flops.forward_flops`). Fraction of ideal = measured speed-up / ideal.", "",
              "```", latency["command"], "```", "",
-             "| layout | rank multiple | params kept | GFLOPs | ms | speed-up | ideal | fraction of ideal |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| layout | rank multiple | params kept | GFLOPs | ms | speed-up | ideal | fraction of ideal "
+             "| matmul / other ms (profiled) | Amdahl bound | fraction of bound |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = latency["layouts"]["dense"]
+    dense_profile = dense.get("profile")
     for name, entry in latency["layouts"].items():
         speedup = dense["median_ms"] / entry["median_ms"]
         ideal = dense["flops"] / entry["flops"]
         fraction = f"{speedup / ideal:.2f}" if name != "dense" else "—"
+        profile, bound_cells = entry.get("profile"), "— | — | —"
+        if profile and dense_profile:
+            # Only the matmul share of dense's time can shrink by the FLOP ratio; the rest stays.
+            dense_total = dense_profile["matmul_ms"] + dense_profile["other_ms"]
+            bound = dense_total / (dense_profile["other_ms"] + dense_profile["matmul_ms"] / ideal)
+            bound_cells = (f"{profile['matmul_ms']:.0f} / {profile['other_ms']:.0f} | {bound:.2f} | "
+                           + (f"{speedup / bound:.2f}" if name != "dense" else "—"))
         lines.append(f"| {name} | {entry.get('rank_multiple', 1)} | {entry['params_fraction']:.3f} | "
                      f"{entry['flops'] / 1e9:.1f} | {entry['median_ms']:.0f} | {speedup:.2f} | {ideal:.2f} | "
-                     f"{fraction} |")
+                     f"{fraction} | {bound_cells} |")
     return lines + [""] + latency.get("notes", []) + [""]
 
 
