@@ -340,7 +340,29 @@ def latency_lines(latency: dict) -> list[str]:
         lines.append(f"| {name} | {entry.get('rank_multiple', 1)} | {entry['params_fraction']:.3f} | "
                      f"{entry['flops'] / 1e9:.1f} | {entry['median_ms']:.0f} | {speedup:.2f} | {ideal:.2f} | "
                      f"{fraction} | {bound_cells} |")
-    return lines + [""] + latency.get("notes", []) + [""]
+    return lines + [""] + latency_verdict(latency) + [""]
+
+
+def latency_verdict(latency: dict) -> list[str]:
+    """Plain statements read off the latency table: the 0.9-of-ideal target, and what rounding ranks changed."""
+    layouts = latency["layouts"]
+    dense = layouts["dense"]
+
+    def fraction(entry):
+        return (dense["median_ms"] / entry["median_ms"]) / (dense["flops"] / entry["flops"])
+
+    lines = []
+    for name, entry in layouts.items():
+        variant, _, budget = name.partition("@")
+        if variant != "uniform":
+            continue
+        target = "meets" if fraction(entry) >= 0.9 else "misses"
+        rounded = [f"{n.partition('@')[0].removeprefix('uniform+')}: {fraction(e):.2f}" for n, e in layouts.items()
+                   if n.startswith("uniform+m") and n.endswith(f"@{budget}")]
+        lines.append(f"- Budget {budget}: near-uniform ranks reach {fraction(entry):.2f} of the ideal speed-up "
+                     f"({target} the 0.9 target)" + (f"; rounded to multiples ({', '.join(rounded)})." if rounded
+                                                     else "."))
+    return lines
 
 
 def cost_lines(cost: dict) -> list[str]:
