@@ -542,7 +542,7 @@ def rank_pattern_records(folder: str) -> list[dict]:
     records = []
     for root, _, files in sorted(os.walk(folder)):
         for name in sorted(files):
-            if name.endswith(".json") and name not in ("latency.json", "cost.json"):
+            if name.endswith(".json") and name not in ("latency.json", "cost.json", "notes.json"):
                 record = read_optional(os.path.join(root, name))
                 if isinstance(record, dict) and record.get("ranks") and record.get("budget"):
                     records.append(record)
@@ -706,8 +706,9 @@ def write_summary_and_report(args) -> dict:
     glue_report.plot_retention(summary, os.path.join(report_dir, plot_name))
     latency = read_optional(os.path.join(args.results_dir, "latency.json"))
     cost = read_optional(os.path.join(args.results_dir, "cost.json"))
+    notes = read_optional(os.path.join(args.results_dir, "notes.json"))
     page = glue_report.render_report(summary, records, plot_name, os.path.relpath(args.summary, REPO),
-                                     latency=latency, cost=cost, budgets=args.budgets)
+                                     latency=latency, cost=cost, budgets=args.budgets, notes=notes)
     with open(args.report, "w") as f:
         f.write(page)
     print(f"wrote {args.summary}, {args.report} and {plot_name} from {len(records)} run files", flush=True)

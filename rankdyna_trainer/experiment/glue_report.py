@@ -186,7 +186,7 @@ def _wall_parts(records: list[dict]) -> dict[str, dict[str, float]]:
 
 def render_report(summary: dict, records: list[dict], plot_name: str, summary_path: str,
                   latency: dict | None = None, cost: dict | None = None, commands: list[str] | None = None,
-                  budgets: list[float] | None = None) -> str:
+                  budgets: list[float] | None = None, notes: dict[str, str] | None = None) -> str:
     """The Markdown page: tables from ``summary``, wall times and the protocol from ``records``."""
     tasks = list(summary["majority"])
     commands = commands or sorted({r["command"] for r in records if "command" in r})
@@ -201,12 +201,15 @@ def render_report(summary: dict, records: list[dict], plot_name: str, summary_pa
               "Plot: the mean score of each method and budget divided by dense's on the same task, averaged over "
               "the tasks (solid: every task measured; dotted: only some tasks so far).", ""]
     lines += _wall_table(records, tasks)
+    if notes:
+        lines += ["Notes on individual run files (`notes.json` beside them; the files themselves are as written):", ""]
+        lines += [f"- `{name}`: {text}" for name, text in sorted(notes.items())] + [""]
     if latency:
         lines += latency_lines(latency)
     if cost:
         lines += cost_lines(cost)
     lines += ["## Missing", ""]
-    missing = missing_cells(summary, tasks or TASK_ORDER, budgets)
+    missing = missing_cells(summary, TASK_ORDER, budgets)
     absent = [t.upper() for t in TASK_ORDER if t not in tasks]
     if absent:
         lines.append(f"- No run at all yet for {', '.join(absent)}.")
@@ -319,7 +322,12 @@ def latency_lines(latency: dict) -> list[str]:
              f"{latency['seq_len']} batch, {latency['device']}, {latency['threads']} torch threads. Ideal speed-up "
              f"= dense forward FLOPs / exported forward FLOPs of the whole model (every Linear/Conv1D matmul, "
              f"the pooler and head included, plus the attention scores at this length; "
-             f"`rankdyna_trainer.flops.forward_flops`). Fraction of ideal = measured speed-up / ideal.", "",
+             f"`rankdyna_trainer.flops.forward_flops`). Fraction of ideal = measured speed-up / ideal. "
+             f"`uniform` layouts are the near-uniform ranks of svd/fwsvd/tfwsvd at each budget; the trained methods' layouts are rank patterns "
+             f"of their run files (those named by `--latency_patterns_from` in the command; the task in brackets), "
+             f"and `rounded +m8` is that pattern re-allocated in blocks of 8 under the same budget. The profiled "
+             f"columns split one forward into matmul kernels and everything else; the Amdahl bound is the speed-up "
+             f"if only dense's matmul time shrank by the FLOP ratio.", "",
              "```", latency["command"], "```", "",
              "| layout | rank multiple | params kept | GFLOPs | ms | speed-up | ideal | fraction of ideal "
              "| matmul / other ms (profiled) | Amdahl bound | fraction of bound |",

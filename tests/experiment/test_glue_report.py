@@ -87,7 +87,9 @@ def test_page_and_plot_come_from_the_summary(tmp_path):
     summary = glue_report.summarize(records)
     glue_report.plot_retention(summary, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 10_000
-    page = glue_report.render_report(summary, records, "plot.png", "docs/results_glue.json", budgets=[0.5, 0.33])
+    page = glue_report.render_report(summary, records, "plot.png", "docs/results_glue.json", budgets=[0.5, 0.33],
+                                     notes={"rte/dense_bna_seed1.json": "wall time includes a pause"})
+    assert "- `rte/dense_bna_seed1.json`: wall time includes a pause" in page
     assert "| rankdyna | 0.5 | 84.2 ± 1.3 | 84.2 ± 1.3 | 28.2 ± 1.3 | 55.2 ± 1.3 |" in page
     assert "| svd | 0.5 | 81.0 (n=1) |" in page
     assert "![average retention against budget](plot.png)" in page
