@@ -97,8 +97,14 @@ class ParameterBudget:
         return step <= self.final_start
 
 
+def check_rank_multiple(value: int, name: str = "rank_multiple") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1 (1: any rank; 8 or 16: hardware-friendly), got {value!r}.")
+
+
 def allocate_groups(
-    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget_params: int, min_rank: int = 0
+    scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget_params: int, min_rank: int = 0,
+    rank_multiple: int = 1,
 ) -> list[torch.Tensor]:
     """Keep the highest-scoring singular groups of all matrices together within ``budget_params``.
 
@@ -109,9 +115,16 @@ def allocate_groups(
     ``min_rank`` groups of each matrix (its best-scoring ones) are taken first, whatever the other matrices'
     scores, so no matrix drops below that rank while the budget can pay for the floor.
 
+    ``rank_multiple`` ``k > 1`` allocates in blocks of ``k`` consecutive groups (in each matrix's score order),
+    scored by their mean and charged their whole cost, so every kept rank is a multiple of ``k`` (or the
+    matrix's full rank, or dense): GEMMs with a multiple of 8 or 16 in the inner dimension run closer to
+    their FLOP count on CPUs and tensor cores. The rounded ranks are counted in the budget like any others.
+
     Returns one boolean keep-mask per matrix, aligned with ``scores``.
     """
+    check_rank_multiple(rank_multiple)
     device = scores[0].device
+    k = rank_multiple
     lengths = torch.tensor([len(s) for s in scores], device=device)
     out_f = torch.tensor([m for m, _ in shapes], device=device, dtype=torch.int64)[:, None]
     in_f = torch.tensor([n for _, n in shapes], device=device, dtype=torch.int64)[:, None]
@@ -119,21 +132,33 @@ def allocate_groups(
 
     # -inf padding sorts last; the stable sort keeps any real -inf score ahead of the padding.
     padded = pad_sequence([s.detach().float() for s in scores], batch_first=True, padding_value=float("-inf"))
+    width = -(-padded.shape[1] // k) * k  # room for whole blocks
+    padded = torch.nn.functional.pad(padded, (0, width - padded.shape[1]), value=float("-inf"))
     sorted_scores, order = padded.sort(dim=1, descending=True, stable=True)
-    position = torch.arange(1, padded.shape[1] + 1, device=device)[None, :]
+    position = torch.arange(1, width + 1, device=device)[None, :]
     valid = position <= lengths[:, None]
-    if min_rank > 0:
-        sorted_scores = sorted_scores.masked_fill(valid & (position <= min_rank), float("inf"))
-    marginal = torch.minimum(position * group_cost, dense_cost) - torch.minimum((position - 1) * group_cost, dense_cost)
 
-    flat_scores, flat_cost = sorted_scores[valid], marginal.expand_as(valid)[valid]
+    # Blocks of k sorted groups: score = mean over the block's real groups (non-increasing along a matrix).
+    block_valid = valid.view(len(scores), -1, k)
+    counts = block_valid.sum(dim=2)
+    real = sorted_scores.view(len(scores), -1, k).masked_fill(~block_valid, 0.0)
+    block_scores = real.sum(dim=2) / counts.clamp_min(1)
+    block_end = torch.minimum(torch.arange(1, counts.shape[1] + 1, device=device)[None, :] * k, lengths[:, None])
+    block_start = torch.arange(counts.shape[1], device=device)[None, :] * k
+    if min_rank > 0:
+        block_scores = block_scores.masked_fill((counts > 0) & (block_start < min_rank), float("inf"))
+    marginal = torch.minimum(block_end * group_cost, dense_cost) - torch.minimum(block_start * group_cost, dense_cost)
+    blocks = counts > 0
+
+    flat_scores, flat_cost = block_scores[blocks], marginal.expand_as(blocks)[blocks]
     ranking = flat_scores.argsort(descending=True, stable=True)
     fits = flat_cost[ranking].cumsum(0) <= budget_params
     keep_flat = torch.zeros_like(fits)
     keep_flat[ranking] = fits
 
-    keep_sorted = torch.zeros_like(valid)
-    keep_sorted[valid] = keep_flat
+    keep_blocks = torch.zeros_like(blocks)
+    keep_blocks[blocks] = keep_flat
+    keep_sorted = keep_blocks.repeat_interleave(k, dim=1) & valid
     kept = keep_sorted.sum(dim=1, keepdim=True)
     dense_anyway = kept * group_cost >= dense_cost
     keep_sorted = keep_sorted | (dense_anyway & valid)

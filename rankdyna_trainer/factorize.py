@@ -155,8 +155,9 @@ def uniform_rank_scores(shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
     return [-torch.arange(min(m, n), dtype=torch.float32) for m, n in shapes]
 
 
-def allocate(scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: float) -> list[torch.Tensor]:
-    return allocate_groups(scores, shapes, budget_params(shapes, budget))
+def allocate(scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget: float,
+             rank_multiple: int = 1) -> list[torch.Tensor]:
+    return allocate_groups(scores, shapes, budget_params(shapes, budget), rank_multiple=rank_multiple)
 
 
 @torch.no_grad()

@@ -1,13 +1,20 @@
-"""Head-to-head GLUE benchmark: dense fine-tuning, RankDyna and the baselines on one model and budget.
+"""GLUE benchmark: dense fine-tuning, RankDyna and the baselines on the packaged MiniLM, every budget and seed.
 
-Every (task, method, budget, seed) run writes one JSON under --results_dir and is skipped when that file
-exists, so the table can be built across sessions, split per task (run one process per task) or extended.
-Post-hoc methods (svd, fwsvd, tfwsvd, ars) start from the dense fine-tuned model of the same task and seed
-(kept under --models_dir) and their wall time counts that first round too. After the runs (or with
---report_only) docs/RESULTS.md and a plot are regenerated from every JSON found.
+Every (task, method, budget, seed) run writes one JSON under --results_dir and is skipped when that file exists, so
+the campaign resumes where it stopped, can be split (per task, seed or method) across processes and machines, and
+each file can be committed as it lands (--git_commit). Post-hoc methods (svd, fwsvd, tfwsvd, ars) compress the dense
+model fine-tuned with the same task and seed (kept under --models_dir; trained again if the folder is gone) and
+their wall time counts that dense round too. Runs go to CUDA when a GPU is visible, else the CPU.
 
-    nice -n 10 python scripts/benchmark_glue.py --tasks rte mrpc --budgets 0.5 0.33 --epochs 2
-    python scripts/benchmark_glue.py --report_only
+After the runs (or with --report_only) the summary docs/results_glue.json and the page docs/RESULTS.md with its
+plot are regenerated from every run file found. --latency_rounds times every exported layout against dense side
+by side; --measure_cost times a training step per padded length and thread count and prices each task's epoch.
+
+    python scripts/benchmark_glue.py                                   # the whole campaign (PROTOCOL below)
+    python scripts/benchmark_glue.py --methods dense --seeds 42        # one slice
+    python scripts/benchmark_glue.py --latency_rounds 7 --no_runs      # exported speed against dense
+    python scripts/benchmark_glue.py --measure_cost --no_runs          # CPU cost per step and epoch
+    python scripts/benchmark_glue.py --report_only                     # summary + page from the files
 """
 
 from __future__ import annotations
@@ -26,165 +33,222 @@ import time
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-from torch.utils.data import DataLoader
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from rankdyna_trainer.experiment.glue_data import get_task, load_glue  # noqa: E402
-from rankdyna_trainer.methods import METHODS, get_method  # noqa: E402
-from rankdyna_trainer.methods.adalora import adalora_rank_pattern  # noqa: E402
-from rankdyna_trainer.methods.rankdyna import rank_pattern  # noqa: E402
-from rankdyna_trainer.packaged_models import minilm_path  # noqa: E402
-from rankdyna_trainer.quantizer import (  # noqa: E402
-    load_compressed_model,
-    read_compression_config,
-    save_compressed_model,
-)
-from rankdyna_trainer.targets import find_target_linears  # noqa: E402
+from rankdyna_trainer.experiment import glue_report  # noqa: E402
 
-METHOD_ORDER = ["dense", "rankdyna", "fwsvd", "ars", "svd", "tfwsvd", "adalora"]
-PRIMARY_METRIC = {"rte": "accuracy", "mrpc": "f1", "cola": "mcc", "sst2": "accuracy"}
+# ----------------------------------------------------------------------------------------------------------
+# The protocol: one fine-tuning round per task, the same for every method and round. Chosen so that dense is
+# clearly above the constant-prediction floor on each task (docs/RESULTS.md lists the measured floors); train_rows
+# None = the full training set. SST-2 uses its first 8,000 rows: the full 67k would make every round 8x longer
+# for a task dense already learns well (86.5 % on 8,000 rows, README).
+PROTOCOL = {
+    "sst2": {"train_rows": 8000, "epochs": 2.0, "max_seq_length": 64, "learning_rate": 1e-4},
+    "mrpc": {"train_rows": None, "epochs": 3.0, "max_seq_length": 128, "learning_rate": 1e-4},
+    "cola": {"train_rows": None, "epochs": 3.0, "max_seq_length": 64, "learning_rate": 1e-4},
+    "rte": {"train_rows": None, "epochs": 3.0, "max_seq_length": 128, "learning_rate": 1e-4},
+}
+SHARED = {
+    "batch_size": 32, "warmup_ratio": 0.06, "weight_decay": 0.01,
+    "sampling": "group_by_length",  # measured fastest on the CPU with the same scores (docs/RESULTS.md, cost)
+    "adalora_learning_rate": 1e-3,  # adapters train at a higher rate
+    "fisher_batches": 32, "ars_steps": 80, "ars_learning_rate": 1e-2, "als_iterations": 5, "rankdyna_interval": 10,
+}
+PRIMARY_METRIC = {"sst2": "accuracy", "mrpc": "f1", "cola": "mcc", "rte": "accuracy"}
+IN_TRAINING_ORDER = ["rankdyna", "fwsvd", "svd", "tfwsvd", "ars"]  # per budget, after dense
+UNCOMPRESSED = ("dense", "adalora")
+TAKES_RANK_MULTIPLE = ("rankdyna", "svd", "fwsvd", "tfwsvd", "ars")
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--tasks", nargs="+", default=["rte", "mrpc"])
-parser.add_argument("--methods", nargs="+", default=METHOD_ORDER, choices=sorted(METHODS))
-parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.33])
-parser.add_argument("--seeds", nargs="+", type=int, default=[42])
-parser.add_argument("--epochs", type=float, default=2.0, help="per fine-tuning round, the same for every method")
-parser.add_argument("--learning_rate", type=float, default=1e-4)
-parser.add_argument("--adalora_learning_rate", type=float, default=1e-3, help="adapters train at a higher rate")
-parser.add_argument("--batch_size", type=int, default=32)
-parser.add_argument("--max_seq_length", type=int, default=128)
-parser.add_argument("--fisher_batches", type=int, default=32, help="task batches for Fisher (fwsvd/tfwsvd/ars)")
-parser.add_argument("--ars_steps", type=int, default=80, help="hypernetwork steps of ARS mask learning")
-parser.add_argument("--ars_learning_rate", type=float, default=1e-2, help="Adam rate of the ARS hypernetwork")
-parser.add_argument("--als_iterations", type=int, default=5, help="TFWSVD alternating least-squares sweeps")
-parser.add_argument("--limit", type=int, default=None, help="first N rows of each split (smoke runs only)")
-parser.add_argument("--train_limit", type=int, default=None, help="first N training rows (dev sets stay full)")
-parser.add_argument("--rankdyna_interval", type=int, default=10, help="RankDyna steps between reallocations")
-parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-parser.add_argument("--glue_dir", default=os.path.join(REPO, "..", "shared", "data", "glue"))
-parser.add_argument("--model", default=None, help="model folder (default: the packaged MiniLM)")
-parser.add_argument("--results_dir", default=os.path.join(REPO, "benchmarks", "glue"))
-parser.add_argument("--models_dir", default=os.path.join(REPO, "runs", "benchmark_glue"))
-parser.add_argument("--report", default=os.path.join(REPO, "docs", "RESULTS.md"))
-parser.add_argument("--report_only", action="store_true")
-parser.add_argument("--skip_latency", action="store_true", help="no per-run latency (use --latency_rounds later)")
-parser.add_argument("--latency_rounds", type=int, default=0,
-                    help="after the runs: time every measured layout against dense, round-robin, this many rounds")
-parser.add_argument("--no_report", action="store_true")
-args = parser.parse_args()
-torch.set_num_threads(args.threads)
-os.environ.setdefault("WANDB_MODE", "offline")
-model_dir = args.model or minilm_path()
+
+def parse_args(argv=None):
+    from rankdyna_trainer.methods import METHODS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(PROTOCOL), choices=sorted(PROTOCOL))
+    parser.add_argument("--methods", nargs="+", default=glue_report.METHOD_ORDER,
+                        choices=sorted(set(METHODS) - {"lorap", "mpo"}))
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.33, 0.2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
+    parser.add_argument("--rank_multiple", type=int, default=1,
+                        help="keep ranks in multiples of this (rankdyna and the SVD baselines; counted in the budget)")
+    parser.add_argument("--epochs", type=float, default=None, help="override PROTOCOL's epochs for every task")
+    parser.add_argument("--learning_rate", type=float, default=None, help="override PROTOCOL's rate for every task")
+    parser.add_argument("--max_seq_length", type=int, default=None, help="override PROTOCOL's length for every task")
+    parser.add_argument("--train_rows", type=int, default=None, help="override PROTOCOL's training rows")
+    parser.add_argument("--sampling", default=None, choices=["random", "group_by_length"],
+                        help=f"training batch order (default {SHARED['sampling']})")
+    parser.add_argument("--limit", type=int, default=None, help="first N rows of every split (smoke tests only)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", os.path.join(REPO, "..", "shared", "data",
+                                                                                         "glue")))
+    parser.add_argument("--model", default=None, help="model folder (default: the packaged MiniLM)")
+    parser.add_argument("--results_dir", default=os.path.join(REPO, "benchmarks", "glue_protocol"))
+    parser.add_argument("--models_dir", default=os.path.join(REPO, "runs", "benchmark_glue_protocol"))
+    parser.add_argument("--summary", default=os.path.join(REPO, "docs", "results_glue.json"))
+    parser.add_argument("--report", default=os.path.join(REPO, "docs", "RESULTS.md"))
+    parser.add_argument("--git_commit", action="store_true", help="git-commit each run file as it is written")
+    parser.add_argument("--no_runs", action="store_true", help="no fine-tuning (latency / cost / report only)")
+    parser.add_argument("--report_only", action="store_true", help="only regenerate the summary and the page")
+    parser.add_argument("--no_report", action="store_true")
+    parser.add_argument("--latency_rounds", type=int, default=0,
+                        help="time every layout (runs' rank patterns, uniform ranks) against dense, this many rounds")
+    parser.add_argument("--latency_batch", type=int, default=32)
+    parser.add_argument("--latency_seq_len", type=int, default=128)
+    parser.add_argument("--latency_multiples", nargs="+", type=int, default=[8],
+                        help="rank multiples whose layouts are timed beside the unrounded ones")
+    parser.add_argument("--latency_patterns_from", default=None,
+                        help="folder of run files whose rank patterns are timed (default: --results_dir)")
+    parser.add_argument("--measure_cost", action="store_true", help="time training steps per length and threads")
+    parser.add_argument("--cost_steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    for budget in args.budgets:
+        if not 0 < budget < 1:
+            parser.error(f"--budgets takes fractions in (0, 1), got {budget}")
+    if args.rank_multiple < 1:
+        parser.error(f"--rank_multiple must be an integer >= 1, got {args.rank_multiple}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible; use --device auto or cpu")
+    return args
+
+
+def device_of(args) -> str:
+    if args.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return args.device
+
+
+def device_record(device: str) -> dict:
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"{name}, {os.cpu_count()} cores visible"
+    return {"type": device, "name": name, "threads": torch.get_num_threads()}
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "commit": commit}
+
+
+def task_protocol(args, task: str) -> dict:
+    """The settings of ``task``'s fine-tuning round: PROTOCOL, the shared settings and any command-line override."""
+    protocol = {**PROTOCOL[task], **SHARED, "metric": PRIMARY_METRIC[task]}
+    for name in ("epochs", "learning_rate", "max_seq_length", "train_rows", "sampling"):
+        if getattr(args, name) is not None:
+            protocol[name] = getattr(args, name)
+    if args.limit:
+        protocol["limit"] = args.limit
+    return protocol
 
 
 # ----------------------------------------------------------------------------------------------------------
 # one run = one JSON
-def run_path(task, method, budget, seed):
-    budget_tag = "na" if method in ("dense", "adalora") else f"{budget:g}"
-    return os.path.join(args.results_dir, task, f"{method}_b{budget_tag}_seed{seed}.json")
+def method_tag(method: str, rank_multiple: int) -> str:
+    return f"{method}+m{rank_multiple}" if rank_multiple > 1 and method in TAKES_RANK_MULTIPLE else method
 
 
-def compute_metrics_for(task):
-    def compute(eval_pred):
-        logits, labels = eval_pred
-        preds = logits.argmax(-1)
-        return {"accuracy": accuracy_score(labels, preds), "f1": f1_score(labels, preds),
-                "mcc": matthews_corrcoef(labels, preds)}
-    return compute
+def run_path(results_dir, task, method, budget, seed, rank_multiple=1):
+    budget_tag = "na" if method in UNCOMPRESSED else f"{budget:g}"
+    return os.path.join(results_dir, task, f"{method_tag(method, rank_multiple)}_b{budget_tag}_seed{seed}.json")
 
 
-def training_args(output_dir, seed, learning_rate):
+def run_plan(args) -> list[tuple[str, str, float | None, int]]:
+    """Seed by seed and task by task: dense first (the post-hoc methods start from it), then every budget, AdaLoRA
+    last, so each (task, seed) group is complete before the next begins."""
+    plan = []
+    for seed in args.seeds:
+        for task in args.tasks:
+            if "dense" in args.methods:
+                plan.append((task, "dense", None, seed))
+            plan += [(task, m, b, seed) for b in args.budgets for m in IN_TRAINING_ORDER if m in args.methods]
+            if "adalora" in args.methods:
+                plan.append((task, "adalora", None, seed))
+    return plan
+
+
+def compute_metrics(eval_pred):
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    logits, labels = eval_pred
+    preds = logits.argmax(-1)
+    return {"accuracy": accuracy_score(labels, preds), "f1": f1_score(labels, preds),
+            "mcc": matthews_corrcoef(labels, preds), "top_class_fraction": float(np.bincount(preds).max() / len(preds))}
+
+
+def training_args(output_dir, seed, protocol, learning_rate, device):
+    from transformers import TrainingArguments
+
     return TrainingArguments(
-        output_dir=output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=64, learning_rate=learning_rate, warmup_steps=0.06, weight_decay=0.01,
-        seed=seed, data_seed=seed, save_strategy="no", eval_strategy="no", logging_steps=20, report_to=[],
-        use_cpu=True, dataloader_num_workers=0, disable_tqdm=False,
+        output_dir=output_dir, num_train_epochs=protocol["epochs"], per_device_train_batch_size=protocol["batch_size"],
+        per_device_eval_batch_size=64, learning_rate=learning_rate, warmup_steps=protocol["warmup_ratio"],
+        weight_decay=protocol["weight_decay"], seed=seed, data_seed=seed, save_strategy="no", eval_strategy="no",
+        logging_steps=25, report_to=[], use_cpu=device == "cpu", dataloader_num_workers=0, disable_tqdm=True,
+        train_sampling_strategy=protocol["sampling"],
     )
 
 
-def fine_tune(model, data, collator, task, seed, output_dir, callbacks=(), learning_rate=None):
-    trainer = Trainer(model=model, args=training_args(output_dir, seed, learning_rate or args.learning_rate),
-                      train_dataset=data["train"], eval_dataset=data["validation"], data_collator=collator,
-                      compute_metrics=compute_metrics_for(task), callbacks=list(callbacks))
+def fine_tune(model, data, collator, seed, protocol, device, output_dir, callbacks=(), learning_rate=None):
+    from transformers import Trainer
+
+    trainer = Trainer(model=model, args=training_args(output_dir, seed, protocol,
+                                                      learning_rate or protocol["learning_rate"], device),
+                      train_dataset=data["train"], data_collator=collator, callbacks=list(callbacks))
     start = time.perf_counter()
-    trainer.train()
-    return trainer, time.perf_counter() - start
+    result = trainer.train()
+    return time.perf_counter() - start, result.training_loss
 
 
-def evaluate(model, data, collator, task, output_dir):
-    trainer = Trainer(model=model, args=training_args(output_dir, 0, args.learning_rate),
-                      eval_dataset=data["validation"], data_collator=collator,
-                      compute_metrics=compute_metrics_for(task))
+def evaluate(model, data, collator, protocol, device, output_dir) -> dict:
+    from transformers import Trainer
+
+    trainer = Trainer(model=model, args=training_args(output_dir, 0, protocol, 1e-4, device),
+                      eval_dataset=data["validation"], data_collator=collator, compute_metrics=compute_metrics)
     metrics = trainer.evaluate()
-    metrics = {k.removeprefix("eval_"): v for k, v in metrics.items()}
-    return {k: metrics[k] for k in ("accuracy", "f1", "mcc")}
+    return {k: float(metrics[f"eval_{k}"]) for k in ("accuracy", "f1", "mcc", "top_class_fraction")}
 
 
-def latency_ms(model, repeats=2):
-    """Median forward time of one batch of 32 x 128 tokens (inference mode, this process's threads)."""
-    model.eval()
-    ids = torch.randint(1000, 2000, (32, 128), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    with torch.inference_mode():
-        model(input_ids=ids, attention_mask=mask)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask)
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def floor_of(task: str, data) -> dict:
+    """The best constant prediction on the dev set: the floor every run must clear."""
+    from rankdyna_trainer.experiment.glue_metrics import constant_prediction_floor, main_metric
+
+    labels = np.array(data["validation"]["labels"])
+    floor = constant_prediction_floor(task, labels)
+    score = 100 * floor[main_metric(task)]
+    return {"metric": PRIMARY_METRIC[task], "score": score,
+            "dev_majority_class": int(np.bincount(labels).argmax())}
 
 
-def export_and_measure(model, modules, method, method_config, data, collator, task, work_dir):
-    """Save, reload in one call, check the reload scores the same, and time it beside the dense model."""
-    export_dir = os.path.join(work_dir, "export")
-    save_compressed_model(model, export_dir, modules, method, method_config)
-    reloaded = load_compressed_model(export_dir)
-    layout = read_compression_config(export_dir) if modules else {"modules": {}}
-    metrics = evaluate(reloaded, data, collator, task, work_dir)
-    dense = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=get_task(task).num_labels)
-    # Paired, alternating measurement: the CPU is shared, so the two are timed under the same load.
-    dense_ms, exported_ms = [float("nan")], [float("nan")]
-    if not args.skip_latency:
-        dense_ms, exported_ms = [latency_ms(dense)], [latency_ms(reloaded)]
-    target_dense = sum(l.weight.numel() for l in find_target_linears(dense).values())
-    return metrics, {
-        "targeted_dense_params": target_dense,
-        "targeted_params": layout["compressed_params"] if modules else target_dense,
-        "model_params": sum(p.numel() for p in reloaded.parameters()),
-        "dense_model_params": sum(p.numel() for p in dense.parameters()),
-        "latency_ms": statistics.median(exported_ms), "dense_latency_ms": statistics.median(dense_ms),
-        "diagnostics": {n: e["diagnostics"] for n, e in layout["modules"].items() if "diagnostics" in e},
-    }
+def method_config_for(method, budget, protocol, rank_multiple, total_steps=None, model=None):
+    from rankdyna_trainer.methods import get_method
 
-
-def method_config_for(method, budget, total_steps=None, model=None):
     if method == "dense":
         return get_method("dense").make_config()
     if method == "adalora":
         return get_method("adalora").make_config(model=model, total_steps=total_steps)
-    extra = {}
+    extra = {"rank_multiple": rank_multiple}
     if method == "rankdyna":
-        extra["reallocation_interval"] = args.rankdyna_interval
+        extra["reallocation_interval"] = protocol["rankdyna_interval"]
     if method in ("fwsvd", "tfwsvd", "ars"):
-        extra["max_fisher_batches"] = args.fisher_batches
+        extra["max_fisher_batches"] = protocol["fisher_batches"]
     if method == "ars":
-        extra["mask_steps"] = args.ars_steps
-        extra["mask_learning_rate"] = args.ars_learning_rate
+        extra["mask_steps"] = protocol["ars_steps"]
+        extra["mask_learning_rate"] = protocol["ars_learning_rate"]
     if method == "tfwsvd":
-        extra["als_iterations"] = args.als_iterations
+        extra["als_iterations"] = protocol["als_iterations"]
     return get_method(method).make_config(target_budget=budget, **extra)
 
 
@@ -196,357 +260,476 @@ def config_dict(config):
     return json.loads(json.dumps(raw, default=str))
 
 
-def optimizer_steps(data):
-    return int(np.ceil(len(data["train"]) / args.batch_size) * args.epochs)
+def optimizer_steps(data, protocol):
+    return int(np.ceil(len(data["train"]) / protocol["batch_size"]) * protocol["epochs"])
 
 
-def dense_model_dir(task, seed):
-    return os.path.join(args.models_dir, task, f"dense_seed{seed}")
+class Runner:
+    """Holds what every run of one invocation shares: arguments, device, tokenized tasks, versions."""
 
+    def __init__(self, args):
+        from transformers import AutoTokenizer, DataCollatorWithPadding
 
-def run_one(task, method, budget, seed, data, collator):
-    set_seed(seed)
-    num_labels = get_task(task).num_labels
-    work_dir = tempfile.mkdtemp(prefix=f"bench_{task}_{method}_")
-    record = {"command": " ".join(sys.argv), "train_examples": len(data["train"]), "task": task, "method": method,
-              "budget": None if method in ("dense", "adalora") else budget,
-              "seed": seed, "epochs_per_round": args.epochs, "rounds": get_method(method).fine_tuning_rounds}
-    try:
+        from rankdyna_trainer.packaged_models import minilm_path
+
+        self.args = args
+        self.device = device_of(args)
+        self.model_dir = args.model or minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.collator = DataCollatorWithPadding(self.tokenizer)  # dynamic padding: each batch to its longest row
+        self.data, self.protocols, self.floors = {}, {}, {}
+        self.versions = versions()
+        self.shapes = target_shapes(self.model_dir)
+        self.command = "python scripts/benchmark_glue.py " + " ".join(sys.argv[1:])
+
+    def task_data(self, task):
+        if task not in self.data:
+            from rankdyna_trainer.experiment.glue_data import get_task, load_glue
+
+            protocol = task_protocol(self.args, task)
+            t = get_task(task)
+            raw = load_glue(t, self.args.glue_dir, self.args.limit)
+            if protocol["train_rows"]:
+                raw["train"] = raw["train"].select(range(min(protocol["train_rows"], len(raw["train"]))))
+
+            def tokenize(batch):
+                texts = [batch[c] for c in t.text_columns]
+                return self.tokenizer(*texts, truncation=True, max_length=protocol["max_seq_length"])
+
+            data = raw.map(tokenize, batched=True, remove_columns=list(t.text_columns)).rename_column("label",
+                                                                                                    "labels")
+            protocol["train_rows_used"] = len(data["train"])
+            self.data[task], self.protocols[task], self.floors[task] = data, protocol, floor_of(task, data)
+        return self.data[task], self.protocols[task]
+
+    def dense_model_dir(self, task, seed):
+        return os.path.join(self.args.models_dir, task, f"dense_seed{seed}")
+
+    def run_one(self, task, method, budget, seed):
+        from transformers import AutoModelForSequenceClassification, set_seed
+
+        from rankdyna_trainer.experiment.glue_data import get_task
+        from rankdyna_trainer.methods import get_method
+
+        data, protocol = self.task_data(task)
+        args, device = self.args, self.device
+        multiple = args.rank_multiple if method in TAKES_RANK_MULTIPLE else 1
+        set_seed(seed)
         spec = get_method(method)
-        if spec.post_hoc:
-            dense_record_path = run_path(task, "dense", None, seed)
-            if not os.path.isfile(dense_record_path) or not os.path.isdir(dense_model_dir(task, seed)):
-                raise RuntimeError(f"{method} needs the dense fine-tuned {task} model (seed {seed}): run dense first.")
-            with open(dense_record_path) as f:
-                first_round_s = json.load(f)["wall_time"]["fine_tune_s"]
-            model = AutoModelForSequenceClassification.from_pretrained(dense_model_dir(task, seed))
-            config = method_config_for(method, budget)
-            loader = DataLoader(data["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator,
-                                generator=torch.Generator().manual_seed(seed))
-            start = time.perf_counter()
-            modules = spec.compress(model, config, loader)
-            compress_s = time.perf_counter() - start
-            _, tune_s = fine_tune(model, data, collator, task, seed, work_dir)
-            record["wall_time"] = {"first_round_s": first_round_s, "compress_s": compress_s, "fine_tune_s": tune_s,
-                                   "total_s": first_round_s + compress_s + tune_s}
-            record["ranks"] = {n: e.get("rank", min(e["in_features"], e["out_features"])) for n, e in modules.items()}
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
-            config = method_config_for(method, budget, optimizer_steps(data), model)
-            lr = args.adalora_learning_rate if method == "adalora" else args.learning_rate
-            model, callbacks = spec.prepare(model, config)
-            _, tune_s = fine_tune(model, data, collator, task, seed, work_dir, callbacks, lr)
-            if method == "rankdyna":
-                record["ranks"] = rank_pattern(model)
-            if method == "adalora":
-                record["ranks"] = adalora_rank_pattern(model)
-                record["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            start = time.perf_counter()
-            model, modules = spec.export(model)
-            export_s = time.perf_counter() - start
-            record["wall_time"] = {"fine_tune_s": tune_s, "export_s": export_s, "total_s": tune_s + export_s}
-            if method == "dense":
-                model.save_pretrained(dense_model_dir(task, seed))
-        metrics, measured = export_and_measure(model, modules, method, config_dict(config), data, collator, task,
-                                               work_dir)
-        record["metrics"] = metrics
-        record.update(measured)
-        record["config"] = config_dict(config)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    os.makedirs(os.path.dirname(run_path(task, method, budget, seed)), exist_ok=True)
-    with open(run_path(task, method, budget, seed), "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"[done] {task} {method} b={budget} seed={seed}: {metrics} total {record['wall_time']['total_s']:.0f}s",
-          flush=True)
+        work_dir = tempfile.mkdtemp(prefix=f"bench_{task}_{method}_")
+        record = {"task": task, "method": method, "budget": None if method in UNCOMPRESSED else budget,
+                  "rank_multiple": multiple, "seed": seed, "protocol": protocol,
+                  "rounds": spec.fine_tuning_rounds, "command": self.command}
+        try:
+            if spec.post_hoc:
+                first_round_s, origin = self.dense_round_for_post_hoc(task, seed)
+                record["dense_model"] = origin
+                model = AutoModelForSequenceClassification.from_pretrained(self.dense_model_dir(task, seed))
+                if device == "cuda":
+                    model.cuda()
+                config = method_config_for(method, budget, protocol, multiple)
+                loader = torch.utils.data.DataLoader(data["train"], batch_size=protocol["batch_size"], shuffle=True,
+                                                     collate_fn=self.collator,
+                                                     generator=torch.Generator().manual_seed(seed))
+                start = time.perf_counter()
+                modules = spec.compress(model, config, loader)
+                compress_s = time.perf_counter() - start
+                tune_s, loss = fine_tune(model, data, self.collator, seed, protocol, device, work_dir)
+                record["wall_time"] = {"first_round_s": first_round_s, "compress_s": compress_s,
+                                       "fine_tune_s": tune_s, "total_s": first_round_s + compress_s + tune_s}
+                record["ranks"] = {n: e.get("rank", min(e["in_features"], e["out_features"]))
+                                   for n, e in modules.items()}
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    self.model_dir, num_labels=get_task(task).num_labels)
+                config = method_config_for(method, budget, protocol, multiple, optimizer_steps(data, protocol), model)
+                lr = protocol["adalora_learning_rate"] if method == "adalora" else protocol["learning_rate"]
+                model, callbacks = spec.prepare(model, config)
+                tune_s, loss = fine_tune(model, data, self.collator, seed, protocol, device, work_dir, callbacks, lr)
+                record["ranks"] = self.trained_ranks(method, model)
+                start = time.perf_counter()
+                model, modules = spec.export(model)
+                export_s = time.perf_counter() - start
+                record["wall_time"] = {"fine_tune_s": tune_s, "export_s": export_s, "total_s": tune_s + export_s}
+                if method == "dense":
+                    model.save_pretrained(self.dense_model_dir(task, seed))
+            record["train_loss"] = loss
+            record.update(self.export_and_score(model, modules, method, config, data, protocol, work_dir))
+            record["config"] = config_dict(config)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        record["score"] = 100 * record["metrics"][PRIMARY_METRIC[task]]
+        record["floor"] = self.floors[task]
+        record["device"] = device_record(device)
+        record["versions"] = self.versions
+        record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        path = run_path(args.results_dir, task, method, budget, seed, multiple)
+        write_json(path, record)
+        print(f"[done] {task} {method_tag(method, multiple)} b={budget} seed={seed}: {record['score']:.1f} "
+              f"(floor {record['floor']['score']:.1f}) in {record['wall_time']['total_s']:.0f}s", flush=True)
+        if args.git_commit:
+            commit_file(path, f"benchmark_glue: {task} {method_tag(method, multiple)} b={budget} seed={seed}")
+        return record
+
+    @staticmethod
+    def trained_ranks(method, model):
+        if method == "rankdyna":
+            from rankdyna_trainer.methods.rankdyna import rank_pattern
+
+            return rank_pattern(model)
+        if method == "adalora":
+            from rankdyna_trainer.methods.adalora import adalora_rank_pattern
+
+            return adalora_rank_pattern(model)
+        return None
+
+    def dense_round_for_post_hoc(self, task, seed) -> tuple[float, str]:
+        """The dense round a post-hoc method starts from: its run file's wall time, and the saved model (trained
+        again with the same seed and protocol when its folder is gone, e.g. on a fresh GPU machine)."""
+        dense_path = run_path(self.args.results_dir, task, "dense", None, seed)
+        if not os.path.isfile(dense_path):
+            raise RuntimeError(f"post-hoc methods need the dense {task} run of seed {seed}: add dense to --methods.")
+        with open(dense_path) as f:
+            first_round_s = json.load(f)["wall_time"]["fine_tune_s"]
+        if os.path.isdir(self.dense_model_dir(task, seed)):
+            return first_round_s, "saved dense model of this seed"
+        from transformers import AutoModelForSequenceClassification, set_seed
+
+        from rankdyna_trainer.experiment.glue_data import get_task
+
+        data, protocol = self.task_data(task)
+        set_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(self.model_dir,
+                                                                   num_labels=get_task(task).num_labels)
+        work_dir = tempfile.mkdtemp(prefix=f"bench_{task}_dense_again_")
+        try:
+            fine_tune(model, data, self.collator, seed, protocol, self.device, work_dir)
+            score = 100 * evaluate(model, data, self.collator, protocol, self.device, work_dir)[PRIMARY_METRIC[task]]
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        model.save_pretrained(self.dense_model_dir(task, seed))
+        return first_round_s, f"dense round trained again (saved model missing); its score {score:.2f}"
+
+    def export_and_score(self, model, modules, method, config, data, protocol, work_dir) -> dict:
+        """Save, reload in one call and score the reloaded model: what a user of the exported folder gets."""
+        from rankdyna_trainer.quantizer import load_compressed_model, read_compression_config, save_compressed_model
+
+        export_dir = os.path.join(work_dir, "export")
+        save_compressed_model(model, export_dir, modules, method, config_dict(config))
+        reloaded = load_compressed_model(export_dir)
+        layout = read_compression_config(export_dir) if modules else {"modules": {}}
+        metrics = evaluate(reloaded, data, self.collator, protocol, self.device, work_dir)
+        target_dense = sum(m * n for m, n in self.shapes.values())
+        return {
+            "metrics": metrics,
+            "targeted_dense_params": target_dense,
+            "targeted_params": layout["compressed_params"] if modules else target_dense,
+            "model_params": sum(p.numel() for p in reloaded.parameters()),
+            "diagnostics": {n: e["diagnostics"] for n, e in layout["modules"].items() if "diagnostics" in e},
+        }
 
 
-def load_task(task, tokenizer):
-    t = get_task(task)
-    raw = load_glue(t, args.glue_dir, args.limit)
-
-    def tokenize(batch):
-        texts = [batch[c] for c in t.text_columns]
-        return tokenizer(*texts, truncation=True, max_length=args.max_seq_length)
-
-    if args.train_limit:
-        raw["train"] = raw["train"].select(range(min(args.train_limit, len(raw["train"]))))
-    return raw.map(tokenize, batched=True, remove_columns=list(t.text_columns)).rename_column("label", "labels")
+def write_json(path: str, data) -> None:
+    """Write through a temporary file and rename, so a killed run never leaves a half-written (skipped) file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the runs: dense first (the post-hoc methods start from it), then each budget across tasks, AdaLoRA last
-if not args.report_only:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    collator = DataCollatorWithPadding(tokenizer)
-    datasets_by_task = {task: load_task(task, tokenizer) for task in args.tasks}
-    plan = [(t, "dense", None, s) for s in args.seeds for t in args.tasks if "dense" in args.methods]
-    plan += [(t, m, b, s) for b in args.budgets for s in args.seeds for t in args.tasks for m in METHOD_ORDER
-             if m in args.methods and m not in ("dense", "adalora")]
-    plan += [(t, "adalora", None, s) for s in args.seeds for t in args.tasks if "adalora" in args.methods]
-    for task, method, budget, seed in plan:
-        if os.path.isfile(run_path(task, method, budget, seed)):
-            print(f"[skip] {task} {method} b={budget} seed={seed}: already measured", flush=True)
+def commit_file(path: str, message: str) -> None:
+    subprocess.run(["git", "-C", REPO, "add", path], check=True)
+    subprocess.run(["git", "-C", REPO, "commit", "-q", "-m", message, "--", path], check=True)
+
+
+def run_campaign(args) -> None:
+    runner = None
+    for task, method, budget, seed in run_plan(args):
+        multiple = args.rank_multiple if method in TAKES_RANK_MULTIPLE else 1
+        if os.path.isfile(run_path(args.results_dir, task, method, budget, seed, multiple)):
+            print(f"[skip] {task} {method_tag(method, multiple)} b={budget} seed={seed}: already measured", flush=True)
             continue
-        print(f"[run] {task} {method} b={budget} seed={seed}", flush=True)
-        run_one(task, method, budget, seed, datasets_by_task[task], collator)
+        runner = runner or Runner(args)
+        print(f"[run] {task} {method_tag(method, multiple)} b={budget} seed={seed}", flush=True)
+        runner.run_one(task, method, budget, seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the report: every JSON found, grouped, with the command and versions
-def read_records():
-    records = []
-    for root, _, files in os.walk(args.results_dir):
-        for name in sorted(files):
-            if name.endswith(".json") and name != "latency.json":
-                with open(os.path.join(root, name)) as f:
-                    records.append(json.load(f))
-    return records
+# exported speed: latency depends on the layout alone, so rebuild each rank pattern on the pre-trained weights and
+# time every layout round-robin in this one process (interleaving spreads drifting machine load over all of them)
+def target_shapes(model_dir) -> dict[str, tuple[int, int]]:
+    from transformers import AutoModelForSequenceClassification
+
+    from rankdyna_trainer.targets import find_target_linears, linear_weight
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    return {n: tuple(linear_weight(l).shape) for n, l in find_target_linears(model).items()}
 
 
-def versions():
-    import peft
-    import transformers
+def uniform_ranks(shapes: dict, budget: float, multiple: int) -> dict[str, int]:
+    """The ranks svd/fwsvd/tfwsvd keep at ``budget`` (near-uniform), in multiples of ``multiple``."""
+    from rankdyna_trainer.budget import allocate_groups
+    from rankdyna_trainer.factorize import budget_params, uniform_rank_scores
 
-    try:
-        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    return (f"python {platform.python_version()}, torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, peft {peft.__version__}, commit {commit}, {platform.machine()} "
-            f"({os.cpu_count()} CPUs visible)")
+    keep = allocate_groups(uniform_rank_scores(list(shapes.values())), list(shapes.values()),
+                           budget_params(list(shapes.values()), budget), rank_multiple=multiple)
+    return {n: int(k.sum()) for n, k in zip(shapes, keep)}
 
 
-def majority_class_metric(task):
-    """The dev metric of always predicting the most frequent training label: the floor a run must beat."""
-    data = load_glue(task, args.glue_dir)
-    labels = np.array(data["validation"]["label"])
-    guess = np.full_like(labels, np.bincount(np.array(data["train"]["label"])).argmax())
-    scores = {"accuracy": accuracy_score(labels, guess), "f1": f1_score(labels, guess),
-              "mcc": matthews_corrcoef(labels, guess)}
-    return 100 * scores[PRIMARY_METRIC.get(task, "accuracy")]
+def rounded_ranks(ranks: dict[str, int], shapes: dict, budget: float, multiple: int) -> dict[str, int]:
+    """A measured rank pattern re-allocated in blocks of ``multiple`` under the same budget: each group scores its
+    distance below its matrix's measured rank, so ranks round to nearby multiples where the budget allows."""
+    from rankdyna_trainer.budget import allocate_groups
+    from rankdyna_trainer.factorize import budget_params
+
+    names = list(shapes)
+    scores = [ranks[n] - torch.arange(min(shapes[n]), dtype=torch.float32) for n in names]
+    keep = allocate_groups(scores, [shapes[n] for n in names], budget_params(list(shapes.values()), budget),
+                           rank_multiple=multiple)
+    return {n: int(k.sum()) for n, k in zip(names, keep)}
 
 
-def write_report(records):
-    import matplotlib
+def layout_model(model_dir, ranks: dict[str, int] | None, device: str):
+    from transformers import AutoModelForSequenceClassification
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = [t for t in ["rte", "mrpc", "cola", "sst2"] if any(r["task"] == t for r in records)]
-    tasks += sorted({r["task"] for r in records} - set(tasks))
-    rows = {}
-    for r in records:
-        rows.setdefault((r["method"], r["budget"]), {})[r["task"]] = r
-    order = sorted(rows, key=lambda k: (-(k[1] or 1.01), METHOD_ORDER.index(k[0])))
-    budgets = sorted({b for _, b in rows if b is not None}, reverse=True)
-    expected = [(m, b) for b in budgets for m in METHOD_ORDER if m not in ("dense", "adalora")]
-    expected = [("dense", None)] + expected + [("adalora", None)]
-
-    lines = ["# GLUE benchmark: RankDyna against the baselines", "",
-             "Generated by `scripts/benchmark_glue.py` — do not edit by hand. The runs below came from "
-             "(one process per task, side by side, `OMP_NUM_THREADS=1 nice -n 10`):", "", "```"]
-    lines += sorted({"python " + r["command"] for r in records if "command" in r})
-    lines += ["python scripts/benchmark_glue.py --report_only", "```", "",
-             f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {versions()}.", ""]
-    any_record = records[0] if records else {}
-    seeds = sorted({r["seed"] for r in records})
-    train_sizes = ", ".join(sorted({f"{r['task'].upper()} {r.get('train_examples', 'all')}" for r in records}))
-    lines += [f"Model: packaged all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384). Data: GLUE TSVs; training "
-              f"examples used (first rows of train.tsv): {train_sizes}; dev sets in full. "
-              f"Seeds: {seeds}. Epochs per fine-tuning round: {any_record.get('epochs_per_round')} (the same for "
-              f"every method and round; post-hoc methods run two rounds). Batch 32, max length 128 "
-              f"(dynamic padding), learning rate 1e-4 (AdaLoRA 1e-3, adapters). Device: CPU only — a shared "
-              f"2-core machine that five agents used at the same time, one torch thread per run; no GPU was "
-              f"available in this session. Wall times are therefore noisy (load from other processes "
-              f"varied) and only roughly comparable between rows.", "",
-              "Metric: RTE accuracy, MRPC F1, CoLA Matthews correlation, SST-2 accuracy, on the full dev set, "
-              "x100. `params` = weights of the targeted matrices (attention q/k/v/o and both FFN matrices of "
-              "every layer) after export, as a fraction of dense; biases, embeddings and the head are not "
-              "counted (the same accounting as the budget). Wall time = every round the method needs "
-              "(post-hoc: dense fine-tuning + compression + second fine-tuning), summed over the tasks of "
-              "the row. Latency: median forward of a 32 x 128 batch of the exported, reloaded model, "
-              "measured alternately with the dense model in the same process; shown as exported / dense.", ""]
-    latency_file = os.path.join(args.results_dir, "latency.json")
-    side_by_side = None
-    if os.path.isfile(latency_file):
-        with open(latency_file) as f:
-            latency = json.load(f)
-        side_by_side = latency["median_ms"]
-        lines += [f"Latency column: every exported layout rebuilt and timed round-robin against dense in one process "
-                  f"(`--latency_rounds {latency['rounds']}`, {latency['threads']} thread, median; dense "
-                  f"{side_by_side['dense']:.0f} ms per 32 x 128 batch). One layout per method and budget: the rank "
-                  f"pattern of its first run in task order ({', '.join(sorted({r['task'] for r in records})[:1])}"
-                  f"); svd/fwsvd/tfwsvd share one layout, so their spread shows the timing noise. dense/adalora "
-                  f"export dense models: 1.00.", ""]
-    core = [t for t in ("rte", "mrpc") if t in tasks] or tasks  # the tasks every row is meant to have
-    core_names = "+".join(t.upper() for t in core)
-    header = ("| method | budget | " + " | ".join(t.upper() for t in tasks)
-              + f" | avg {core_names} | params | wall time {core_names} (min) | latency vs dense |")
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
-    majority = {t: majority_class_metric(t) for t in tasks}
-    lines.append("| *majority class* | — | " + " | ".join(f"*{majority[t]:.1f}*" for t in tasks)
-                 + f" | *{np.mean([majority[t] for t in core]):.1f}* | — | — | — |")
-    points = {t: {} for t in tasks}
-    for key in order:
-        method, budget = key
-        by_task = rows[key]
-        cells, values = [], []
-        for t in tasks:
-            r = by_task.get(t)
-            if r is None:
-                cells.append("missing")
-                continue
-            v = 100 * r["metrics"][PRIMARY_METRIC.get(t, "accuracy")]
-            if t in core:
-                values.append(v)
-            cells.append(f"{v:.1f}")
-            points[t].setdefault(method, []).append((r["targeted_params"] / r["targeted_dense_params"], v))
-        complete = all(t in by_task for t in core)
-        avg = f"{np.mean(values):.1f}" if complete else "—"
-        any_r = next(iter(by_task.values()))
-        fraction = any_r["targeted_params"] / any_r["targeted_dense_params"]
-        wall = f"{sum(by_task[t]['wall_time']['total_s'] for t in core) / 60:.1f}" if complete else "—"
-        if side_by_side and f"{method}@{budget}" in side_by_side:
-            ratio = side_by_side[f"{method}@{budget}"] / side_by_side["dense"]
-        elif side_by_side and method in ("dense", "adalora"):
-            ratio = 1.0  # both export a plain dense model
-        else:
-            ratio = np.nanmean([r["latency_ms"] / r["dense_latency_ms"] for r in by_task.values()])
-        lines.append(f"| {method} | {budget if budget is not None else '—'} | " + " | ".join(cells)
-                     + f" | {avg} | {fraction:.3f} | {wall} | {ratio:.2f} |")
-    dense_rows = rows.get(("dense", None), {})
-    uninformative = [t.upper() for t in tasks if t in dense_rows
-                     and 100 * dense_rows[t]["metrics"][PRIMARY_METRIC.get(t, "accuracy")] < majority[t] + 2]
-    if uninformative:
-        lines += ["", f"**Read with care:** on {', '.join(uninformative)} even dense fine-tuning did not beat the "
-                  "majority-class floor by 2 points under this compute budget (few training examples, one "
-                  "epoch), so differences between methods there are noise, not method quality."]
-    missing = [f"{m} at budget {b}" if b is not None else m for m, b in expected if (m, b) not in rows]
-    partial = [(f"{m} at budget {b}: " if b is not None else f"{m}: ")
-               + ", ".join(t.upper() for t in tasks if t not in rows[(m, b)])
-               for (m, b) in order if len(rows[(m, b)]) < len(tasks)]
-    lines += ["", "## Missing", ""]
-    if not missing and not partial:
-        lines.append("Nothing: every method and budget has every listed task.")
-    lines += [f"- {m}: not measured in time." for m in missing]
-    lines += [f"- {p} not measured in time." for p in partial]
-    not_run = [t.upper() for t in ("rte", "mrpc", "cola", "sst2") if t not in tasks]
-    if not_run:
-        lines.append(f"- {', '.join(not_run)}: not run at all (CPU time); the script runs them with "
-                     f"`--tasks {' '.join(t.lower().replace('-', '') for t in not_run)}`.")
-
-    lines += ["", "## Wall time per round (seconds)", "",
-              "| method | budget | task | first round (dense) | compression | this method's fine-tuning | total |",
-              "|---|---|---|---|---|---|---|"]
-    for key in order:
-        for t in tasks:
-            if t not in rows[key]:
-                continue
-            w = rows[key][t]["wall_time"]
-            budget = key[1] if key[1] is not None else "—"
-            lines.append(f"| {key[0]} | {budget} | {t} | {w.get('first_round_s', 0):.0f} | "
-                         f"{w.get('compress_s', 0):.0f} | {w['fine_tune_s']:.0f} | {w['total_s']:.0f} |")
-
-    rank_lines = []
-    for key in order:
-        for t, r in rows[key].items():
-            ranks = r.get("ranks")
-            if ranks:
-                values = list(ranks.values())
-                rank_lines.append(f"| {key[0]} | {key[1] if key[1] is not None else '—'} | {t} | {min(values)} | "
-                                  f"{int(np.median(values))} | {max(values)} | {sum(values)} |")
-    lines += ["", "## Rank allocation (kept singular groups per matrix)", "",
-              "AdaLoRA's ranks are those of its adapters (initial rank 12 per matrix, target average 8), not of "
-              "the model's weights, which it leaves dense.", "",
-              "| method | budget | task | min | median | max | total |", "|---|---|---|---|---|---|---|"] + rank_lines
-
-    diag_lines = []
-    for key in order:
-        for t, r in rows[key].items():
-            if r.get("diagnostics"):
-                d = r["diagnostics"]
-                excess = [v["svd_excess_error"] for v in d.values()]
-                cv = [v["fisher_row_cv"] for v in d.values()]
-                worst = max(d, key=lambda n: d[n]["svd_excess_error"])
-                diag_lines.append(f"| {key[1]} | {t} | {np.median(excess):.2f} | {max(excess):.2f} (`{worst}`) | "
-                                  f"{np.corrcoef(cv, excess)[0, 1]:.2f} |")
-    if diag_lines:
-        lines += ["", "## When plain SVD hurts (TFWSVD diagnostics)", "",
-                  "`svd_excess_error` = Fisher-weighted reconstruction error of plain SVD / that of TFWSVD at the "
-                  "same rank, per matrix (1 = SVD loses nothing on what the task's gradients weigh). The last "
-                  "column correlates it with `fisher_row_cv` (spread of the rows' Fisher information), which is "
-                  "known before factorizing (a correlation near 0 means it does not predict where SVD hurts). "
-                  "Per-matrix values are in each run's JSON.", "",
-                  "| budget | task | median excess | max excess (matrix) | corr(row-Fisher CV, excess) |",
-                  "|---|---|---|---|---|"] + diag_lines
-
-    os.makedirs(os.path.dirname(args.report), exist_ok=True)
-    stem = os.path.splitext(os.path.basename(args.report))[0]
-    plot_name = "benchmark_glue.png" if stem == "RESULTS" else f"{stem}.png"
-    plot_path = os.path.join(os.path.dirname(args.report), plot_name)
-    if records:
-        fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
-        colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHOD_ORDER)}
-        for ax, t in zip(axes[0], tasks):
-            for method, pts in sorted(points[t].items(), key=lambda kv: METHOD_ORDER.index(kv[0])):
-                pts = sorted(pts)
-                if method in ("dense", "adalora"):  # not compressed: a reference level
-                    ax.axhline(pts[0][1], color=colors[method], linestyle="--", label=f"{method} (params 1.0)")
-                    continue
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[method], label=method)
-            ax.axhline(majority[t], color="gray", linestyle=":", label="majority class")
-            ax.set_xlabel("targeted parameters (fraction of dense)")
-            ax.set_ylabel(f"{t.upper()} dev {PRIMARY_METRIC.get(t, 'accuracy')} x100")
-            ax.set_title(f"MiniLM, {t.upper()}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(plot_path, dpi=120)
-        lines += ["", f"![metric vs parameters]({os.path.basename(plot_path)})", "",
-                  "Plot: one panel per task, every measured run (`python scripts/benchmark_glue.py --report_only`)."]
-    with open(args.report, "w") as f:
-        f.write("\n".join(l for l in lines) + "\n")
-    print(f"wrote {args.report}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# latency side by side: speed depends only on the layout, so rebuild each measured rank pattern and time all
-# of them round-robin in this one process (the CPU load drifts; interleaving spreads it over every layout)
-def layout_model(ranks):
     from rankdyna_trainer.budget import keeps_dense
     from rankdyna_trainer.export import LowRankLinear
-    from rankdyna_trainer.targets import set_submodule
+    from rankdyna_trainer.targets import find_target_linears, set_submodule
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     for name, linear in find_target_linears(model).items():
         r = ranks.get(name) if ranks else None
         if r is not None and not keeps_dense(r, linear.out_features, linear.in_features):
             set_submodule(model, name, LowRankLinear(linear.in_features, r, linear.out_features))
-    return model.eval()
+    return model.to(device).eval()
 
 
-def measure_latency(records, rounds):
-    layouts = {"dense": None}
-    for r in sorted(records, key=lambda r: (r["method"], r["budget"] or 0, r["task"])):
-        key = f"{r['method']}@{r['budget']}"
-        if r["method"] not in ("dense", "adalora") and key not in layouts:
-            layouts[key] = r["ranks"]
-    models = {key: layout_model(ranks) for key, ranks in layouts.items()}
-    times = {key: [] for key in models}
-    for _ in range(rounds):
-        for key, model in models.items():
-            times[key].append(latency_ms(model, repeats=1))
-    result = {key: statistics.median(t) for key, t in times.items()}
-    with open(os.path.join(args.results_dir, "latency.json"), "w") as f:
-        json.dump({"rounds": rounds, "threads": args.threads, "median_ms": result}, f, indent=1)
-    print("latency (ms):", json.dumps(result, indent=1))
+def params_fraction(ranks: dict[str, int] | None, shapes: dict) -> float:
+    from rankdyna_trainer.budget import matrix_cost
+
+    if not ranks:
+        return 1.0
+    return sum(matrix_cost(ranks[n], m, k) for n, (m, k) in shapes.items()) / sum(m * k for m, k in shapes.values())
 
 
-if args.latency_rounds > 0:
-    measure_latency([r for r in read_records() if "method" in r], args.latency_rounds)
+def latency_layouts(args, records, shapes) -> dict[str, tuple[dict | None, int]]:
+    """Layouts to time: dense, near-uniform ranks at every budget (with and without each rank multiple), and the
+    first run file's rank pattern of every trained method and budget, with its rounded variants."""
+    layouts = {"dense": (None, 1)}
+    for budget in args.budgets:
+        for multiple in [1] + args.latency_multiples:
+            suffix = f"+m{multiple}" if multiple > 1 else ""
+            layouts[f"uniform{suffix}@{budget:g}"] = (uniform_ranks(shapes, budget, multiple), multiple)
+    seen = set()
+    for r in sorted(records, key=lambda r: (glue_report.TASK_ORDER.index(r["task"]), r["seed"])):
+        if r["method"] not in ("rankdyna", "ars") or not r.get("ranks"):
+            continue  # svd/fwsvd/tfwsvd share the uniform layout above
+        key = glue_report.run_key(r)
+        if key in seen:
+            continue
+        seen.add(key)
+        layouts[f"{key} ({r['task']})"] = (r["ranks"], r.get("rank_multiple", 1))
+        if r.get("rank_multiple", 1) == 1:
+            for multiple in args.latency_multiples:
+                rounded = rounded_ranks(r["ranks"], shapes, r["budget"], multiple)
+                layouts[f"{key} ({r['task']}) rounded +m{multiple}"] = (rounded, multiple)
+    return layouts
 
-if not args.no_report:
-    write_report(read_records())
+
+def rank_pattern_records(folder: str) -> list[dict]:
+    """Run files with a rank pattern (any protocol: a layout's speed depends on its ranks alone)."""
+    records = []
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            if name.endswith(".json") and name not in ("latency.json", "cost.json", "notes.json"):
+                record = read_optional(os.path.join(root, name))
+                if isinstance(record, dict) and record.get("ranks") and record.get("budget"):
+                    records.append(record)
+    return records
+
+
+@torch.inference_mode()
+def time_forward(model, ids, mask, device) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(input_ids=ids, attention_mask=mask)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start)
+
+
+MATMUL_KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
+                  "aten::_scaled_dot_product_flash_attention")
+
+
+def matmul_time_share(model, ids, mask) -> dict:
+    """One profiled forward: milliseconds in matmul kernels (GEMMs and the attention kernel) and in everything else
+    (softmax, GELU, layer norm, embeddings, copies). Only the matmul part can shrink with the ranks, so
+    dense_ms / (other_ms + matmul_ms / ideal) bounds the speed-up any low-rank layout can reach (Amdahl)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, attention_mask=mask)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1000
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_KERNELS) / 1000
+    return {"matmul_ms": matmul, "other_ms": total - matmul}
+
+
+def measure_latency(args, records) -> dict:
+    from rankdyna_trainer.flops import forward_flops
+    from rankdyna_trainer.packaged_models import minilm_path
+
+    device = device_of(args)
+    model_dir = args.model or minilm_path()
+    shapes = target_shapes(model_dir)
+    layouts = latency_layouts(args, records, shapes)
+    models = {name: layout_model(model_dir, ranks, device) for name, (ranks, _) in layouts.items()}
+    ids = torch.randint(1000, 2000, (args.latency_batch, args.latency_seq_len),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    for model in models.values():  # warm-up: allocator, kernels, caches
+        time_forward(model, ids, mask, device)
+    times = {name: [] for name in models}
+    for _ in range(args.latency_rounds):
+        for name, model in models.items():
+            times[name].append(time_forward(model, ids, mask, device))
+    profiles = {name: matmul_time_share(model, ids, mask) for name, model in models.items()} if device == "cpu" else {}
+    result = {
+        "command": "python scripts/benchmark_glue.py " + " ".join(sys.argv[1:]),
+        "rounds": args.latency_rounds, "batch_size": args.latency_batch, "seq_len": args.latency_seq_len,
+        "device": f"{device_record(device)['type']} ({device_record(device)['name']})",
+        "threads": torch.get_num_threads(), "versions": versions(),
+        "layouts": {name: {"ranks": layouts[name][0], "rank_multiple": layouts[name][1],
+                           "params_fraction": params_fraction(layouts[name][0], shapes),
+                           "flops": forward_flops(models[name], args.latency_batch, args.latency_seq_len),
+                           "median_ms": statistics.median(times[name]), "all_ms": times[name],
+                           "profile": profiles.get(name)}
+                    for name in models},
+    }
+    write_json(os.path.join(args.results_dir, "latency.json"), result)
+    for name, entry in result["layouts"].items():
+        dense = result["layouts"]["dense"]
+        speedup, ideal = dense["median_ms"] / entry["median_ms"], dense["flops"] / entry["flops"]
+        print(f"{name:45s} {entry['median_ms']:8.1f} ms  speed-up {speedup:.2f}  ideal {ideal:.2f}  "
+              f"fraction {speedup / ideal:.2f}  profile {entry['profile']}", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU cost: a training step per padded length and thread count, then each task's epoch under each batching setting
+def step_seconds(model_dir, lengths, threads, steps, batch_size) -> list[float]:
+    from transformers import AutoModelForSequenceClassification
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    result = []
+    for length in lengths:
+        batch = {"input_ids": torch.randint(1000, 20000, (batch_size, length)),
+                 "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
+                 "labels": torch.randint(0, 2, (batch_size,))}
+        times = []
+        for step in range(steps + 2):  # two warm-up steps
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= 2:
+                times.append(time.perf_counter() - start)
+        result.append(statistics.median(times))
+    return result
+
+
+def batch_lengths(lengths: list[int], batch_size: int, setting: str, max_length: int, seed: int = 42) -> list[int]:
+    """Padded length of every batch of one epoch: padding to max_length, or dynamic (each batch to its longest row)
+    with random batches or with transformers' LengthGroupedSampler."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    if setting == "pad to max length":
+        return [max_length] * int(np.ceil(len(lengths) / batch_size))
+    generator = torch.Generator().manual_seed(seed)
+    if setting == "dynamic, random batches":
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+    else:
+        order = list(LengthGroupedSampler(batch_size, lengths=lengths, generator=generator))
+    return [max(lengths[i] for i in order[s:s + batch_size]) for s in range(0, len(order), batch_size)]
+
+
+def measure_cost(args) -> dict:
+    runner = Runner(args)
+    threads_before = torch.get_num_threads()
+    lengths = [16, 32, 64, 128]
+    thread_counts = sorted({1, min(2, os.cpu_count() or 1)})
+    step_s = {str(t): step_seconds(runner.model_dir, lengths, t, args.cost_steps, SHARED["batch_size"])
+              for t in thread_counts}
+    settings = ["pad to max length", "dynamic, random batches", "dynamic, group_by_length"]
+    epochs = {}
+    for task in args.tasks:
+        data, protocol = runner.task_data(task)
+        row_lengths = [len(ids) for ids in data["train"]["input_ids"]]
+        epochs[task] = {}
+        for setting in settings:
+            batches = batch_lengths(row_lengths, protocol["batch_size"], setting, protocol["max_seq_length"])
+            epochs[task][setting] = {
+                "mean_length": float(np.mean(batches)),
+                "epoch_s": {t: float(sum(np.interp(batches, lengths, s))) for t, s in step_s.items()},
+            }
+    torch.set_num_threads(threads_before)
+    result = {"command": runner.command, "device": f"cpu ({device_record('cpu')['name']})",
+              "batch_size": SHARED["batch_size"], "steps": args.cost_steps, "lengths": lengths, "step_s": step_s,
+              "epochs": epochs, "versions": runner.versions}
+    write_json(os.path.join(args.results_dir, "cost.json"), result)
+    print(json.dumps({"step_s": step_s, "epochs": epochs}, indent=1), flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the summary and the page, from the files alone
+def read_optional(path):
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def write_summary_and_report(args) -> dict:
+    records = glue_report.read_run_files(args.results_dir)
+    summary = glue_report.summarize(records)
+    write_json(args.summary, summary)
+    report_dir = os.path.dirname(os.path.abspath(args.report))
+    plot_name = os.path.splitext(os.path.basename(args.summary))[0] + "_retention.png"
+    glue_report.plot_retention(summary, os.path.join(report_dir, plot_name))
+    latency = read_optional(os.path.join(args.results_dir, "latency.json"))
+    cost = read_optional(os.path.join(args.results_dir, "cost.json"))
+    notes = read_optional(os.path.join(args.results_dir, "notes.json"))
+    page = glue_report.render_report(summary, records, plot_name, os.path.relpath(args.summary, REPO),
+                                     latency=latency, cost=cost, budgets=args.budgets, notes=notes)
+    with open(args.report, "w") as f:
+        f.write(page)
+    print(f"wrote {args.summary}, {args.report} and {plot_name} from {len(records)} run files", flush=True)
+    return summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    if not args.report_only:
+        if args.measure_cost:
+            measure_cost(args)
+        if not args.no_runs:
+            run_campaign(args)
+        if args.latency_rounds > 0:
+            measure_latency(args, rank_pattern_records(args.latency_patterns_from or args.results_dir))
+    if not args.no_report:
+        write_summary_and_report(args)
+
+
+if __name__ == "__main__":
+    main()

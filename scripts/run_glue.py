@@ -136,6 +136,11 @@ class ModelArguments:
         metadata={"help": "Training batches used as calibration inputs by lorap, svdllm and RankDyna's whitened "
                   "start (--rankdyna_init whitened)."},
     )
+    compression_rank_multiple: int = field(
+        default=1,
+        metadata={"help": "Keep ranks in multiples of this (rankdyna, svd, fwsvd, tfwsvd, ars; e.g. 8 for faster "
+                  "GEMMs), counted in the budget. 1: any rank."}
+    )
 
 
 @dataclass
@@ -192,6 +197,9 @@ class RankDynaArguments:
     rankdyna_min_rank: int = field(
         default=_RANKDYNA_DEFAULTS["min_rank"],
         metadata={"help": "Groups every targeted matrix keeps (0: a matrix may reach rank 0)."})
+    rankdyna_rank_multiple: int = field(
+        default=_RANKDYNA_DEFAULTS["rank_multiple"],
+        metadata={"help": "Keep ranks in multiples of this (e.g. 8 for faster GEMMs), counted in the budget."})
     rankdyna_orth_reg_weight: float = field(
         default=_RANKDYNA_DEFAULTS["orth_reg_weight"],
         metadata={"help": "Weight of the orthogonality regularizer (0 disables it)."})
@@ -286,17 +294,25 @@ def check_arguments(model_args, data_args, rankdyna_args, search_args, training_
         rankdyna_args.rankdyna = True
         if rankdyna_args.rankdyna_budget == _RANKDYNA_DEFAULTS["target_budget"]:
             rankdyna_args.rankdyna_budget = model_args.compression_budget
+        if rankdyna_args.rankdyna_rank_multiple == _RANKDYNA_DEFAULTS["rank_multiple"]:
+            rankdyna_args.rankdyna_rank_multiple = model_args.compression_rank_multiple
     elif method != "dense" and not training_args.do_train:
         raise UsageError(f"--compression_method {method} trains (fine-tuning after compression, or adapters): "
                          "add --do_train.")
     elif method != "dense" and search_args.hyperparameter_search:
         raise UsageError(f"--hyperparameter_search supports --compression_method rankdyna or dense, not {method}.")
     config_class = get_method(method).config_class
+    takes_multiple = config_class is not None and "rank_multiple" in {f.name for f in dataclasses.fields(config_class)}
+    if model_args.compression_rank_multiple != 1 and not takes_multiple:
+        raise UsageError(f"--compression_rank_multiple applies to rankdyna, svd, fwsvd, tfwsvd and ars, not to "
+                         f"--compression_method {method}; drop it.")
     if method != "rankdyna" and config_class is not None:
+        extra = {"rank_multiple": model_args.compression_rank_multiple} if takes_multiple else {}
         try:  # the method's config checks the budget before any model is loaded
-            config_class(target_budget=model_args.compression_budget)
+            config_class(target_budget=model_args.compression_budget, **extra)
         except ValueError as err:
-            raise UsageError(str(err).replace("target_budget", "--compression_budget")) from err
+            message = str(err).replace("target_budget", "--compression_budget")
+            raise UsageError(message.replace("rank_multiple", "--compression_rank_multiple")) from err
     given = rankdyna_args.given_options()
     if given and not rankdyna_args.rankdyna:
         flags = ", ".join(f"--{name}" for name in given)
@@ -456,6 +472,8 @@ def registry_compression(model_args: ModelArguments) -> Compression:
             extra["max_fisher_batches"] = model_args.compression_fisher_batches
         if "max_calibration_batches" in fields:
             extra["max_calibration_batches"] = model_args.compression_calibration_batches
+        if "rank_multiple" in fields:
+            extra["rank_multiple"] = model_args.compression_rank_multiple
         state["config"] = method.make_config(target_budget=model_args.compression_budget, model=model,
                                              total_steps=compression.total_steps, **extra)
         if method.post_hoc:

@@ -88,3 +88,45 @@ def test_matrix_cost_is_capped_at_dense():
     assert matrix_cost(0, 10, 20) == 0
     assert matrix_cost(3, 10, 20) == 90
     assert matrix_cost(7, 10, 20) == 200
+
+
+@pytest.mark.parametrize("seed,fraction,multiple", list(itertools.product(range(3), [0.2, 0.33, 0.5], [4, 8])))
+def test_rank_multiple_rounds_every_rank_and_stays_within_the_budget(seed, fraction, multiple):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(64, 48), (48, 64), (96, 40), (40, 40), (30, 70)]
+    scores = [torch.rand(min(m, n), generator=g) for m, n in shapes]
+    budget = int(fraction * sum(m * n for m, n in shapes))
+    masks = allocate_groups(scores, shapes, budget, rank_multiple=multiple)
+    for mask, (m, n) in zip(masks, shapes):
+        rank = int(mask.sum())
+        assert rank % multiple == 0 or rank == min(m, n), (rank, m, n)
+    spent = sum(matrix_cost(int(mask.sum()), *shape) for mask, shape in zip(masks, shapes))
+    assert spent <= budget
+    # Rounding costs at most one block of the most expensive matrix, beyond what groups one at a time spend.
+    unrounded = sum(matrix_cost(int(mask.sum()), *shape)
+                    for mask, shape in zip(allocate_groups(scores, shapes, budget), shapes))
+    assert spent >= unrounded - multiple * max(m + n for m, n in shapes) * len(shapes)
+    assert spent > 0.8 * budget
+
+
+def test_rank_multiple_keeps_each_matrix_best_groups_and_uniform_ranks():
+    shapes = [(128, 128)] * 3
+    # Uniform-rank scores (group i scores -i): the budget of rank 10 everywhere rounds down to 8 everywhere.
+    scores = [-torch.arange(128, dtype=torch.float32)] * 3
+    masks = allocate_groups(scores, shapes, budget_params=3 * 10 * 256, rank_multiple=8)
+    assert [int(m.sum()) for m in masks] == [8, 8, 8]
+    assert all(m[:8].all() and not m[8:].any() for m in masks)
+    # The kept groups are the best-scoring ones, wherever they sit in the matrix.
+    shuffled = [torch.tensor([0.0, 5.0, 1.0, 4.0, 3.0, 2.0, 6.0, 7.0])]
+    mask = allocate_groups(shuffled, [(8, 16)], budget_params=4 * 24, rank_multiple=4)[0]
+    assert mask.tolist() == [False, True, False, True, False, False, True, True]
+
+
+def test_rank_multiple_with_min_rank_and_bad_values():
+    shapes = [(64, 64), (64, 64)]
+    scores = [torch.linspace(10, 9, 64), torch.linspace(1, 0, 64)]
+    masks = allocate_groups(scores, shapes, budget_params=24 * 128, min_rank=3, rank_multiple=8)
+    assert [int(m.sum()) for m in masks] == [16, 8]  # the floor of 3 is paid as one block of 8
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ValueError, match="rank_multiple must be an integer >= 1"):
+            allocate_groups(scores, shapes, 1000, rank_multiple=bad)

@@ -72,6 +72,7 @@ CASES = {
     "whitening_damping": lambda: RankDynaConfig(whitening_damping=-1.0),
     "whitened_without_calibration": lambda: prepare_model(tiny_bert(), RankDynaConfig(init="whitened")),
     "orth_reg_weight": lambda: RankDynaConfig(orth_reg_weight=-1.0),
+    "rank_multiple": lambda: RankDynaConfig(rank_multiple=0),
     "singular_value_signal": lambda: RankDynaConfig(singular_value_signal="hessian"),
     "target_modules_empty": lambda: RankDynaConfig(target_modules=[]),
     "target_modules_match_nothing": lambda: prepare_model(tiny_bert(), RankDynaConfig(target_modules=["qkv"])),

@@ -204,6 +204,28 @@ def test_invalid_baseline_budget(tmp_path):
                             "0"))
 
 
+def test_invalid_rank_multiple_names_the_flag(tmp_path):
+    expected = r"^--compression_rank_multiple must be an integer >= 1 .*got 0\."
+    with pytest.raises(UsageError, match=expected):
+        run_glue.main(_argv(tmp_path, "--task_name", "rte", "--compression_method", "svd",
+                            "--compression_rank_multiple", "0"))
+    with pytest.raises(UsageError, match=r"^--rankdyna_rank_multiple must be an integer >= 1 .*got 0\."):
+        run_glue.main(_argv(tmp_path, "--task_name", "rte", "--rankdyna", "--rankdyna_rank_multiple", "0"))
+
+
+def test_rank_multiple_for_a_method_without_ranks(tmp_path):
+    with pytest.raises(UsageError, match=r"^--compression_rank_multiple applies to rankdyna, svd, fwsvd, tfwsvd and "
+                       r"ars, not to --compression_method lorap; drop it\."):
+        run_glue.main(_argv(tmp_path, "--task_name", "rte", "--compression_method", "lorap",
+                            "--compression_rank_multiple", "8"))
+
+
+def test_compression_rank_multiple_reaches_the_rankdyna_config(tmp_path):
+    _, _, rankdyna_args, _, _ = run_glue.parse_args(_argv(tmp_path, "--task_name", "rte", "--compression_method",
+                                                          "rankdyna", "--compression_rank_multiple", "8"))
+    assert rankdyna_args.to_config().rank_multiple == 8
+
+
 def test_missing_data_file(tmp_path):
     missing = tmp_path / "nope" / "train.tsv"
     with pytest.raises(UsageError, match="^--train_file/--validation_file: GLUE rte file not found: .*nope/train.tsv"):

@@ -95,5 +95,5 @@ def compress_ars(model: nn.Module, config: ARSConfig, dataloader) -> dict[str, d
             set_submodule(model, name, linear)
     # Equal probabilities (e.g. saturated at 1) go to the larger singular group first.
     scores = [p.float().cpu() - 1e-6 * torch.arange(len(p)) / len(p) for p in probabilities]
-    keep = allocate(scores, shapes, config.target_budget)
+    keep = allocate(scores, shapes, config.target_budget, config.rank_multiple)
     return replace_with_kept_groups(model, layers, factorizations, keep, "ars", config.to_dict())

@@ -54,5 +54,5 @@ def compress_fwsvd(model: nn.Module, config: FWSVDConfig, dataloader) -> dict[st
         fisher = fisher_information(model, dataloader, layers, config.max_fisher_batches)
     shapes = target_shapes(layers)
     factorizations = fwsvd_factorizations(layers, fisher, config.fisher_floor)
-    keep = allocate(uniform_rank_scores(shapes), shapes, config.target_budget)
+    keep = allocate(uniform_rank_scores(shapes), shapes, config.target_budget, config.rank_multiple)
     return replace_with_kept_groups(model, layers, factorizations, keep, "fwsvd", config.to_dict())

@@ -100,7 +100,8 @@ class RankDynaCallback(TrainerCallback):
         scores = self.scores.group_scores()
         if self.config.rank_by == "score_per_param":
             torch._foreach_div_(scores, self._group_costs)
-        keep = allocate_groups(scores, shapes, budget_params, min_rank=self.config.min_rank)
+        keep = allocate_groups(scores, shapes, budget_params, min_rank=self.config.min_rank,
+                               rank_multiple=self.config.rank_multiple)
         torch._foreach_copy_([l.gate for l in self._layers], [k.to(l.gate.dtype) for k, l in zip(keep, self._layers)])
         self._broadcast_gates()
 

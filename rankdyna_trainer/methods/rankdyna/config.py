@@ -5,7 +5,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfigMixin
 
-from ...budget import check_budget_fraction
+from ...budget import check_budget_fraction, check_rank_multiple
 from .importance import IMPORTANCE_SCORES, SINGULAR_VALUE_SIGNALS
 from .layer import FACTOR_SCALINGS
 
@@ -113,6 +113,11 @@ class RankDynaConfig(PeftConfigMixin):
         metadata={"help": "Groups every targeted matrix keeps whatever its scores (counted in the budget); 0 lets a "
                   "matrix be pruned to rank 0."},
     )
+    rank_multiple: int = field(
+        default=1,
+        metadata={"help": "Keep ranks in multiples of this (>= 1; e.g. 8 for faster GEMMs on CPUs and tensor cores): "
+                  "groups are allocated in blocks of this many, counted in the budget (budget.allocate_groups)."},
+    )
     orth_reg_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the orthogonality regularizer ||U^T U - I|| + ||V V^T - I|| (0 disables it)."},
@@ -165,6 +170,7 @@ class RankDynaConfig(PeftConfigMixin):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank < 0:
             raise ValueError(f"min_rank must be an integer >= 0, got {self.min_rank!r}.")
+        check_rank_multiple(self.rank_multiple)
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}.")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:

@@ -26,5 +26,5 @@ def compress_svd(model: nn.Module, config: SVDConfig, dataloader=None) -> dict[s
     layers = target_linears(model, config.target_modules)
     shapes = target_shapes(layers)
     factorizations = [svd_factorization(target_weight(l)) for l in layers.values()]
-    keep = allocate(uniform_rank_scores(shapes), shapes, config.target_budget)
+    keep = allocate(uniform_rank_scores(shapes), shapes, config.target_budget, config.rank_multiple)
     return replace_with_kept_groups(model, layers, factorizations, keep, "svd", config.to_dict())

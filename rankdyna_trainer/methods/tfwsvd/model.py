@@ -102,7 +102,7 @@ def compress_tfwsvd(model: nn.Module, config: TFWSVDConfig, dataloader) -> dict[
     with torch.enable_grad():
         fisher = fisher_information(model, dataloader, layers, config.max_fisher_batches)
     shapes = target_shapes(layers)
-    keep = allocate(uniform_rank_scores(shapes), shapes, config.target_budget)
+    keep = allocate(uniform_rank_scores(shapes), shapes, config.target_budget, config.rank_multiple)
     factorizations, risks = [], []
     for (name, linear), kept in tqdm(list(zip(layers.items(), keep)), desc="Weighted low-rank (ALS)"):
         F = fisher[name] + config.fisher_floor * fisher[name].mean()

@@ -151,6 +151,6 @@ def test_mpo_type_is_registered_by_importing_the_package_alone():
     from pathlib import Path
 
     code = "from rankdyna_trainer.export import MODULE_BUILDERS; assert 'mpo' in MODULE_BUILDERS"
-    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[3],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,395 @@
+"""The GLUE benchmark's summary and page, built from its run files alone.
+
+``scripts/benchmark_glue.py`` writes one JSON per (task, method, budget, seed) run. :func:`summarize` turns a list of
+those records into the summary ``{"majority": {task: x}, "runs": {"method@budget": {task: {"mean", "std", "n"}}}}``
+(scores x100, dense as ``dense@1.0``); :func:`render_report` writes the Markdown page and :func:`plot_retention` its
+plot from that summary, plus the run files for what the summary does not hold (wall time, the protocol, the
+commands) and the optional latency and CPU-cost files. Nothing here trains or loads a model, so the page can be
+regenerated anywhere from the committed files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections import defaultdict
+
+TASK_ORDER = ["sst2", "mrpc", "cola", "rte"]
+METHOD_ORDER = ["dense", "rankdyna", "fwsvd", "svd", "tfwsvd", "ars", "adalora"]
+# What the issue asks for before the benchmark counts as done: seeds per method at every budget.
+REQUIRED_SEEDS = {"dense": 3, "rankdyna": 3, "fwsvd": 3}
+UNCOMPRESSED = ("dense", "adalora")
+METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "mcc": "Matthews corr."}
+
+
+def run_key(record: dict) -> str:
+    """``method@budget`` (``+m8`` after the method when ranks were kept in multiples of 8); dense and AdaLoRA,
+    which export uncompressed models, are ``@1.0``."""
+    method = record["method"]
+    multiple = record.get("rank_multiple") or 1
+    if multiple > 1:
+        method = f"{method}+m{multiple}"
+    budget = 1.0 if record["method"] in UNCOMPRESSED else record["budget"]
+    return f"{method}@{budget:g}" if budget != 1.0 else f"{method}@1.0"
+
+
+def split_key(key: str) -> tuple[str, str, float]:
+    """``"rankdyna+m8@0.33"`` -> ``("rankdyna", "rankdyna+m8", 0.33)``."""
+    variant, _, budget = key.partition("@")
+    return variant.split("+")[0], variant, float(budget)
+
+
+def read_run_files(results_dir: str) -> list[dict]:
+    """Every run record under ``results_dir`` (one JSON per run; files without a ``method`` are skipped)."""
+    records = []
+    for root, _, files in sorted(os.walk(results_dir)):
+        for name in sorted(files):
+            if not name.endswith(".json"):
+                continue
+            with open(os.path.join(root, name)) as f:
+                record = json.load(f)
+            if isinstance(record, dict) and "method" in record and "score" in record:
+                records.append(record)
+    return records
+
+
+def summarize(records: list[dict]) -> dict:
+    """The summary of ``records``: per ``method@budget`` and task the mean, sample standard deviation (0 for a
+    single run) and number of seeds of the task's score (x100), and each task's constant-prediction floor."""
+    scores = defaultdict(lambda: defaultdict(list))
+    majority = {}
+    for r in records:
+        scores[run_key(r)][r["task"]].append(r["score"])
+        majority[r["task"]] = r["floor"]["score"]
+    runs = {}
+    for key in sorted(scores, key=_key_order):
+        runs[key] = {}
+        for task in _ordered_tasks(scores[key]):
+            values = scores[key][task]
+            runs[key][task] = {"mean": round(statistics.fmean(values), 4),
+                               "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+                               "n": len(values)}
+    return {"majority": {t: round(majority[t], 4) for t in _ordered_tasks(majority)}, "runs": runs}
+
+
+def _ordered_tasks(tasks) -> list[str]:
+    return [t for t in TASK_ORDER if t in tasks] + sorted(set(tasks) - set(TASK_ORDER))
+
+
+def _key_order(key: str):
+    method, variant, budget = split_key(key)
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return (-budget, rank, variant)
+
+
+def retention(summary: dict) -> dict[str, dict[str, float]]:
+    """Mean score of each ``method@budget`` as a fraction of dense's on the same task, plus ``"average"`` over
+    the tasks when every task dense has is present."""
+    dense = summary["runs"].get("dense@1.0", {})
+    result = {}
+    for key, by_task in summary["runs"].items():
+        kept = {t: by_task[t]["mean"] / dense[t]["mean"] for t in by_task if t in dense and dense[t]["mean"]}
+        if kept and set(kept) == set(dense):
+            kept["average"] = statistics.fmean(kept.values())
+        result[key] = kept
+    return result
+
+
+def missing_cells(summary: dict, tasks: list[str], budgets: list[float]) -> list[str]:
+    """What the campaign still lacks: every (method, budget, task) below its required number of seeds (3 for
+    dense, rankdyna and fwsvd, 1 for the others)."""
+    runs = summary["runs"]
+    lines = []
+    for method in METHOD_ORDER:
+        keys = ["{}@1.0".format(method)] if method in UNCOMPRESSED else [f"{method}@{b:g}" for b in budgets]
+        need = REQUIRED_SEEDS.get(method, 1)
+        for key in keys:
+            short = [f"{t.upper()} (n={runs.get(key, {}).get(t, {}).get('n', 0)})" for t in tasks
+                     if runs.get(key, {}).get(t, {}).get("n", 0) < need]
+            if short:
+                lines.append(f"`{key}` needs n={need}: " + ", ".join(short))
+    return lines
+
+
+def plot_retention(summary: dict, path: str) -> None:
+    """Average retention (over the tasks) against budget, one line per method; dense is the 100 % line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept = retention(summary)
+    lines = defaultdict(list)
+    partial = defaultdict(list)
+    for key, values in kept.items():
+        method, variant, budget = split_key(key)
+        if method in UNCOMPRESSED:
+            continue
+        if "average" in values:
+            lines[variant].append((budget, 100 * values["average"]))
+        elif values:
+            partial[variant].append((budget, 100 * statistics.fmean(values.values())))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHOD_ORDER)}
+    for variant in sorted(set(lines) | set(partial), key=lambda v: (_method_rank(v), v)):
+        color = colors.get(variant.split("+")[0], "black")
+        style = "--" if "+" in variant else "-"
+        if lines[variant]:
+            points = sorted(lines[variant])
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", color=color, label=variant)
+        if partial[variant]:
+            points = sorted(partial[variant])
+            ax.plot([p[0] for p in points], [p[1] for p in points], ":", marker="x", color=color,
+                    label=f"{variant} (not every task)")
+    if "adalora@1.0" in kept and "average" in kept["adalora@1.0"]:
+        ax.axhline(100 * kept["adalora@1.0"]["average"], color=colors["adalora"], linestyle="-.",
+                   label="adalora (uncompressed)")
+    ax.axhline(100, color=colors["dense"], linestyle="--", label="dense")
+    ax.set_xlabel("parameter budget (fraction of the targeted weights)")
+    ax.set_ylabel("retention: score / dense score, %")
+    ax.set_title("MiniLM on GLUE: retention averaged over the tasks")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _method_rank(variant: str) -> int:
+    method = variant.split("+")[0]
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def _cell(stats: dict | None) -> str:
+    if not stats:
+        return "—"
+    if stats["n"] == 1:
+        return f"{stats['mean']:.1f} (n=1)"
+    return f"{stats['mean']:.1f} ± {stats['std']:.1f}" + ("" if stats["n"] == 3 else f" (n={stats['n']})")
+
+
+def _wall_times(records: list[dict]) -> dict[str, dict[str, float]]:
+    by_key = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by_key[run_key(r)][r["task"]].append(r["wall_time"]["total_s"])
+    return {k: {t: statistics.fmean(v) for t, v in tasks.items()} for k, tasks in by_key.items()}
+
+
+def _wall_parts(records: list[dict]) -> dict[str, dict[str, float]]:
+    parts = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        for name, seconds in r["wall_time"].items():
+            parts[run_key(r)][name].append(seconds)
+    return {k: {name: statistics.fmean(v) for name, v in p.items()} for k, p in parts.items()}
+
+
+def render_report(summary: dict, records: list[dict], plot_name: str, summary_path: str,
+                  latency: dict | None = None, cost: dict | None = None, commands: list[str] | None = None,
+                  budgets: list[float] | None = None, notes: dict[str, str] | None = None) -> str:
+    """The Markdown page: tables from ``summary``, wall times and the protocol from ``records``."""
+    tasks = list(summary["majority"])
+    commands = commands or sorted({r["command"] for r in records if "command" in r})
+    budgets = budgets or sorted({split_key(k)[2] for k in summary["runs"]} - {1.0}, reverse=True)
+    lines = ["# GLUE benchmark: RankDyna against the baselines", "",
+             f"Generated by `scripts/benchmark_glue.py` from `{summary_path}` and the run files; do not edit by hand.",
+             "Regenerate without running anything:", "", "    python scripts/benchmark_glue.py --report_only", ""]
+    lines += _setup_lines(records, commands)
+    lines += _score_table(summary, tasks)
+    lines += _retention_table(summary, tasks)
+    lines += [f"![average retention against budget]({plot_name})", "",
+              "Plot: the mean score of each method and budget divided by dense's on the same task, averaged over "
+              "the tasks (solid: every task measured; dotted: only some tasks so far).", ""]
+    lines += _wall_table(records, tasks)
+    if notes:
+        lines += ["Notes on individual run files (`notes.json` beside them; the files themselves are as written):", ""]
+        lines += [f"- `{name}`: {text}" for name, text in sorted(notes.items())] + [""]
+    if latency:
+        lines += latency_lines(latency)
+    if cost:
+        lines += cost_lines(cost)
+    lines += ["## Missing", ""]
+    missing = missing_cells(summary, TASK_ORDER, budgets)
+    absent = [t.upper() for t in TASK_ORDER if t not in tasks]
+    if absent:
+        lines.append(f"- No run at all yet for {', '.join(absent)}.")
+    lines += [f"- {m}" for m in missing] or ["- Nothing: every required cell has its seeds."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _setup_lines(records: list[dict], commands: list[str] | None) -> list[str]:
+    if not records:
+        return ["No run files yet.", ""]
+    protocols = {}
+    for r in records:
+        protocols.setdefault(r["task"], r["protocol"])
+    devices = sorted({f"{r['device']['type']} ({r['device']['name']}, {r['device']['threads']} threads)"
+                      for r in records})
+    versions = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in records})
+    lines = ["## Setup", "",
+             "Model: the packaged all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) with a new classification head. "
+             "Every method gets the same fine-tuning round per task (the protocol below); the post-hoc methods "
+             "(svd, fwsvd, tfwsvd, ars) compress the dense model fine-tuned with the same seed, then fine-tune "
+             "once more with the same round. Scores are on the full dev set, x100. The floor is the best constant "
+             "prediction on the dev set (the majority class; for CoLA's Matthews correlation every constant "
+             "scores 0).", "",
+             "| task | metric | training rows | epochs | max length | learning rate | batch | floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    floors = {r["task"]: r["floor"]["score"] for r in records}
+    for task in _ordered_tasks(protocols):
+        p = protocols[task]
+        lines.append(f"| {task.upper()} | {METRIC_NAMES.get(p['metric'], p['metric'])} | {p['train_rows_used']} | "
+                     f"{p['epochs']:g} | {p['max_seq_length']} | {p['learning_rate']:g} | {p['batch_size']} | "
+                     f"{floors[task]:.1f} |")
+    mixed = sorted({t for r in records for t in [r["task"]] if r["protocol"] != protocols[t]})
+    lines += [""]
+    if mixed:
+        lines += [f"**Warning:** the run files of {', '.join(t.upper() for t in mixed)} do not all share one "
+                  "protocol; their rows mix settings.", ""]
+    any_p = next(iter(protocols.values()))
+    lines += [f"Shared settings: dynamic padding, sampling `{any_p['sampling']}`, warm-up ratio "
+              f"{any_p['warmup_ratio']}, weight decay {any_p['weight_decay']}, AdaLoRA learning rate "
+              f"{any_p['adalora_learning_rate']:g} (adapters), Fisher batches {any_p['fisher_batches']}, ARS steps "
+              f"{any_p['ars_steps']}, TFWSVD ALS sweeps {any_p['als_iterations']}, RankDyna reallocation interval "
+              f"{any_p['rankdyna_interval']}.", "",
+              "Devices: " + "; ".join(devices) + ".", "", "Versions: " + "; ".join(versions) + ".", ""]
+    lines += ["Commands that made the runs:", "", "```"] + (commands or ["(none recorded)"]) + ["```", ""]
+    return lines
+
+
+def _score_table(summary: dict, tasks: list[str]) -> list[str]:
+    header = "| method | budget | " + " | ".join(t.upper() for t in tasks) + " |"
+    lines = ["## Scores (mean ± std over seeds; n=3 unless marked)", "", header,
+             "|" + "---|" * (len(tasks) + 2),
+             "| *floor (constant prediction)* | — | " + " | ".join(f"*{summary['majority'][t]:.1f}*" for t in tasks)
+             + " |"]
+    for key, by_task in summary["runs"].items():
+        _, variant, budget = split_key(key)
+        budget_cell = "—" if split_key(key)[0] in UNCOMPRESSED else f"{budget:g}"
+        lines.append(f"| {variant} | {budget_cell} | " + " | ".join(_cell(by_task.get(t)) for t in tasks) + " |")
+    dense = summary["runs"].get("dense@1.0", {})
+    weak = [f"{t.upper()} (dense {dense[t]['mean']:.1f}, floor {summary['majority'][t]:.1f})" for t in tasks
+            if t in dense and dense[t]["mean"] < summary["majority"][t] + 3]
+    lines.append("")
+    if weak:
+        lines += [f"**Read with care:** dense is less than 3 points above the floor on {', '.join(weak)}; there the "
+                  "differences between methods are mostly noise.", ""]
+    return lines
+
+
+def _retention_table(summary: dict, tasks: list[str]) -> list[str]:
+    kept = retention(summary)
+    header = "| method | budget | " + " | ".join(t.upper() for t in tasks) + " | average |"
+    lines = ["## Retention against dense (mean score / dense mean score)", "", header,
+             "|" + "---|" * (len(tasks) + 3)]
+    for key, values in kept.items():
+        method, variant, budget = split_key(key)
+        if method == "dense":
+            continue
+        cells = [f"{100 * values[t]:.1f} %" if t in values else "—" for t in tasks]
+        average = f"**{100 * values['average']:.1f} %**" if "average" in values else "—"
+        lines.append(f"| {variant} | {'—' if method in UNCOMPRESSED else f'{budget:g}'} | " + " | ".join(cells)
+                     + f" | {average} |")
+    return lines + ["", "The average is over the tasks dense was run on, and shown only when the row has all of them.",
+                    ""]
+
+
+def _wall_table(records: list[dict], tasks: list[str]) -> list[str]:
+    walls, parts = _wall_times(records), _wall_parts(records)
+    header = ("| method | budget | " + " | ".join(t.upper() for t in tasks)
+              + " | dense round | compression | own round |")
+    lines = ["## Wall time per run (seconds, mean over seeds)", "",
+             "One run of an in-training method (dense, rankdyna, adalora) is one fine-tuning round plus export; a "
+             "post-hoc method's run is the dense round of the same seed, its compression (Fisher, masks, ALS) and "
+             "a second round. The last three columns split it, averaged over tasks and seeds.", "", header,
+             "|" + "---|" * (len(tasks) + 5)]
+    for key in sorted(walls, key=_key_order):
+        method, variant, budget = split_key(key)
+        cells = [f"{walls[key][t]:.0f}" if t in walls[key] else "—" for t in tasks]
+        p = parts[key]
+        lines.append(f"| {variant} | {'—' if method in UNCOMPRESSED else f'{budget:g}'} | " + " | ".join(cells)
+                     + f" | {p.get('first_round_s', 0):.0f} | {p.get('compress_s', 0):.0f} | "
+                     f"{p.get('fine_tune_s', 0):.0f} |")
+    return lines + [""]
+
+
+def latency_lines(latency: dict) -> list[str]:
+    """The side-by-side latency table (``benchmark_glue.py --latency_rounds``)."""
+    lines = ["## Exported speed against dense", "",
+             f"Every layout rebuilt from its rank pattern and timed round-robin against the dense model in one "
+             f"process: {latency['rounds']} rounds, median forward of a {latency['batch_size']} x "
+             f"{latency['seq_len']} batch, {latency['device']}, {latency['threads']} torch threads. Ideal speed-up "
+             f"= dense forward FLOPs / exported forward FLOPs of the whole model (every Linear/Conv1D matmul, "
+             f"the pooler and head included, plus the attention scores at this length; "
+             f"`rankdyna_trainer.flops.forward_flops`). Fraction of ideal = measured speed-up / ideal. "
+             f"`uniform` layouts are the near-uniform ranks of svd/fwsvd/tfwsvd at each budget; the trained "
+             f"methods' layouts are rank patterns "
+             f"of their run files (those named by `--latency_patterns_from` in the command; the task in brackets), "
+             f"and `rounded +m8` is that pattern re-allocated in blocks of 8 under the same budget. The profiled "
+             f"columns split one forward into matmul kernels and everything else; the Amdahl bound is the speed-up "
+             f"if only dense's matmul time shrank by the FLOP ratio.", "",
+             "```", latency["command"], "```", "",
+             "| layout | rank multiple | params kept | GFLOPs | ms | speed-up | ideal | fraction of ideal "
+             "| matmul / other ms (profiled) | Amdahl bound | fraction of bound |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    dense = latency["layouts"]["dense"]
+    dense_profile = dense.get("profile")
+    for name, entry in latency["layouts"].items():
+        speedup = dense["median_ms"] / entry["median_ms"]
+        ideal = dense["flops"] / entry["flops"]
+        fraction = f"{speedup / ideal:.2f}" if name != "dense" else "—"
+        profile, bound_cells = entry.get("profile"), "— | — | —"
+        if profile and dense_profile:
+            # Only the matmul share of dense's time can shrink by the FLOP ratio; the rest stays.
+            dense_total = dense_profile["matmul_ms"] + dense_profile["other_ms"]
+            bound = dense_total / (dense_profile["other_ms"] + dense_profile["matmul_ms"] / ideal)
+            bound_cells = (f"{profile['matmul_ms']:.0f} / {profile['other_ms']:.0f} | {bound:.2f} | "
+                           + (f"{speedup / bound:.2f}" if name != "dense" else "—"))
+        lines.append(f"| {name} | {entry.get('rank_multiple', 1)} | {entry['params_fraction']:.3f} | "
+                     f"{entry['flops'] / 1e9:.1f} | {entry['median_ms']:.0f} | {speedup:.2f} | {ideal:.2f} | "
+                     f"{fraction} | {bound_cells} |")
+    return lines + [""] + latency_verdict(latency) + [""]
+
+
+def latency_verdict(latency: dict) -> list[str]:
+    """Plain statements read off the latency table: the 0.9-of-ideal target, and what rounding ranks changed."""
+    layouts = latency["layouts"]
+    dense = layouts["dense"]
+
+    def fraction(entry):
+        return (dense["median_ms"] / entry["median_ms"]) / (dense["flops"] / entry["flops"])
+
+    lines = []
+    for name, entry in layouts.items():
+        variant, _, budget = name.partition("@")
+        if variant != "uniform":
+            continue
+        target = "meets" if fraction(entry) >= 0.9 else "misses"
+        rounded = [f"{n.partition('@')[0].removeprefix('uniform+')}: {fraction(e):.2f}" for n, e in layouts.items()
+                   if n.startswith("uniform+m") and n.endswith(f"@{budget}")]
+        lines.append(f"- Budget {budget}: near-uniform ranks reach {fraction(entry):.2f} of the ideal speed-up "
+                     f"({target} the 0.9 target)" + (f"; rounded to multiples ({', '.join(rounded)})." if rounded
+                                                     else "."))
+    return lines
+
+
+def cost_lines(cost: dict) -> list[str]:
+    """The CPU cost table (``benchmark_glue.py --measure_cost``)."""
+    lines = ["## Cost of a training step on this machine", "",
+             f"`{cost['command']}` ({cost['device']}). A dense MiniLM optimizer step (forward, backward, AdamW) of "
+             f"batch {cost['batch_size']} timed at each padded length and thread count (median of "
+             f"{cost['steps']} steps); an epoch's time is the sum over its batches of the step time at the "
+             f"batch's padded length (interpolated), with the batches each padding/sampling setting makes from "
+             f"the task's real training rows.", "",
+             "| threads | " + " | ".join(f"length {n}" for n in cost["lengths"]) + " |",
+             "|" + "---|" * (len(cost["lengths"]) + 1)]
+    for threads, times in cost["step_s"].items():
+        lines.append(f"| {threads} | " + " | ".join(f"{t:.2f} s" for t in times) + " |")
+    lines += ["", "| task | setting | mean padded length | epoch estimate (1 thread) | epoch estimate (2 threads) |",
+              "|---|---|---|---|---|"]
+    for task, settings in cost["epochs"].items():
+        for setting, e in settings.items():
+            lines.append(f"| {task.upper()} | {setting} | {e['mean_length']:.1f} | {e['epoch_s']['1'] / 60:.1f} min "
+                         f"| {e['epoch_s']['2'] / 60:.1f} min |")
+    return lines + [""] + cost.get("notes", []) + [""]

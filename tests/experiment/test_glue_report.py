@@ -1,0 +1,113 @@
+"""The GLUE benchmark's summary and page, from run files (experiment/glue_report.py)."""
+
+import json
+import statistics
+
+import pytest
+
+from rankdyna_trainer.experiment import glue_report
+
+FLOORS = {"sst2": 50.9, "mrpc": 81.2, "cola": 0.0, "rte": 52.7}
+
+
+def run_record(task, method, budget, seed, score, total_s=100.0, rank_multiple=1):
+    """A run file as scripts/benchmark_glue.py writes it (the fields the summary and page read)."""
+    post_hoc = method in ("svd", "fwsvd", "tfwsvd", "ars")
+    wall = ({"first_round_s": 60.0, "compress_s": 5.0, "fine_tune_s": total_s - 65.0, "total_s": total_s} if post_hoc
+            else {"fine_tune_s": total_s, "export_s": 0.0, "total_s": total_s})
+    protocol = {"train_rows": None, "train_rows_used": 100, "epochs": 3.0, "max_seq_length": 128,
+                "learning_rate": 1e-4, "batch_size": 32, "warmup_ratio": 0.06, "weight_decay": 0.01,
+                "sampling": "group_by_length", "adalora_learning_rate": 1e-3, "fisher_batches": 32, "ars_steps": 80,
+                "ars_learning_rate": 1e-2, "als_iterations": 5, "rankdyna_interval": 10,
+                "metric": {"mrpc": "f1", "cola": "mcc"}.get(task, "accuracy")}
+    return {"task": task, "method": method, "budget": None if method in ("dense", "adalora") else budget,
+            "rank_multiple": rank_multiple, "seed": seed, "score": score, "wall_time": wall, "protocol": protocol,
+            "floor": {"metric": protocol["metric"], "score": FLOORS[task]},
+            "device": {"type": "cpu", "name": "test CPU", "threads": 2},
+            "versions": {"torch": "x"}, "command": "python scripts/benchmark_glue.py --seeds 42 1 2"}
+
+
+def write_runs(folder, records):
+    for r in records:
+        budget = "na" if r["budget"] is None else f"{r['budget']:g}"
+        path = folder / r["task"] / f"{r['method']}_b{budget}_seed{r['seed']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+
+
+def campaign():
+    records = []
+    for task, dense in [("sst2", 86.0), ("mrpc", 86.0), ("cola", 30.0), ("rte", 57.0)]:
+        for seed, noise in zip((42, 1, 2), (-1.0, 0.0, 1.5)):
+            records.append(run_record(task, "dense", None, seed, dense + noise))
+            records.append(run_record(task, "rankdyna", 0.5, seed, dense - 2 + noise))
+        records.append(run_record(task, "svd", 0.5, 42, dense - 5, total_s=200.0))
+    records.append(run_record("rte", "svd", 0.33, 42, 50.0))  # one task only
+    return records
+
+
+def test_summary_has_the_schema_and_mean_std_n_of_the_run_files(tmp_path):
+    write_runs(tmp_path, campaign())
+    write_runs(tmp_path / "cola", [])  # an empty folder changes nothing
+    (tmp_path / "latency.json").write_text(json.dumps({"layouts": {}}))  # not a run file
+    summary = glue_report.summarize(glue_report.read_run_files(str(tmp_path)))
+
+    assert set(summary) == {"majority", "runs"}
+    assert summary["majority"] == {"sst2": 50.9, "mrpc": 81.2, "cola": 0.0, "rte": 52.7}
+    assert list(summary["runs"]) == ["dense@1.0", "rankdyna@0.5", "svd@0.5", "svd@0.33"]
+    rte = summary["runs"]["dense@1.0"]["rte"]
+    assert rte == {"mean": pytest.approx(statistics.fmean([56.0, 57.0, 58.5])),
+                   "std": pytest.approx(statistics.stdev([56.0, 57.0, 58.5]), abs=1e-4), "n": 3}
+    assert summary["runs"]["svd@0.5"]["cola"] == {"mean": 25.0, "std": 0.0, "n": 1}
+    assert list(summary["runs"]["svd@0.33"]) == ["rte"]
+    json.dumps(summary)  # plain JSON
+
+
+def test_retention_averages_only_complete_rows_and_missing_cells_are_listed():
+    summary = glue_report.summarize(campaign())
+    kept = glue_report.retention(summary)
+    dense_means = [d + 0.5 / 3 for d in (86.0, 86.0, 30.0, 57.0)]  # seeds' noise -1, 0, 1.5
+    assert kept["rankdyna@0.5"]["rte"] == pytest.approx((dense_means[3] - 2) / dense_means[3])
+    assert kept["rankdyna@0.5"]["average"] == pytest.approx(statistics.fmean([(d - 2) / d for d in dense_means]))
+    assert "average" not in kept["svd@0.33"]
+    missing = glue_report.missing_cells(summary, ["sst2", "mrpc", "cola", "rte"], [0.5, 0.33])
+    assert "`fwsvd@0.5` needs n=3: SST2 (n=0), MRPC (n=0), COLA (n=0), RTE (n=0)" in missing
+    assert "`svd@0.33` needs n=1: SST2 (n=0), MRPC (n=0), COLA (n=0)" in missing
+    assert not any(m.startswith("`dense@1.0`") or m.startswith("`rankdyna@0.5`") for m in missing)
+
+
+def test_rank_multiple_runs_are_their_own_rows():
+    records = [run_record("rte", "rankdyna", 0.5, 42, 55.0), run_record("rte", "rankdyna", 0.5, 42, 54.0,
+                                                                         rank_multiple=8)]
+    assert list(glue_report.summarize(records)["runs"]) == ["rankdyna@0.5", "rankdyna+m8@0.5"]
+
+
+def test_page_and_plot_come_from_the_summary(tmp_path):
+    records = campaign()
+    summary = glue_report.summarize(records)
+    glue_report.plot_retention(summary, str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+    page = glue_report.render_report(summary, records, "plot.png", "docs/results_glue.json", budgets=[0.5, 0.33],
+                                     notes={"rte/dense_bna_seed1.json": "wall time includes a pause"})
+    assert "- `rte/dense_bna_seed1.json`: wall time includes a pause" in page
+    assert "| rankdyna | 0.5 | 84.2 ± 1.3 | 84.2 ± 1.3 | 28.2 ± 1.3 | 55.2 ± 1.3 |" in page
+    assert "| svd | 0.5 | 81.0 (n=1) |" in page
+    assert "![average retention against budget](plot.png)" in page
+    assert "`fwsvd@0.33` needs n=3" in page
+    assert "python scripts/benchmark_glue.py --seeds 42 1 2" in page
+
+
+def test_latency_table_reports_fraction_of_ideal_and_the_target():
+    def layout(ms, flops, multiple=1, profile=None):
+        return {"median_ms": ms, "flops": flops, "params_fraction": flops / 100, "rank_multiple": multiple,
+                "profile": profile}
+
+    latency = {"rounds": 3, "batch_size": 2, "seq_len": 16, "device": "cpu", "threads": 1, "command": "python x",
+               "layouts": {"dense": layout(100.0, 100, profile={"matmul_ms": 80.0, "other_ms": 20.0}),
+                           "uniform@0.5": layout(60.0, 50, profile={"matmul_ms": 40.0, "other_ms": 20.0}),
+                           "uniform+m8@0.5": layout(52.0, 50, 8)}}
+    lines = glue_report.latency_lines(latency)
+    # speed-up 100/60 = 1.67 of ideal 2.0 -> 0.83; Amdahl bound 100 / (20 + 80 / 2) = 1.67 -> fraction of bound 1.00
+    assert "| uniform@0.5 | 1 | 0.500 | 0.0 | 60 | 1.67 | 2.00 | 0.83 | 40 / 20 | 1.67 | 1.00 |" in lines
+    assert ("- Budget 0.5: near-uniform ranks reach 0.83 of the ideal speed-up (misses the 0.9 target); rounded to "
+            "multiples (m8: 0.96).") in lines

@@ -1,0 +1,92 @@
+"""scripts/benchmark_glue.py: one resumable run file per run, and the summary and page rebuilt from the files."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.experiment.test_glue_report import campaign, write_runs
+
+from .test_glue_table import _load_script
+
+
+def _paths(tmp_path):
+    return ["--results_dir", str(tmp_path / "runs"), "--models_dir", str(tmp_path / "models"),
+            "--summary", str(tmp_path / "docs" / "results_glue.json"), "--report", str(tmp_path / "docs" / "R.md")]
+
+
+@pytest.fixture
+def small_model(tmp_path, minilm_dir):
+    """A 2-layer, width-32 BERT with MiniLM's tokenizer: the benchmark's real code path in seconds."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path / "small"
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(folder)
+    return str(folder)
+
+
+def test_existing_run_files_are_skipped_without_loading_anything(tmp_path, capsys):
+    bench = _load_script("benchmark_glue")
+    write_runs(tmp_path / "runs", campaign())
+    before = {p: os.path.getmtime(p) for p in (tmp_path / "runs").rglob("*.json")}
+    # --model points nowhere: a run that was not skipped would fail to load it.
+    bench.main(["--tasks", "rte", "cola", "--methods", "dense", "rankdyna", "--budgets", "0.5", "--no_report",
+                "--model", str(tmp_path / "no_model")] + _paths(tmp_path))
+    out = capsys.readouterr().out
+    assert out.count("[skip]") == 12 and "[run]" not in out  # 2 tasks x 3 seeds x (dense, rankdyna)
+    assert before == {p: os.path.getmtime(p) for p in (tmp_path / "runs").rglob("*.json")}
+
+
+def test_a_real_run_writes_its_file_and_the_post_hoc_run_reuses_the_dense_round(tmp_path, glue_dir, small_model,
+                                                                                capsys):
+    bench = _load_script("benchmark_glue")
+    argv = ["--tasks", "cola", "--methods", "dense", "svd", "--budgets", "0.33", "--seeds", "7", "--limit", "48",
+            "--epochs", "1", "--rank_multiple", "4", "--glue_dir", glue_dir, "--model", small_model,
+            "--device", "cpu"] + _paths(tmp_path)
+    bench.main(argv)
+    runs = tmp_path / "runs" / "cola"
+    dense = json.loads((runs / "dense_bna_seed7.json").read_text())
+    svd = json.loads((runs / "svd+m4_b0.33_seed7.json").read_text())
+    assert dense["score"] == pytest.approx(100 * dense["metrics"]["mcc"])  # CoLA: Matthews correlation
+    assert dense["floor"] == {"metric": "mcc", "score": 0.0, "dev_majority_class": 1}
+    assert dense["device"]["type"] == "cpu" and dense["versions"]["torch"] == torch.__version__
+    assert dense["protocol"]["max_seq_length"] == 64 and dense["protocol"]["train_rows_used"] == 48
+    assert svd["wall_time"]["first_round_s"] == dense["wall_time"]["fine_tune_s"]
+    assert svd["wall_time"]["total_s"] == pytest.approx(sum(svd["wall_time"][k] for k in
+                                                            ("first_round_s", "compress_s", "fine_tune_s")))
+    assert svd["dense_model"] == "saved dense model of this seed"
+    assert all(r % 4 == 0 for r in svd["ranks"].values())
+    assert svd["targeted_params"] <= 0.33 * svd["targeted_dense_params"]
+    summary = json.loads((tmp_path / "docs" / "results_glue.json").read_text())
+    assert summary["runs"]["dense@1.0"]["cola"]["n"] == 1 and "svd+m4@0.33" in summary["runs"]
+
+    # Resumed with the dense model folder gone (a fresh machine): the dense round is trained again for svd.
+    (runs / "svd+m4_b0.33_seed7.json").unlink()
+    import shutil
+
+    shutil.rmtree(tmp_path / "models")
+    capsys.readouterr()
+    bench.main(argv)
+    out = capsys.readouterr().out
+    assert "[skip] cola dense" in out and "[run] cola svd+m4" in out
+    again = json.loads((runs / "svd+m4_b0.33_seed7.json").read_text())
+    assert again["dense_model"].startswith("dense round trained again")
+
+
+def test_report_only_regenerates_summary_and_page_from_the_files(tmp_path):
+    bench = _load_script("benchmark_glue")
+    write_runs(tmp_path / "runs", campaign())
+    bench.main(["--report_only"] + _paths(tmp_path))
+    summary_file, page_file = tmp_path / "docs" / "results_glue.json", tmp_path / "docs" / "R.md"
+    first_summary, first_page = summary_file.read_text(), page_file.read_text()
+    assert json.loads(first_summary)["runs"]["rankdyna@0.5"]["rte"]["n"] == 3
+    assert (tmp_path / "docs" / "results_glue_retention.png").is_file()
+    summary_file.unlink()
+    page_file.unlink()
+    bench.main(["--report_only"] + _paths(tmp_path))
+    assert summary_file.read_text() == first_summary and page_file.read_text() == first_page
