@@ -50,14 +50,29 @@ from rankdyna_trainer.packaged_models import smollm2_path  # noqa: E402
 from rankdyna_trainer.quantizer import load_compressed_model, save_compressed_model  # noqa: E402
 from rankdyna_trainer.targets import find_target_linears  # noqa: E402
 
-# RankDyna as benchmarked here (the recipe under `rankdyna`) and its ablations: config values on top of
-# RankDynaConfig's defaults, so a row's name says exactly what ran.
+# Every RankDyna row shares these settings (whitened start, schedule fitted to a 30-step fine-tune); each row adds
+# its own config values on top of RankDynaConfig's defaults, so a row's name says exactly what ran.
 RANKDYNA_RECIPE = {"init": "whitened", "warmup_fraction": 0.1, "final_fraction": 0.2, "reallocation_interval": 2}
+# The decoder recipe, chosen from the seed-0 ablation rows below (docs/DECODER.md): plain factor steps (on a
+# 30-step fine-tune at lr 5e-5 the per-group step scaling of issue 9 makes steps too small), groups ranked by
+# their raw Fisher score, and the start picked by how far the budget goes (`decoder_start`).
+DECODER_RECIPE = {"factor_scaling": "none", "rank_by": "score"}
+
+
+def decoder_start(budget: float) -> dict:
+    """Frozen exact start above half the weights; at 0.5 and below, start truncated at break-even.
+
+    Measured at seed 0: the exact start wins at 0.8 (92.9 vs 119.4 truncated), the truncated one at 0.5
+    (250 vs 297): with half the weights gone, every kept group needs trainable factors."""
+    return {"untrained_groups": "frozen" if budget > 0.5 else "dropped"}
+
+
 # The method as first shipped (before issue 9's fixes): AdaLoRA sensitivity, plain factorized steps, raw scores.
 V0 = {"importance": "sensitivity", "factor_scaling": "none", "rank_by": "score", "min_rank": 0}
 TRUNCATED = {"untrained_groups": "dropped"}  # groups beyond factor_budget dropped at factorization time
 RANKDYNA_VARIANTS = {
-    "rankdyna": {},  # the library defaults: factor_budget 1.0 trainable, the other groups frozen (exact start)
+    "rankdyna": DECODER_RECIPE,  # + decoder_start(budget)
+    "rankdyna_defaults": {},  # the library defaults: group factor scaling, per-parameter ranking, frozen start
     "rankdyna_full_rank": {"factor_budget": None},
     "rankdyna_truncated": {"factor_budget": 1.0, **TRUNCATED},
     "rankdyna_unscaled": {"factor_scaling": "none"},
@@ -90,8 +105,10 @@ METHODS = {
     "svdllm_global_ft": ("whitened SVD (global) + same fine-tune", True, True),
     "lorap_ft": ("LoRAP + same fine-tune", True, True),
     "mpo_ft": ("MPO + same fine-tune (auxiliary tensors)", True, True),
-    "rankdyna": ("RankDyna (defaults: whitened start, all groups, factors of the first break-even ones trained)",
-                 True, True),
+    "rankdyna": ("RankDyna, decoder recipe (whitened start, plain factor steps, raw Fisher score; exact start "
+                 "above 0.5, truncated at break-even at 0.5 and below)", True, True),
+    "rankdyna_defaults": ("ablation: RankDyna library defaults (group factor scaling, score per parameter, exact "
+                          "start)", True, True),
     "rankdyna_full_rank": ("RankDyna, every group's factors trained (factor_budget None, ~2x memory)", True, True),
     "rankdyna_truncated": ("ablation: RankDyna, start truncated at break-even (groups beyond dropped)", True, True),
     "rankdyna_unscaled": ("ablation: RankDyna defaults, plain factor steps (factor_scaling none)", True, True),
@@ -214,7 +231,8 @@ def finetune(model, data: RunData, callbacks=()) -> float:
 
 
 def rankdyna_config(method: str, budget: float) -> RankDynaConfig:
-    return RankDynaConfig(target_budget=budget, **{**RANKDYNA_RECIPE, **RANKDYNA_VARIANTS[method]})
+    start = decoder_start(budget) if method == "rankdyna" else {}
+    return RankDynaConfig(target_budget=budget, **{**RANKDYNA_RECIPE, **RANKDYNA_VARIANTS[method], **start})
 
 
 def compress(method: str, model, budget: float, data: RunData):
@@ -360,7 +378,9 @@ def write_report(runs: list[dict], stale: list[str]) -> None:
     commands = sorted({r["command"] for r in runs})
     dates = sorted(r["date"] for r in runs)
     meta = {"settings": SETTING_VALUES, "commands": commands, "dates": [dates[0], dates[-1]] if dates else [],
-            "runs_dir": os.path.relpath(args.runs_dir, REPO), "rankdyna_recipe": RANKDYNA_RECIPE,
+            "runs_dir": os.path.relpath(args.runs_dir, REPO), "rankdyna_shared": RANKDYNA_RECIPE,
+            "rankdyna_recipe": {**RANKDYNA_RECIPE, **DECODER_RECIPE,
+                                "untrained_groups": "frozen above 0.5, dropped at 0.5 and below"},
             "rankdyna_variants": RANKDYNA_VARIANTS, "dense_target_params": DENSE_TARGET_PARAMS,
             "dense_total_params": DENSE_TOTAL_PARAMS}
     with open(args.results_json, "w") as f:
@@ -388,8 +408,10 @@ def write_report(runs: list[dict], stale: list[str]) -> None:
         f"{s['lr']} linear decay. The seed draws the calibration and fine-tune blocks and the data order. "
         f"Held-out: {s['eval_sequences']} fixed blocks of dev sentences "
         f"({s['eval_sequences'] * (s['seq_len'] - 1):,} predicted tokens).",
-        f"- RankDyna recipe (`RankDynaConfig` values on top of its defaults): `{RANKDYNA_RECIPE}`; ablation rows "
-        f"are: {', '.join(f'`{k}` {v}' for k, v in RANKDYNA_VARIANTS.items() if v)}.",
+        f"- RankDyna rows (`RankDynaConfig` values on top of its defaults): all share `{RANKDYNA_RECIPE}`; "
+        f"`rankdyna` adds `{DECODER_RECIPE}` and `untrained_groups` 'frozen' above budget 0.5, 'dropped' at 0.5 "
+        "and below; the ablation rows add: "
+        + ", ".join(f"`{k}` {v}" for k, v in RANKDYNA_VARIANTS.items() if v and k != "rankdyna") + ".",
         "- Every compressed model was exported, saved, reloaded with `load_compressed_model` and evaluated after "
         "reload. Time: wall-clock seconds of compression (+ calibration, + fine-tune), mean over seeds.",
         "",
