@@ -227,9 +227,10 @@ def write_report(records: list[dict]) -> None:
         "| model | setting | dense fine-tuning (GB) | RankDyna (GB) | x dense |",
         "|---|---|---|---|---|",
     ]
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from rankdyna_trainer.packaged_models import smollm2_path
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rankdyna_trainer.packaged_models import smollm2_path
 
     with torch.device("meta"):
         smol = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2_path()))

@@ -41,8 +41,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 import rankdyna_trainer  # noqa: E402
 from rankdyna_trainer import RankDynaCallback, RankDynaConfig, export_model, prepare_model  # noqa: E402
-from rankdyna_trainer.export import exported_params  # noqa: E402
 from rankdyna_trainer.experiment.glue_data import load_glue  # noqa: E402
+from rankdyna_trainer.export import exported_params  # noqa: E402
 from rankdyna_trainer.methods.lorap import LoRAPConfig, LowRankSVDConfig, compress_lorap, compress_svd  # noqa: E402
 from rankdyna_trainer.methods.mpo import MPOConfig, export_mpo, prepare_mpo  # noqa: E402
 from rankdyna_trainer.methods.svdllm import SVDLLMConfig, compress_svdllm  # noqa: E402

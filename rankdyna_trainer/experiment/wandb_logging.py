@@ -12,8 +12,8 @@ import os
 
 from transformers import TrainerCallback
 
-from .rank_plots import rank_heatmap_figure, split_matrix_name
 from ..methods.rankdyna import rank_pattern, svd_layers
+from .rank_plots import rank_heatmap_figure, split_matrix_name
 
 HEATMAP_KEY = "rankdyna/rank_heatmap"
 RANK_TABLE_KEY = "rankdyna/rank_pattern"

@@ -180,7 +180,8 @@ class RankDynaCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._layers:
-            self._warn_new_zero_ranks(*pruned_away(dict(zip(self._names, layer_ranks(self._layers)))), state.global_step)
+            final_ranks = dict(zip(self._names, layer_ranks(self._layers)))
+            self._warn_new_zero_ranks(*pruned_away(final_ranks), state.global_step)
         self._write_rank_pattern(model, args.output_dir, state)
 
     def _write_rank_pattern(self, model, directory: str, state) -> None:

@@ -153,7 +153,8 @@ class RankDynaConfig(PeftConfigMixin):
         if self.untrained_groups == "dropped" and self.factor_budget is not None \
                 and self.factor_budget < self.target_budget:
             raise ValueError(f"With untrained_groups='dropped', factor_budget must be >= target_budget "
-                             f"({self.target_budget}; below it the target could not be reached), got {self.factor_budget!r}.")
+                             f"({self.target_budget}; below it the target could not be reached), "
+                             f"got {self.factor_budget!r}.")
         if self.untrained_groups not in UNTRAINED_GROUPS:
             raise ValueError(f"untrained_groups must be one of {UNTRAINED_GROUPS}, got {self.untrained_groups!r}.")
         if self.init not in INITS:

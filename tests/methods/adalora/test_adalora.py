@@ -1,8 +1,8 @@
 import torch
 from transformers import Trainer, TrainingArguments
 
-from rankdyna_trainer.methods.adalora import AdaLoraCallback, adalora_config, adalora_rank_pattern, prepare_adalora
 from rankdyna_trainer.methods import get_method
+from rankdyna_trainer.methods.adalora import AdaLoraCallback, adalora_config, adalora_rank_pattern, prepare_adalora
 
 from ...compression_checks import assert_reloads_identically
 from ...conftest import random_classification_dataset, tiny_bert
