@@ -15,6 +15,7 @@ Two statistics, per targeted linear, over calibration tokens (padding excluded):
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import defaultdict
 from typing import Callable, Iterable
@@ -99,6 +100,19 @@ class _InputStatistics:
             shared = next(iter(leaders)) if len(leaders) == 1 else name
             means[name] = means[shared] if shared in means else self.sums[name] / self.tokens[name]
         return means
+
+
+def first_batches(data, limit: int | None, method: str, device: torch.device | None = None) -> list[dict]:
+    """The first ``limit`` batches (all with None) of a list or dataloader of token batches, on ``device``.
+
+    Labels are kept: the block-wise passes drop them (``_model_inputs``)."""
+    if data is None:
+        raise ValueError(f"{method} needs calibration data: a list or dataloader of token-id batches; got None.")
+    batches = [{k: v.to(device) if device is not None else v for k, v in batch.items()}
+               for batch in itertools.islice(data, limit)]
+    if not batches:
+        raise ValueError(f"{method} got no calibration batch.")
+    return batches
 
 
 def _model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:

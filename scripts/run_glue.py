@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -59,6 +58,7 @@ from rankdyna_trainer import (  # noqa: E402
     rank_pattern,
     save_compressed_model,
 )
+from rankdyna_trainer.calibration import first_batches  # noqa: E402
 from rankdyna_trainer.experiment.glue_data import GLUE_TASKS, get_task, load_glue, load_glue_files  # noqa: E402
 from rankdyna_trainer.experiment.glue_metrics import (  # noqa: E402
     constant_prediction_floor,
@@ -66,13 +66,13 @@ from rankdyna_trainer.experiment.glue_metrics import (  # noqa: E402
     main_metric,
     prediction_spread,
 )
+from rankdyna_trainer.experiment.rank_plots import save_rank_heatmap  # noqa: E402
+from rankdyna_trainer.experiment.sweep import optuna_space, read_sweep_config  # noqa: E402
+from rankdyna_trainer.experiment.wandb_logging import RankDynaWandbCallback, active_wandb_run, log_exported_model  # noqa: E402
 from rankdyna_trainer.methods import METHODS, get_method  # noqa: E402
 from rankdyna_trainer.packaged_models import minilm_path  # noqa: E402
 from rankdyna_trainer.quantizer import is_compressed_model_dir, read_compression_config  # noqa: E402
 from rankdyna_trainer.targets import TARGET_TYPES, linear_shape  # noqa: E402
-from rankdyna_trainer.experiment.rank_plots import save_rank_heatmap  # noqa: E402
-from rankdyna_trainer.experiment.sweep import optuna_space, read_sweep_config  # noqa: E402
-from rankdyna_trainer.experiment.wandb_logging import RankDynaWandbCallback, active_wandb_run, log_exported_model  # noqa: E402
 
 logger = logging.getLogger("run_glue")
 
@@ -119,10 +119,10 @@ class ModelArguments:
         metadata={"choices": sorted(METHODS),
                   "help": "Compression method (rankdyna_trainer.methods). 'dense' fine-tunes without compressing; "
                   "'rankdyna' is --rankdyna; 'mpo' trains matrix product operators' auxiliary tensors; 'svd', "
-                  "'fwsvd', 'tfwsvd', 'ars', 'svdllm' compress --model_name_or_path, which should already be fine-tuned on the "
-                  "task, then fine-tune the factorized model (their second round); 'lorap' compresses with "
-                  "calibration batches, then fine-tunes; 'adalora' trains peft AdaLoRA adapters and exports the "
-                  "merged dense model."},
+                  "'fwsvd', 'tfwsvd', 'ars', 'svdllm' compress --model_name_or_path, which should already be "
+                  "fine-tuned on the task, then fine-tune the factorized model (their second round); 'lorap' "
+                  "compresses with calibration batches, then fine-tunes; 'adalora' trains peft AdaLoRA adapters "
+                  "and exports the merged dense model."},
     )
     compression_budget: float = field(
         default=0.5, metadata={"help": "Parameter budget of --compression_method (fraction of the targeted weights)."}
@@ -431,13 +431,6 @@ class Compression:
     dense_shapes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
-def calibration_batches(loader, count: int) -> list[dict]:
-    """The first ``count`` training batches, inputs only (calibration needs no labels)."""
-    if loader is None:
-        raise ValueError("Calibration needs the training set: add --do_train.")
-    return [{k: v for k, v in batch.items() if k != "labels"} for batch in itertools.islice(loader, count)]
-
-
 def rankdyna_compression(rankdyna_args: RankDynaArguments, model_args: ModelArguments | None = None) -> Compression:
     callback = RankDynaCallback()
     calibration_count = model_args.compression_calibration_batches if model_args is not None else 16
@@ -445,7 +438,7 @@ def rankdyna_compression(rankdyna_args: RankDynaArguments, model_args: ModelArgu
     def prepare(model, overrides):
         config = rankdyna_args.to_config(overrides)
         callback.config = config  # a search trial's config replaces the previous trial's
-        calibration = (calibration_batches(compression.train_loader, calibration_count)
+        calibration = (first_batches(compression.train_loader, calibration_count, "--rankdyna_init whitened")
                        if config.init == "whitened" else None)
         return prepare_model(model, config, calibration)
 
@@ -737,14 +730,16 @@ def print_summary(summary: dict) -> None:
                      f"{_pct(quality['floor'])}   -> {verdict}")
     compression = summary["compression"]
     if compression and compression.get("compressed_params") is not None:
-        lines.append(f"  targeted weights kept: {compression['compressed_params']:,} of {compression['dense_params']:,} "
-                     f"({100 * compression['params_fraction']:.1f} %), method {compression['method']}")
+        lines.append(f"  targeted weights kept: {compression['compressed_params']:,} of "
+                     f"{compression['dense_params']:,} ({100 * compression['params_fraction']:.1f} %), "
+                     f"method {compression['method']}")
     before, after = summary["model_params"]["before"], summary["model_params"]["after"]
     if before and after:
         lines.append(f"  whole model: {after:,} of {before:,} parameters ({100 * after / before:.1f} %)")
     if summary["model_bytes_on_disk"]:
-        lines.append(f"  saved model: {summary['model_bytes_on_disk'] / 2**20:.1f} MiB on disk in {summary['output_dir']}/ "
-                     "(import rankdyna_trainer, then AutoModelForSequenceClassification.from_pretrained)")
+        lines.append(f"  saved model: {summary['model_bytes_on_disk'] / 2**20:.1f} MiB on disk in "
+                     f"{summary['output_dir']}/ (import rankdyna_trainer, then "
+                     "AutoModelForSequenceClassification.from_pretrained)")
     files = [("eval_results.json", "dev-set metrics"), (SUMMARY_FILE, "this summary"),
              (HEATMAP_FILE, "kept rank per layer and matrix type"), ("rank_pattern.json", "final ranks")]
     present = [(name, what) for name, what in files if os.path.isfile(os.path.join(summary["output_dir"], name))]

@@ -23,12 +23,12 @@ Example::
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
 
+from ..calibration import first_batches
 from ..targets import unwrap_model
 from .adalora import AdaLoraCallback, adalora_config, export_adalora, prepare_adalora
 from .ars import ARSConfig, compress_ars
@@ -85,11 +85,8 @@ def _prepare_rankdyna(model, config):
 
 
 def _calibration_batches(model, dataloader, limit: int, method: str) -> list[dict]:
-    """The first ``limit`` batches of ``dataloader`` on the model's device (labels are not read)."""
-    if dataloader is None:
-        raise ValueError(f"{method} needs a dataloader of task batches for calibration; got None.")
-    device = next(unwrap_model(model).parameters()).device
-    return [{k: v.to(device) for k, v in batch.items()} for batch in itertools.islice(dataloader, limit)]
+    """The first ``limit`` batches of ``dataloader`` on the model's device."""
+    return first_batches(dataloader, limit, method, device=next(unwrap_model(model).parameters()).device)
 
 
 def _compress_lorap(model, config: LoRAPConfig, dataloader) -> dict:

@@ -9,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import matrix_cost
-from ...calibration import blockwise
+from ...calibration import blockwise, first_batches
 from ...factorize import Factorization, svd_factorization, whitened_factorization
 from ...targets import find_target_linears, is_conv1d, linear_shape, linear_weight, set_submodule, unwrap_model
 from .config import RankDynaConfig
@@ -32,7 +32,7 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
         if calibration_batches is None:
             raise ValueError("RankDynaConfig(init='whitened') needs calibration data: pass calibration_batches "
                              "(a list or dataloader of token-id batches) to prepare_model.")
-        batches = [{k: v for k, v in b.items() if k != "labels"} for b in calibration_batches]
+        batches = first_batches(calibration_batches, None, "RankDynaConfig(init='whitened')")
 
         def factorize_block(block, names, second_moments):
             cache = {}

@@ -8,13 +8,11 @@ and a second, block-by-block pass factorizes and truncates at those ranks.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
 
 from ...budget import allocate_groups
-from ...calibration import blockwise
+from ...calibration import blockwise, first_batches
 from ...export import describe_module, factorized_or_dense
 from ...factorize import budget_params, target_linears, whitened_factorization
 from ...quantizer import record_compression
@@ -32,16 +30,6 @@ def relative_energy_scores(s: torch.Tensor, out_features: int, in_features: int)
     """
     energy = s.double().pow(2)
     return (energy / energy.sum().clamp_min(torch.finfo(torch.float64).tiny) / (out_features + in_features)).float()
-
-
-def calibration_batches(data, limit: int | None) -> list[dict[str, torch.Tensor]]:
-    """The first ``limit`` batches of a list or dataloader of token batches (labels are not needed)."""
-    if data is None:
-        raise ValueError("svdllm needs calibration data: a list or dataloader of token-id batches.")
-    batches = [{k: v for k, v in batch.items() if k != "labels"} for batch in itertools.islice(data, limit)]
-    if not batches:
-        raise ValueError("svdllm got no calibration batch.")
-    return batches
 
 
 def _whitened_spectra(model: nn.Module, layers: dict[str, nn.Linear], batches, damping: float) -> dict:
@@ -63,7 +51,7 @@ def compress_svdllm(model: nn.Module, config: SVDLLMConfig, calibration) -> dict
     ``calibration``: a list or dataloader of token batches (``input_ids``, optional ``attention_mask``).
     """
     model = unwrap_model(model)
-    batches = calibration_batches(calibration, config.max_calibration_batches)
+    batches = first_batches(calibration, config.max_calibration_batches, "svdllm")
     layers = target_linears(model, config.target_modules)
     shapes = [linear_shape(l) for l in layers.values()]
     if config.allocation == "global":
