@@ -438,9 +438,18 @@ def write_json(path: str, data) -> None:
     os.replace(tmp, path)
 
 
-def commit_file(path: str, message: str) -> None:
-    subprocess.run(["git", "-C", REPO, "add", path], check=True)
-    subprocess.run(["git", "-C", REPO, "commit", "-q", "-m", message, "--", path], check=True)
+def commit_file(path: str, message: str, attempts: int = 5) -> None:
+    """Commit one run file. A busy index (someone else's git command) is retried; a commit that still fails only
+    warns: the run file is on disk, so the campaign goes on and the file can be committed by hand."""
+    for attempt in range(attempts):
+        added = subprocess.run(["git", "-C", REPO, "add", path], capture_output=True, text=True)
+        done = added.returncode == 0 and subprocess.run(
+            ["git", "-C", REPO, "commit", "-q", "-m", message, "--", path], capture_output=True, text=True
+        ).returncode == 0
+        if done:
+            return
+        time.sleep(2 * (attempt + 1))
+    print(f"WARNING: could not git-commit {path}; the run file is kept, commit it by hand", file=sys.stderr)
 
 
 def run_campaign(args) -> None:
