@@ -48,7 +48,9 @@ PROTOCOL = {
     "sst2": {"train_rows": 8000, "epochs": 2.0, "max_seq_length": 64, "learning_rate": 1e-4},
     "mrpc": {"train_rows": None, "epochs": 3.0, "max_seq_length": 128, "learning_rate": 1e-4},
     "cola": {"train_rows": None, "epochs": 3.0, "max_seq_length": 64, "learning_rate": 1e-4},
-    "rte": {"train_rows": None, "epochs": 3.0, "max_seq_length": 128, "learning_rate": 1e-4},
+    # RTE: 3 epochs left dense 2.9 points above the floor (55.6 vs 52.7, seed 42), 3 epochs at lr 2e-4 2.5; 6 epochs
+    # at 1e-4 gave 57.8 (+5.1). Runs in benchmarks/glue_protocol_rte_choice/.
+    "rte": {"train_rows": None, "epochs": 6.0, "max_seq_length": 128, "learning_rate": 1e-4},
 }
 SHARED = {
     "batch_size": 32, "warmup_ratio": 0.06, "weight_decay": 0.01,
