@@ -70,12 +70,18 @@ def test_a_real_run_writes_its_file_and_the_post_hoc_run_reuses_the_dense_round(
     import shutil
 
     shutil.rmtree(tmp_path / "models")
+    # A dense file whose round time is unusable (e.g. the process was paused): the re-trained round's own time counts.
+    dense_file = runs / "dense_bna_seed7.json"
+    dense = json.loads(dense_file.read_text())
+    dense["wall_time"]["fine_tune_s"] = 1e6
+    dense_file.write_text(json.dumps(dense))
     capsys.readouterr()
     bench.main(argv)
     out = capsys.readouterr().out
     assert "[skip] cola dense" in out and "[run] cola svd+m4" in out
     again = json.loads((runs / "svd+m4_b0.33_seed7.json").read_text())
     assert again["dense_model"].startswith("dense round trained again")
+    assert 0 < again["wall_time"]["first_round_s"] < 1e6
 
 
 def test_report_only_regenerates_summary_and_page_from_the_files(tmp_path):
