@@ -106,7 +106,20 @@ def allocate_groups(
     scores: list[torch.Tensor], shapes: list[tuple[int, int]], budget_params: int, min_rank: int = 0,
     rank_multiple: int = 1,
 ) -> list[torch.Tensor]:
-    """Keep the highest-scoring singular groups of all matrices together within ``budget_params``.
+    """Keep the highest-scoring singular groups of all ``(m, n)`` matrices together within ``budget_params``:
+    :func:`allocate_by_cost` with a group of a matrix costing ``m + n`` up to the matrix's dense ``m * n``."""
+    return allocate_by_cost(scores, [(m + n, m * n) for m, n in shapes], budget_params, min_rank, rank_multiple)
+
+
+def allocate_by_cost(
+    scores: list[torch.Tensor], costs: list[tuple[int, int]], budget_params: int, min_rank: int = 0,
+    rank_multiple: int = 1,
+) -> list[torch.Tensor]:
+    """Keep the highest-scoring groups of all items together within ``budget_params``.
+
+    ``costs`` gives each item's ``(group_cost, full_cost)``: a singular group of an ``m x n`` matrix costs
+    ``m + n`` and the matrix never more than its dense ``m * n``; an FFN channel costs the weights that read and
+    write it, and the FFN its channels' sum (so it has no break-even before every channel is kept).
 
     Greedy by score over the marginal cost of each group (``m + n`` until the matrix reaches its dense
     size, zero after). Matrices that end up at or past break-even keep all their groups, since they are
@@ -126,9 +139,8 @@ def allocate_groups(
     device = scores[0].device
     k = rank_multiple
     lengths = torch.tensor([len(s) for s in scores], device=device)
-    out_f = torch.tensor([m for m, _ in shapes], device=device, dtype=torch.int64)[:, None]
-    in_f = torch.tensor([n for _, n in shapes], device=device, dtype=torch.int64)[:, None]
-    group_cost, dense_cost = out_f + in_f, out_f * in_f
+    group_cost = torch.tensor([c for c, _ in costs], device=device, dtype=torch.int64)[:, None]
+    dense_cost = torch.tensor([full for _, full in costs], device=device, dtype=torch.int64)[:, None]
 
     # -inf padding sorts last; the stable sort keeps any real -inf score ahead of the padding.
     padded = pad_sequence([s.detach().float() for s in scores], batch_first=True, padding_value=float("-inf"))

@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .budget import keeps_dense, matrix_cost
+from .targets import is_conv1d, linear_weight
 
 FORMAT_VERSION = 2
 
@@ -80,6 +81,16 @@ def dense_layer(weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool = 
         if bias is not None:
             layer.bias.copy_(bias)
     return layer
+
+
+def sliced_linear(linear: nn.Module, index: torch.Tensor, dim: int) -> nn.Module:
+    """The layer with only the ``index`` rows (``dim=0``, outputs) or columns (``dim=1``, inputs) of its
+    ``out x in`` weight; same module type (``nn.Linear`` or ``Conv1D``): structured pruning of FFN channels."""
+    weight = linear_weight(linear).detach().index_select(dim, index)
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if bias is not None and dim == 0:
+        bias = bias.index_select(0, index)
+    return dense_layer(weight, bias, conv1d=is_conv1d(linear))
 
 
 def factorized_or_dense(left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None,

@@ -26,6 +26,23 @@ _NEVER_TARGETED = re.compile(r"(^|\.)(classifier|lm_head|pooler|score|qa_outputs
 _ROUTER = re.compile(r"(^|\.)(gate|router|shared_expert_gate)(\.|$)")
 
 
+# The part each matrix plays in a block (LoRAP's roles; RankDyna's FFN channel groups use the FFN ones). Which
+# matrix is which is a naming question the block structure does not answer, so it is a table per architecture.
+# GPT-2's fused c_attn (query, key and value in one matrix) takes the Q/K role.
+ROLES = ("qk_modules", "vo_modules", "ffn_in_modules", "ffn_out_modules")
+_LLAMA_ROLES = {"qk_modules": ["q_proj", "k_proj"], "vo_modules": ["v_proj", "o_proj"],
+                "ffn_in_modules": ["gate_proj", "up_proj"], "ffn_out_modules": ["down_proj"]}
+_BERT_ROLES = {"qk_modules": ["attention.self.query", "attention.self.key"],
+               "vo_modules": ["attention.self.value", "attention.output.dense"],
+               "ffn_in_modules": ["intermediate.dense"], "ffn_out_modules": ["output.dense"]}
+MODULE_ROLES: dict[str, dict[str, list[str]]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3"), _LLAMA_ROLES),
+    **dict.fromkeys(("bert", "roberta"), _BERT_ROLES),
+    "gpt2": {"qk_modules": ["attn.c_attn"], "vo_modules": ["attn.c_proj"], "ffn_in_modules": ["mlp.c_fc"],
+             "ffn_out_modules": ["mlp.c_proj"]},
+}
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside ``torch.compile`` and data-parallel wrappers, whose module names carry no prefix."""
     while True:
@@ -125,3 +142,46 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def table_roles(model: nn.Module, method: str, fields: str) -> dict[str, list[str]]:
+    """The :data:`MODULE_ROLES` entry for the model's ``model_type`` (a copy), or a ValueError telling the user of
+    ``method`` to pass ``fields`` (the config fields that give the roles by hand)."""
+    model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
+    if model_type not in MODULE_ROLES:
+        raise ValueError(f"{method} has no module roles for model_type={model_type!r}; pass {fields} (name "
+                         f"suffixes). Tables exist for: {sorted(MODULE_ROLES)}.")
+    return {kind: list(suffixes) for kind, suffixes in MODULE_ROLES[model_type].items()}
+
+
+def module_role(name: str, roles: dict[str, list[str]]) -> str | None:
+    """The first role in :data:`ROLES` order whose suffixes match ``name`` (BERT's ``output.dense`` suffix also
+    matches the attention output, which the V/O role claims first), or None."""
+    for kind in ROLES:
+        if any(name == s or name.endswith("." + s) for s in roles.get(kind, ())):
+            return kind
+    return None
+
+
+def ffn_channel_layers(model: nn.Module, roles: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Each FFN output layer (the one reading the intermediate channels) -> the FFN input layers of the same
+    repeated block (the ones writing them), checked to agree on one intermediate width."""
+    model = unwrap_model(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, TARGET_TYPES)}
+    found: dict[str, list[str]] = {}
+    for block in repeated_blocks(model):
+        names = [n for n in layers if n.startswith(block + ".")]
+        outputs = [n for n in names if module_role(n, roles) == "ffn_out_modules"]
+        inputs = [n for n in names if module_role(n, roles) == "ffn_in_modules"]
+        if not outputs and not inputs:
+            continue
+        widths = {linear_shape(layers[n])[0] for n in inputs} | {linear_shape(layers[n])[1] for n in outputs}
+        if len(outputs) != 1 or not inputs or len(widths) != 1:
+            raise ValueError(f"Block {block!r} needs one FFN output layer ({roles.get('ffn_out_modules')}) and FFN "
+                             f"input layers ({roles.get('ffn_in_modules')}) that agree on one intermediate width; "
+                             f"found outputs {outputs}, inputs {inputs}, widths {sorted(widths)}.")
+        found[outputs[0]] = inputs
+    if not found:
+        raise ValueError(f"No FFN layers matched the roles ffn_in_modules={roles.get('ffn_in_modules')} and "
+                         f"ffn_out_modules={roles.get('ffn_out_modules')} in {type(model).__name__}.")
+    return found

@@ -33,13 +33,21 @@ SETTINGS = {
                  {"init": "whitened"}),
     "rankdyna_truncated": ("RankDyna, start truncated at break-even (untrained_groups='dropped'), whitened",
                            {"init": "whitened", "factor_budget": 1.0, "untrained_groups": "dropped"}),
+    "rankdyna_ffn_channels": ("RankDyna, FFN channels as groups (ffn_groups='channels'; the LM benchmark's recipe "
+                              "above 0.5), attention as the defaults, whitened",
+                              {"init": "whitened", "ffn_groups": "channels"}),
+    "rankdyna_ffn_channels_truncated": ("RankDyna, FFN channels as groups, attention truncated at break-even (the "
+                                        "LM benchmark's recipe at 0.5), whitened",
+                                        {"init": "whitened", "ffn_groups": "channels", "factor_budget": 1.0,
+                                         "untrained_groups": "dropped"}),
     "rankdyna_full_rank": ("RankDyna, every group's factors trained (factor_budget=None), whitened",
                            {"init": "whitened", "factor_budget": None}),
     "rankdyna_v0_full_rank": ("RankDyna, every group's factors trained, with the element-wise 'sensitivity' "
                               "statistics", {"init": "whitened", "factor_budget": None, "importance": "sensitivity"}),
 }
 # Variants whose training state the arithmetic section counts from shapes alone.
-ESTIMATED = ("rankdyna", "rankdyna_truncated", "rankdyna_full_rank", "rankdyna_v0_full_rank")
+ESTIMATED = ("rankdyna", "rankdyna_truncated", "rankdyna_ffn_channels", "rankdyna_ffn_channels_truncated",
+             "rankdyna_full_rank", "rankdyna_v0_full_rank")
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -142,17 +150,22 @@ def state_bytes_estimate(model, variant: dict) -> tuple[int, int]:
     values): each targeted matrix holds r groups, k of them with trainable factors (r, k as prepare_model picks
     them). Trainable factor elements k*(m+n) cost 16 bytes (+ 8 for the 'sensitivity' importance's element
     statistics), frozen ones (r-k)*(m+n) cost 4; per group 28 bytes (s with gradient and Adam moments, gate,
-    gate gradient, Fisher score; + 8 with 'sensitivity').
+    gate gradient, Fisher score; + 8 with 'sensitivity'). With ``ffn_groups='channels'`` the FFN matrices stay
+    dense (16 bytes per weight) and each intermediate channel adds 12 bytes (gate, gate gradient, Fisher score).
     """
     from rankdyna_trainer import RankDynaConfig
     from rankdyna_trainer.methods.rankdyna.model import initial_rank, trainable_rank
-    from rankdyna_trainer.targets import find_target_linears, linear_shape
+    from rankdyna_trainer.targets import ffn_channel_layers, find_target_linears, linear_shape
 
     config = RankDynaConfig(target_budget=0.5, **{k: v for k, v in variant.items() if k != "init"})
     element_stats = 8 if config.importance == "sensitivity" else 0
-    targets = [linear_shape(l) for l in find_target_linears(model).values()]
+    linears = find_target_linears(model)
+    channel_ffns = ffn_channel_layers(model, config.ffn_roles(model)) if config.ffn_groups == "channels" else {}
+    whole = set(channel_ffns) | {p for producers in channel_ffns.values() for p in producers}
+    targets = [linear_shape(l) for name, l in linears.items() if name not in whole]
     total = sum(p.numel() for p in model.parameters())
     rankdyna = 16 * (total - sum(m * n for m, n in targets))
+    rankdyna += 12 * sum(linear_shape(linears[name])[1] for name in channel_ffns)
     for m, n in targets:
         k = trainable_rank(config, m, n)
         r = k if config.untrained_groups == "dropped" else initial_rank(config, m, n)

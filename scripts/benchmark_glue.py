@@ -75,6 +75,8 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     parser.add_argument("--rank_multiple", type=int, default=1,
                         help="keep ranks in multiples of this (rankdyna and the SVD baselines; counted in the budget)")
+    parser.add_argument("--rankdyna_ffn_groups", default="singular", choices=["singular", "channels"],
+                        help="RankDyna's FFN groups (RankDynaConfig.ffn_groups); give a variant its own --results_dir")
     parser.add_argument("--epochs", type=float, default=None, help="override PROTOCOL's epochs for every task")
     parser.add_argument("--learning_rate", type=float, default=None, help="override PROTOCOL's rate for every task")
     parser.add_argument("--max_seq_length", type=int, default=None, help="override PROTOCOL's length for every task")
@@ -234,7 +236,7 @@ def floor_of(task: str, data) -> dict:
             "dev_majority_class": int(np.bincount(labels).argmax())}
 
 
-def method_config_for(method, budget, protocol, rank_multiple, total_steps=None, model=None):
+def method_config_for(method, budget, protocol, rank_multiple, total_steps=None, model=None, rankdyna_options=None):
     from rankdyna_trainer.methods import get_method
 
     if method == "dense":
@@ -244,6 +246,7 @@ def method_config_for(method, budget, protocol, rank_multiple, total_steps=None,
     extra = {"rank_multiple": rank_multiple}
     if method == "rankdyna":
         extra["reallocation_interval"] = protocol["rankdyna_interval"]
+        extra.update(rankdyna_options or {})
     if method in ("fwsvd", "tfwsvd", "ars"):
         extra["max_fisher_batches"] = protocol["fisher_batches"]
     if method == "ars":
@@ -344,7 +347,8 @@ class Runner:
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(
                     self.model_dir, num_labels=get_task(task).num_labels)
-                config = method_config_for(method, budget, protocol, multiple, optimizer_steps(data, protocol), model)
+                config = method_config_for(method, budget, protocol, multiple, optimizer_steps(data, protocol), model,
+                                           {"ffn_groups": args.rankdyna_ffn_groups})
                 lr = protocol["adalora_learning_rate"] if method == "adalora" else protocol["learning_rate"]
                 model, callbacks = spec.prepare(model, config)
                 tune_s, loss = fine_tune(model, data, self.collator, seed, protocol, device, work_dir, callbacks, lr)

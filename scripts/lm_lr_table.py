@@ -85,7 +85,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="*", help="results JSON files of benchmark_lm.py, one learning rate each "
                         "(default: docs/results_lm.json and benchmarks/lm_lr*/results.json)")
-    parser.add_argument("--methods", nargs="+", default=["rankdyna", "lorap_ft", "svdllm_ft"])
+    parser.add_argument("--methods", nargs="+", default=["rankdyna", "lorap_ft", "svdllm_ft", "rankdyna_singular_ffn"])
     parser.add_argument("--out", default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
     paths = args.results or [os.path.join(REPO, "docs", "results_lm.json"),

@@ -213,6 +213,11 @@ class RankDynaArguments:
         default=_RANKDYNA_DEFAULTS["untrained_groups"],
         metadata={"choices": ["frozen", "dropped"],
                   "help": "Groups beyond --rankdyna_factor_budget: kept with frozen factors, or dropped at the start."})
+    rankdyna_ffn_groups: str = field(
+        default=_RANKDYNA_DEFAULTS["ffn_groups"],
+        metadata={"choices": ["singular", "channels"],
+                  "help": "What is pruned in the FFNs: singular groups of each matrix, or intermediate channels "
+                  "(structured, in the same budget; docs/method.md)."})
     rankdyna_init: str = field(
         default=_RANKDYNA_DEFAULTS["init"],
         metadata={"choices": ["svd", "whitened"],

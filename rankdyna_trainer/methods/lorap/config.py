@@ -6,22 +6,7 @@ from typing import Optional, Union
 from torch import nn
 
 from ...budget import check_budget_fraction
-from ...targets import unwrap_model
-
-ROLES = ("qk_modules", "vo_modules", "ffn_in_modules", "ffn_out_modules")
-_LLAMA_ROLES = {"qk_modules": ["q_proj", "k_proj"], "vo_modules": ["v_proj", "o_proj"],
-                "ffn_in_modules": ["gate_proj", "up_proj"], "ffn_out_modules": ["down_proj"]}
-_BERT_ROLES = {"qk_modules": ["attention.self.query", "attention.self.key"],
-               "vo_modules": ["attention.self.value", "attention.output.dense"],
-               "ffn_in_modules": ["intermediate.dense"], "ffn_out_modules": ["output.dense"]}
-# Which matrices play which part in LoRAP is a naming question that the block structure does not answer, so it
-# is a table per architecture. GPT-2's fused c_attn (query, key and value in one matrix) takes the Q/K role.
-LORAP_MODULE_ROLES: dict[str, dict[str, list[str]]] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3"), _LLAMA_ROLES),
-    **dict.fromkeys(("bert", "roberta"), _BERT_ROLES),
-    "gpt2": {"qk_modules": ["attn.c_attn"], "vo_modules": ["attn.c_proj"], "ffn_in_modules": ["mlp.c_fc"],
-             "ffn_out_modules": ["mlp.c_proj"]},
-}
+from ...targets import ROLES, table_roles
 
 
 @dataclass
@@ -70,7 +55,7 @@ class LoRAPConfig:
     qk_modules: Optional[list[str]] = field(
         default=None,
         metadata={"help": "Name suffixes of the query/key projections (the more low-rank matrices). None, for all four "
-                  "role lists: the table LORAP_MODULE_ROLES for the model's type."},
+                  "role lists: the table rankdyna_trainer.targets.MODULE_ROLES for the model's type."},
     )
     vo_modules: Optional[list[str]] = field(
         default=None, metadata={"help": "Name suffixes of the value/output projections (given more rank)."}
@@ -118,12 +103,7 @@ class LoRAPConfig:
         """Role -> name suffixes: the ones given, or the table entry for the model's type."""
         if self.qk_modules is not None:
             return {name: list(getattr(self, name)) for name in ROLES}
-        model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
-        if model_type not in LORAP_MODULE_ROLES:
-            raise ValueError(f"LoRAP has no module roles for model_type={model_type!r}; pass qk_modules, vo_modules, "
-                             f"ffn_in_modules and ffn_out_modules (name suffixes). Tables exist for: "
-                             f"{sorted(LORAP_MODULE_ROLES)}.")
-        return {name: list(suffixes) for name, suffixes in LORAP_MODULE_ROLES[model_type].items()}
+        return table_roles(model, "LoRAP", "qk_modules, vo_modules, ffn_in_modules and ffn_out_modules")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,10 +10,18 @@ from tqdm.auto import tqdm
 
 from ...budget import matrix_cost
 from ...calibration import blockwise
-from ...export import dense_layer, describe_module, factorized_or_dense
+from ...export import describe_module, factorized_or_dense, sliced_linear
 from ...factorize import svd_factorization
 from ...quantizer import record_compression
-from ...targets import find_target_linears, is_conv1d, linear_shape, linear_weight, set_submodule, unwrap_model
+from ...targets import (
+    find_target_linears,
+    is_conv1d,
+    linear_shape,
+    linear_weight,
+    module_role,
+    set_submodule,
+    unwrap_model,
+)
 from .config import ROLES, LoRAPConfig, LowRankSVDConfig
 
 
@@ -100,16 +108,6 @@ def channels_to_keep(scores: torch.Tensor, keep: int, protected_fraction: float)
     return kept.sort().values
 
 
-def _sliced_linear(linear: nn.Module, index: torch.Tensor, dim: int) -> nn.Module:
-    """The layer with only the ``index`` rows (``dim=0``, outputs) or columns (``dim=1``, inputs) of its
-    ``out x in`` weight; same module type (``nn.Linear`` or ``Conv1D``)."""
-    weight = linear_weight(linear).detach().index_select(dim, index)
-    bias = linear.bias.detach() if linear.bias is not None else None
-    if bias is not None and dim == 0:
-        bias = bias.index_select(0, index)
-    return dense_layer(weight, bias, conv1d=is_conv1d(linear))
-
-
 @torch.no_grad()
 def compress_lorap(model: nn.Module, config: LoRAPConfig,
                    calibration_batches: list[dict[str, torch.Tensor]]) -> dict[str, dict]:
@@ -126,7 +124,7 @@ def compress_lorap(model: nn.Module, config: LoRAPConfig,
         raise AssertionError(name)
 
     def compress_block(block, names, mean_squares):
-        roles = {n: role(n) for n in names}
+        roles = {n: module_role(n, roles_by_kind) for n in names}
         attention = [n for n in names if roles[n] in ("qk_modules", "vo_modules")]
         if attention:
             shapes = {n: linear_shape(targets[n]) for n in attention}
@@ -147,9 +145,9 @@ def compress_lorap(model: nn.Module, config: LoRAPConfig,
                                         [rms[n] for n in ffn_in], [rms[n] for n in ffn_out])
             keep = channels_to_keep(scores, math.floor(config.target_budget * width), config.protected_fraction)
             for n in ffn_in:
-                set_submodule(model, n, _sliced_linear(targets[n], keep, dim=0))
+                set_submodule(model, n, sliced_linear(targets[n], keep, dim=0))
             for n in ffn_out:
-                set_submodule(model, n, _sliced_linear(targets[n], keep, dim=1))
+                set_submodule(model, n, sliced_linear(targets[n], keep, dim=1))
 
     blockwise(model, targets, calibration_batches, compress_block, desc="LoRAP")
     modules = {n: describe_module(model.get_submodule(n)) for n in targets}

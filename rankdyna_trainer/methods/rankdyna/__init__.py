@@ -1,10 +1,10 @@
 from .callback import RANK_PATTERN_FILE, RankDynaCallback
 from .config import RankDynaConfig
 from .importance import SingularGroupScores
-from .layer import SVDLinear
-from .model import export_model, kept_params, prepare_model, rank_pattern, svd_layers
+from .layer import ChannelGatedLinear, SVDLinear
+from .model import export_model, gated_layers, kept_params, prepare_model, rank_pattern, svd_layers
 
 __all__ = [
-    "RANK_PATTERN_FILE", "RankDynaCallback", "RankDynaConfig", "SingularGroupScores", "SVDLinear",
-    "export_model", "kept_params", "prepare_model", "rank_pattern", "svd_layers",
+    "RANK_PATTERN_FILE", "ChannelGatedLinear", "RankDynaCallback", "RankDynaConfig", "SingularGroupScores",
+    "SVDLinear", "export_model", "gated_layers", "kept_params", "prepare_model", "rank_pattern", "svd_layers",
 ]

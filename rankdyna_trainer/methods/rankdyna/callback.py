@@ -11,10 +11,11 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ...budget import ParameterBudget, allocate_groups, matrix_cost
+from ...budget import ParameterBudget, allocate_by_cost
 from .config import RankDynaConfig
 from .importance import SingularGroupScores
-from .model import dense_params, kept_params, layer_ranks, pruned_away, rank_pattern, svd_layers
+from .layer import SVDLinear
+from .model import dense_params, gated_layers, kept_params, layer_ranks, pruned_away, rank_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,10 @@ class RankDynaCallback(TrainerCallback):
     # -- set-up -----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._run_first_among_callbacks()
-        layers = svd_layers(model)
+        layers = gated_layers(model)
         if not layers:
             raise ValueError(
-                "RankDynaCallback found no SVDLinear layer in the model: call "
+                "RankDynaCallback found no RankDyna layer (SVDLinear, ChannelGatedLinear) in the model: call "
                 "`rankdyna_trainer.prepare_model(model, config)` before building the Trainer."
             )
         config = self.config or getattr(model, "rankdyna_config", None)
@@ -71,7 +72,7 @@ class RankDynaCallback(TrainerCallback):
         )
         self.scores = SingularGroupScores(self._layers, config.beta1, config.beta2,
                                           config.singular_value_signal, config.importance)
-        self._group_costs = [l.out_features + l.in_features for l in self._layers]
+        self._group_costs = [l.group_cost for l in self._layers]
         self.scores.zero_gate_grads()
 
     def _run_first_among_callbacks(self) -> None:
@@ -96,12 +97,12 @@ class RankDynaCallback(TrainerCallback):
 
     @torch.no_grad()
     def reallocate(self, budget_params: int) -> None:
-        shapes = [(l.out_features, l.in_features) for l in self._layers]
         scores = self.scores.group_scores()
         if self.config.rank_by == "score_per_param":
             torch._foreach_div_(scores, self._group_costs)
-        keep = allocate_groups(scores, shapes, budget_params, min_rank=self.config.min_rank,
-                               rank_multiple=self.config.rank_multiple)
+        costs = [(l.group_cost, l.full_cost) for l in self._layers]
+        keep = allocate_by_cost(scores, costs, budget_params, min_rank=self.config.min_rank,
+                                rank_multiple=self.config.rank_multiple)
         torch._foreach_copy_([l.gate for l in self._layers], [k.to(l.gate.dtype) for k, l in zip(keep, self._layers)])
         self._broadcast_gates()
 
@@ -120,7 +121,7 @@ class RankDynaCallback(TrainerCallback):
         if self.config.orth_reg_weight <= 0:
             return
         with torch.enable_grad():
-            penalty = torch.stack([l.orthogonality_penalty() for l in self._layers]).mean()
+            penalty = torch.stack([l.orthogonality_penalty() for l in self._layers if isinstance(l, SVDLinear)]).mean()
             (self.config.orth_reg_weight * penalty).backward()
 
     def _all_reduce_gate_grads(self) -> None:
@@ -140,7 +141,7 @@ class RankDynaCallback(TrainerCallback):
             return
         step = state.global_step
         ranks = layer_ranks(self._layers)  # the one host sync of this log step
-        current = sum(matrix_cost(r, l.out_features, l.in_features) for r, l in zip(ranks, self._layers))
+        current = sum(min(r * l.group_cost, l.full_cost) for r, l in zip(ranks, self._layers))
         zero_matrices, zero_blocks = pruned_away(dict(zip(self._names, ranks)))
         values = {
             "rankdyna/budget_params": self.budget.params_at(step),

@@ -6,12 +6,14 @@ from typing import Optional, Union
 from peft.config import PeftConfigMixin
 
 from ...budget import check_budget_fraction, check_rank_multiple
+from ...targets import table_roles
 from .importance import IMPORTANCE_SCORES, SINGULAR_VALUE_SIGNALS
 from .layer import FACTOR_SCALINGS
 
 RANK_ORDERS = ("score", "score_per_param")
 
 INITS = ("svd", "whitened")
+FFN_GROUPS = ("singular", "channels")
 UNTRAINED_GROUPS = ("frozen", "dropped")
 
 
@@ -60,6 +62,25 @@ class RankDynaConfig(PeftConfigMixin):
         default="frozen",
         metadata={"help": "The groups beyond factor_budget: 'frozen' (kept, factors frozen: an exact start) or "
                   "'dropped' at factorization time (a truncated start, less memory)."},
+    )
+    ffn_groups: str = field(
+        default="singular",
+        metadata={"help": "What RankDyna prunes in the FFNs: 'singular' (singular groups of each FFN matrix, like the "
+                  "attention's) or 'channels' (the FFN's intermediate channels: structured pruning, as LoRAP does; a "
+                  "channel costs the weights that write and read it, is scored by the Fisher of a per-channel gate "
+                  "and competes for the same global budget as the attention's singular groups). With 'channels' "
+                  "an FFN whose output layer is targeted is handled whole (its input layers are not factorized)."},
+    )
+    ffn_in_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "ffn_groups='channels': name suffixes of the FFN layers that write the channels (e.g. "
+                  "['gate_proj', 'up_proj']). None, with ffn_out_modules None: the table "
+                  "rankdyna_trainer.targets.MODULE_ROLES for the model's type."},
+    )
+    ffn_out_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "ffn_groups='channels': name suffixes of the FFN layers that read the channels (e.g. "
+                  "['down_proj'])."},
     )
     init: str = field(
         default="svd",
@@ -162,6 +183,19 @@ class RankDynaConfig(PeftConfigMixin):
         if isinstance(self.whitening_damping, bool) or not isinstance(self.whitening_damping, (int, float)) \
                 or not self.whitening_damping >= 0:
             raise ValueError(f"whitening_damping must be a number >= 0, got {self.whitening_damping!r}.")
+        if self.ffn_groups not in FFN_GROUPS:
+            raise ValueError(f"ffn_groups must be one of {FFN_GROUPS}, got {self.ffn_groups!r}.")
+        if self.ffn_groups == "channels" and self.importance != "fisher":
+            raise ValueError(f"ffn_groups='channels' needs importance='fisher' (a channel has no factors for the "
+                             f"'sensitivity' score's element statistics), got importance={self.importance!r}.")
+        if (self.ffn_in_modules is None) != (self.ffn_out_modules is None):
+            raise ValueError(f"Pass both ffn_in_modules and ffn_out_modules or neither (the table for the model's "
+                             f"type), got ffn_in_modules={self.ffn_in_modules!r}, "
+                             f"ffn_out_modules={self.ffn_out_modules!r}.")
+        for name in ("ffn_in_modules", "ffn_out_modules"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty list of module-name suffixes, got {value!r}.")
         if self.singular_value_signal not in SINGULAR_VALUE_SIGNALS:
             raise ValueError(f"singular_value_signal must be one of {SINGULAR_VALUE_SIGNALS}, "
                              f"got {self.singular_value_signal!r}.")
@@ -176,6 +210,14 @@ class RankDynaConfig(PeftConfigMixin):
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}.")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise ValueError("target_modules is an empty list; pass None for the architecture's defaults.")
+
+    def ffn_roles(self, model) -> dict[str, list[str]]:
+        """The FFN roles for ``ffn_groups='channels'``: the ones given, or the table entry for the model's type."""
+        if self.ffn_in_modules is not None:
+            return {"ffn_in_modules": list(self.ffn_in_modules), "ffn_out_modules": list(self.ffn_out_modules)}
+        # Every role of the table, not only the FFN ones: BERT's FFN output suffix `output.dense` also matches the
+        # attention output, which the V/O role claims first (targets.module_role).
+        return table_roles(model, "RankDyna's ffn_groups='channels'", "ffn_in_modules and ffn_out_modules")
 
     def to_dict(self) -> dict:
         # Without a peft_type key, peft's loader instantiates the calling class instead of looking the type

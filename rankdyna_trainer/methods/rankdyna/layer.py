@@ -41,6 +41,24 @@ def factor_step_scale(s: torch.Tensor, out_features: int, in_features: int, scal
     raise ValueError(f"factor_scaling must be one of {FACTOR_SCALINGS}, got {scaling!r}.")
 
 
+def register_gate(module: nn.Module, like: torch.Tensor) -> None:
+    """The 0/1 ``gate`` over a layer's groups (set by the allocation), the gradient reaching it during the current
+    optimizer step (``gate_grad``) and its smoothed square (``gate_fisher``, the group's Fisher score)."""
+    module.register_buffer("gate", torch.ones_like(like))
+    module.register_buffer("gate_grad", torch.zeros_like(like), persistent=False)
+    module.register_buffer("gate_fisher", torch.zeros_like(like))
+
+
+def gate_for_forward(module: nn.Module) -> torch.Tensor:
+    """``module.gate``; while training, as a fresh leaf whose gradient is summed into ``module.gate_grad``, so
+    gradient accumulation over micro-batches adds up exactly like parameter gradients do."""
+    if not (torch.is_grad_enabled() and module.training):
+        return module.gate
+    gate = module.gate.detach().requires_grad_(True)
+    gate.register_hook(lambda grad: module.gate_grad.add_(grad.to(module.gate_grad.dtype)))
+    return gate
+
+
 class SVDLinear(nn.Module):
     """A linear layer trained in factorized form ``W = U diag(s * gate) V``.
 
@@ -81,9 +99,7 @@ class SVDLinear(nn.Module):
             self.register_buffer("U_frozen", U[:, k:].detach().clone().contiguous())
             self.register_buffer("V_frozen", V[k:].detach().clone().contiguous())
         self.bias = nn.Parameter(bias) if bias is not None else None
-        self.register_buffer("gate", torch.ones_like(s))
-        self.register_buffer("gate_grad", torch.zeros_like(s), persistent=False)
-        self.register_buffer("gate_fisher", torch.zeros_like(s))
+        register_gate(self, s)
         if element_statistics:
             for part, like in (("U", self.U), ("V", self.V), ("gate", s)):
                 self.register_buffer(f"sensitivity_{part}", torch.zeros_like(like, requires_grad=False))
@@ -133,17 +149,13 @@ class SVDLinear(nn.Module):
     def right(self) -> torch.Tensor:
         return torch.cat([right for _, right in self._factor_pairs()], dim=0)
 
-    def _gate(self) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and self.training):
-            return self.gate
-        # A fresh leaf per forward: its gradient is summed into gate_grad, so gradient accumulation over
-        # micro-batches adds up exactly like parameter gradients do.
-        gate = self.gate.detach().requires_grad_(True)
-        gate.register_hook(self._accumulate_gate_grad)
-        return gate
+    @property
+    def group_cost(self) -> int:
+        return self.out_features + self.in_features
 
-    def _accumulate_gate_grad(self, grad: torch.Tensor) -> None:
-        self.gate_grad.add_(grad.to(self.gate_grad.dtype))
+    @property
+    def full_cost(self) -> int:
+        return self.out_features * self.in_features
 
     def effective_weight(self) -> torch.Tensor:
         return (self.left() * (self.s * self.gate)) @ self.right()
@@ -156,7 +168,7 @@ class SVDLinear(nn.Module):
             return self.effective_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s_eff = self.s * self._gate()
+        s_eff = self.s * gate_for_forward(self)
         tokens = x.numel() // self.in_features
         m, n, r = self.out_features, self.in_features, self.max_rank
         pairs = self._factor_pairs()
@@ -175,3 +187,50 @@ class SVDLinear(nn.Module):
         eye = torch.eye(self.max_rank, device=self.U.device, dtype=self.U.dtype)
         U, V = self.left(), self.right()
         return torch.linalg.matrix_norm(U.T @ U - eye) + torch.linalg.matrix_norm(V @ V.T - eye)
+
+
+class ChannelGatedLinear(nn.Module):
+    """An FFN's output layer with a 0/1 gate on each of its input channels, the FFN's intermediate channels.
+
+    RankDyna's structured groups: masking channel ``j`` here removes it from the whole FFN, since the input layers
+    (``producers``, full module names) write it only for this layer to read. A channel costs ``group_cost``
+    weights: its column here plus its row in every producer. The gate's gradient, ``sum_tokens h_j dL/dh_j`` for
+    the channel's activation ``h_j``, is the first-order loss change of removing it (of re-adding a masked one),
+    and its smoothed square is the channel's Fisher score, in the same units as a singular group's. At export the
+    kept channels' columns (here) and rows (producers) are sliced out as smaller dense layers.
+    """
+
+    exports_as_conv1d = False
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, producers: list[str], group_cost: int):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.producers = list(producers)
+        self.group_cost = int(group_cost)
+        register_gate(self, weight.new_ones(self.in_features))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear | Conv1D, producers: dict[str, nn.Module]) -> "ChannelGatedLinear":
+        weight = linear_weight(linear).detach().clone()
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        cost = weight.shape[0] + sum(linear_weight(p).shape[1] for p in producers.values())
+        layer = cls(weight, bias, list(producers), cost)
+        layer.exports_as_conv1d = isinstance(linear, Conv1D)
+        return layer
+
+    @property
+    def max_rank(self) -> int:
+        return self.in_features
+
+    @property
+    def full_cost(self) -> int:
+        return self.group_cost * self.in_features
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, channel_cost={self.group_cost}, "
+                f"producers={self.producers}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x * gate_for_forward(self).to(x.dtype), self.weight, self.bias)

@@ -8,12 +8,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...budget import matrix_cost
 from ...calibration import blockwise, first_batches
 from ...factorize import Factorization, svd_factorization, whitened_factorization
-from ...targets import find_target_linears, is_conv1d, linear_shape, linear_weight, set_submodule, unwrap_model
+from ...targets import (
+    ffn_channel_layers,
+    find_target_linears,
+    is_conv1d,
+    linear_shape,
+    linear_weight,
+    set_submodule,
+    unwrap_model,
+)
 from .config import RankDynaConfig
-from .layer import SVDLinear, factor_step_scale
+from .layer import ChannelGatedLinear, SVDLinear, factor_step_scale
 
 
 def prepare_model(model: nn.Module, config: RankDynaConfig,
@@ -25,9 +32,12 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
     ``model`` may be wrapped by ``torch.compile``; the returned object is the one passed in.
     """
     wrapper, model = model, unwrap_model(model)
-    if svd_layers(model):
-        raise ValueError("The model already holds SVDLinear layers; prepare_model must be called once per model.")
+    if gated_layers(model):
+        raise ValueError("The model already holds RankDyna layers; prepare_model must be called once per model.")
     targets = find_target_linears(model, config.target_modules)
+    channel_ffns = _channel_ffns(model, targets, config)
+    handled_whole = set(channel_ffns) | {p for producers in channel_ffns.values() for p in producers}
+    targets = {n: layer for n, layer in targets.items() if n not in handled_whole}
     if config.init == "whitened":
         if calibration_batches is None:
             raise ValueError("RankDynaConfig(init='whitened') needs calibration data: pass calibration_batches "
@@ -41,15 +51,32 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
                                                        config.whitening_damping, cache)
                 set_submodule(model, name, _svd_linear(targets[name], factorization, config))
 
-        blockwise(model, targets, batches, factorize_block, desc="Factorizing (whitened SVD)",
-                  statistic="second_moment")
+        if targets:
+            blockwise(model, targets, batches, factorize_block, desc="Factorizing (whitened SVD)",
+                      statistic="second_moment")
     else:
         with torch.no_grad():
             for name, linear in tqdm(targets.items(), desc="Factorizing (SVD)", disable=len(targets) < 50):
                 set_submodule(model, name, _svd_linear(linear, svd_factorization(linear_weight(linear)), config))
+    for name, producers in channel_ffns.items():
+        writers = {p: model.get_submodule(p) for p in producers}
+        set_submodule(model, name, ChannelGatedLinear.from_linear(model.get_submodule(name), writers))
     model.rankdyna_config = config
     _keep_buffers_out_of_ddp(model)
     return wrapper
+
+
+def _channel_ffns(model: nn.Module, targets: dict[str, nn.Module], config: RankDynaConfig) -> dict[str, list[str]]:
+    """``ffn_groups='channels'``: each targeted FFN output layer -> the layers writing its channels."""
+    if config.ffn_groups != "channels":
+        return {}
+    ffns = {out: producers for out, producers in ffn_channel_layers(model, config.ffn_roles(model)).items()
+            if out in targets}
+    if not ffns:
+        raise ValueError(f"ffn_groups='channels' found no targeted FFN output layer (target_modules="
+                         f"{config.target_modules!r}); FFN output layers of this model: "
+                         f"{list(ffn_channel_layers(model, config.ffn_roles(model)))[:4]}.")
+    return ffns
 
 
 def initial_rank(config: RankDynaConfig, out_features: int, in_features: int) -> int:
@@ -99,7 +126,7 @@ def _keep_buffers_out_of_ddp(model: nn.Module) -> None:
     ``sync_each_batch``) it would replace the local partial ``gate_grad`` with process 0's, biasing the
     averaged gate gradient towards process 0.
     """
-    names = [f"{layer_name}.{buffer_name}" for layer_name, layer in svd_layers(model).items()
+    names = [f"{layer_name}.{buffer_name}" for layer_name, layer in gated_layers(model).items()
              for buffer_name, _ in layer.named_buffers(recurse=False)]
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     # DDP reads this attribute when it wraps the model (the documented DistributedDataParallel
@@ -111,8 +138,15 @@ def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
     return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, SVDLinear)}
 
 
-def dense_params(layers: list[SVDLinear]) -> int:
-    return sum(l.out_features * l.in_features for l in layers)
+def gated_layers(model: nn.Module) -> dict[str, SVDLinear | ChannelGatedLinear]:
+    """Every layer whose groups the allocation keeps or masks: factorized matrices and channel-gated FFNs."""
+    return {name: m for name, m in unwrap_model(model).named_modules()
+            if isinstance(m, (SVDLinear, ChannelGatedLinear))}
+
+
+def dense_params(layers: list[SVDLinear | ChannelGatedLinear]) -> int:
+    """Dense weights the layers stand for (a channel-gated FFN: all its layers' weights)."""
+    return sum(l.full_cost for l in layers)
 
 
 def layer_ranks(layers: list[SVDLinear]) -> list[int]:
@@ -120,13 +154,14 @@ def layer_ranks(layers: list[SVDLinear]) -> list[int]:
     return torch.stack([l.gate.sum() for l in layers]).long().tolist() if layers else []
 
 
-def kept_params(layers: list[SVDLinear]) -> int:
+def kept_params(layers: list[SVDLinear | ChannelGatedLinear]) -> int:
     """Parameters the targeted matrices will take once exported (one host sync for all layers)."""
-    return sum(matrix_cost(r, l.out_features, l.in_features) for r, l in zip(layer_ranks(layers), layers))
+    return sum(min(r * l.group_cost, l.full_cost) for r, l in zip(layer_ranks(layers), layers))
 
 
 def rank_pattern(model: nn.Module) -> dict[str, int]:
-    layers = svd_layers(model)
+    """Kept groups per gated layer (for a channel-gated FFN: its kept channels)."""
+    layers = gated_layers(model)
     return dict(zip(layers, layer_ranks(list(layers.values()))))
 
 
@@ -144,10 +179,11 @@ def pruned_away(ranks: dict[str, int]) -> tuple[list[str], list[str]]:
 @torch.no_grad()
 def export_model(model: nn.Module) -> dict[str, dict]:
     """Replace every SVDLinear (in place) by its kept groups as ``Linear(n, r) -> Linear(r, m)``, or by a dense
-    ``Linear`` (``Conv1D`` where the model had one) where that is no larger. Returns the module layout, which is
+    ``Linear`` (``Conv1D`` where the model had one) where that is no larger, and every channel-gated FFN by its kept
+    channels (smaller dense layers). Returns the module layout, which is
     also recorded on ``model.config`` so that ``model.save_pretrained`` writes a model ``from_pretrained`` reloads.
     ``model`` may be wrapped by ``torch.compile``: names are those of the model inside."""
-    from ...export import describe_module, factorized_or_dense
+    from ...export import dense_layer, describe_module, factorized_or_dense, sliced_linear
     from ...quantizer import record_compression
 
     model = unwrap_model(model)
@@ -163,6 +199,15 @@ def export_model(model: nn.Module) -> dict[str, dict]:
         exported = factorized_or_dense(left.detach(), right.detach(), bias, conv1d=layer.exports_as_conv1d)
         set_submodule(model, name, exported)
         modules[name] = describe_module(exported)
+    for name, layer in gated_layers(model).items():  # the channel-gated FFNs left
+        kept = layer.gate.nonzero().flatten()
+        reader = dense_layer(layer.weight.detach().index_select(1, kept),
+                             layer.bias.detach() if layer.bias is not None else None, conv1d=layer.exports_as_conv1d)
+        for producer in layer.producers:
+            set_submodule(model, producer, sliced_linear(model.get_submodule(producer), kept, dim=0))
+            modules[producer] = describe_module(model.get_submodule(producer))
+        set_submodule(model, name, reader)
+        modules[name] = describe_module(reader)
     config = getattr(model, "rankdyna_config", None)
     record_compression(model, modules, "rankdyna", config.to_dict() if config is not None else None)
     if config is not None:
