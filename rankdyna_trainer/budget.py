@@ -62,7 +62,9 @@ class ParameterBudget:
                 f"{total_steps!r}. Set `max_steps` in TrainingArguments when the dataset has no length."
             )
         warmup_steps = round(warmup_fraction * total_steps)
-        final_steps = round(final_fraction * total_steps)
+        # At least one: the last allocation, at the target, happens on step total_steps - final_steps, and a run
+        # whose final phase rounds to zero steps would otherwise end above its budget.
+        final_steps = max(1, round(final_fraction * total_steps))
         if total_steps - warmup_steps - final_steps < 1:
             raise ValueError(
                 f"The schedule leaves no step to prune in: {total_steps} steps with warmup_fraction="

@@ -76,7 +76,7 @@ def parse_args(argv=None):
     parser.add_argument("--rank_multiple", type=int, default=1,
                         help="keep ranks in multiples of this (rankdyna and the SVD baselines; counted in the budget)")
     parser.add_argument("--rankdyna_ffn_groups", default="singular", choices=["singular", "channels"],
-                        help="RankDyna's FFN groups (RankDynaConfig.ffn_groups); give a variant its own --results_dir")
+                        help="RankDyna's FFN groups (RankDynaConfig.ffn_groups); 'channels' runs are named rankdyna+ch")
     parser.add_argument("--epochs", type=float, default=None, help="override PROTOCOL's epochs for every task")
     parser.add_argument("--learning_rate", type=float, default=None, help="override PROTOCOL's rate for every task")
     parser.add_argument("--max_seq_length", type=int, default=None, help="override PROTOCOL's length for every task")
@@ -161,13 +161,17 @@ def task_protocol(args, task: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------
 # one run = one JSON
-def method_tag(method: str, rank_multiple: int) -> str:
-    return f"{method}+m{rank_multiple}" if rank_multiple > 1 and method in TAKES_RANK_MULTIPLE else method
+def method_tag(method: str, rank_multiple: int, ffn_groups: str = "singular") -> str:
+    """The method as runs and the summary name it: ``+m8`` for ranks in multiples of 8, ``+ch`` for RankDyna with
+    FFN channels as groups (glue_report.run_key reads the same from the run record)."""
+    tag = f"{method}+m{rank_multiple}" if rank_multiple > 1 and method in TAKES_RANK_MULTIPLE else method
+    return f"{tag}+ch" if method == "rankdyna" and ffn_groups == "channels" else tag
 
 
-def run_path(results_dir, task, method, budget, seed, rank_multiple=1):
+def run_path(results_dir, task, method, budget, seed, rank_multiple=1, ffn_groups="singular"):
     budget_tag = "na" if method in UNCOMPRESSED else f"{budget:g}"
-    return os.path.join(results_dir, task, f"{method_tag(method, rank_multiple)}_b{budget_tag}_seed{seed}.json")
+    tag = method_tag(method, rank_multiple, ffn_groups)
+    return os.path.join(results_dir, task, f"{tag}_b{budget_tag}_seed{seed}.json")
 
 
 def run_plan(args) -> list[tuple[str, str, float | None, int]]:
@@ -369,12 +373,13 @@ class Runner:
         record["device"] = device_record(device)
         record["versions"] = self.versions
         record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        path = run_path(args.results_dir, task, method, budget, seed, multiple)
+        path = run_path(args.results_dir, task, method, budget, seed, multiple, args.rankdyna_ffn_groups)
         write_json(path, record)
-        print(f"[done] {task} {method_tag(method, multiple)} b={budget} seed={seed}: {record['score']:.1f} "
+        tag = method_tag(method, multiple, args.rankdyna_ffn_groups)
+        print(f"[done] {task} {tag} b={budget} seed={seed}: {record['score']:.1f} "
               f"(floor {record['floor']['score']:.1f}) in {record['wall_time']['total_s']:.0f}s", flush=True)
         if args.git_commit:
-            commit_file(path, f"benchmark_glue: {task} {method_tag(method, multiple)} b={budget} seed={seed}")
+            commit_file(path, f"benchmark_glue: {task} {tag} b={budget} seed={seed}")
         return record
 
     @staticmethod
@@ -466,11 +471,12 @@ def run_campaign(args) -> None:
     runner = None
     for task, method, budget, seed in run_plan(args):
         multiple = args.rank_multiple if method in TAKES_RANK_MULTIPLE else 1
-        if os.path.isfile(run_path(args.results_dir, task, method, budget, seed, multiple)):
-            print(f"[skip] {task} {method_tag(method, multiple)} b={budget} seed={seed}: already measured", flush=True)
+        tag = method_tag(method, multiple, args.rankdyna_ffn_groups)
+        if os.path.isfile(run_path(args.results_dir, task, method, budget, seed, multiple, args.rankdyna_ffn_groups)):
+            print(f"[skip] {task} {tag} b={budget} seed={seed}: already measured", flush=True)
             continue
         runner = runner or Runner(args)
-        print(f"[run] {task} {method_tag(method, multiple)} b={budget} seed={seed}", flush=True)
+        print(f"[run] {task} {tag} b={budget} seed={seed}", flush=True)
         runner.run_one(task, method, budget, seed)
 
 

@@ -130,3 +130,12 @@ def test_rank_multiple_with_min_rank_and_bad_values():
     for bad in (0, -8, 2.5, True):
         with pytest.raises(ValueError, match="rank_multiple must be an integer >= 1"):
             allocate_groups(scores, shapes, 1000, rank_multiple=bad)
+
+
+@pytest.mark.parametrize("total_steps, final_fraction", [(2, 0.2), (10, 0.0), (7, 0.01)])
+def test_the_last_step_allocates_at_the_target_when_the_final_phase_rounds_to_nothing(total_steps, final_fraction):
+    budget = ParameterBudget.from_fractions(dense_params=1000, initial_fraction=1.0, target_fraction=0.3,
+                                            total_steps=total_steps, warmup_fraction=0.0,
+                                            final_fraction=final_fraction)
+    last = total_steps - 1  # the Trainer's optimizer steps are 0 .. total_steps - 1
+    assert budget.is_reallocation_step(last) and budget.params_at(last) == 300

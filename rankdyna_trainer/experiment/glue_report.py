@@ -24,12 +24,14 @@ METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "mcc": "Matthews corr."}
 
 
 def run_key(record: dict) -> str:
-    """``method@budget`` (``+m8`` after the method when ranks were kept in multiples of 8); dense and AdaLoRA,
-    which export uncompressed models, are ``@1.0``."""
+    """``method@budget`` (``+m8`` after the method when ranks were kept in multiples of 8, ``+ch`` for RankDyna with
+    FFN channels as groups); dense and AdaLoRA, which export uncompressed models, are ``@1.0``."""
     method = record["method"]
     multiple = record.get("rank_multiple") or 1
     if multiple > 1:
         method = f"{method}+m{multiple}"
+    if record["method"] == "rankdyna" and (record.get("config") or {}).get("ffn_groups") == "channels":
+        method = f"{method}+ch"
     budget = 1.0 if record["method"] in UNCOMPRESSED else record["budget"]
     return f"{method}@{budget:g}" if budget != 1.0 else f"{method}@1.0"
 
