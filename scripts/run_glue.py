@@ -68,7 +68,12 @@ from rankdyna_trainer.experiment.glue_metrics import (  # noqa: E402
 )
 from rankdyna_trainer.experiment.rank_plots import save_rank_heatmap  # noqa: E402
 from rankdyna_trainer.experiment.sweep import optuna_space, read_sweep_config  # noqa: E402
-from rankdyna_trainer.experiment.wandb_logging import RankDynaWandbCallback, active_wandb_run, log_exported_model  # noqa: E402
+from rankdyna_trainer.experiment.wandb_logging import (  # noqa: E402
+    RankDynaWandbCallback,
+    active_wandb_run,
+    full_ranks,
+    log_exported_model,
+)
 from rankdyna_trainer.methods import METHODS, get_method  # noqa: E402
 from rankdyna_trainer.packaged_models import minilm_path  # noqa: E402
 from rankdyna_trainer.quantizer import is_compressed_model_dir, read_compression_config  # noqa: E402
@@ -434,6 +439,14 @@ class Compression:
     total_steps: int | None = None  # optimizer steps of the run, for methods that schedule over them
     # (out, in) of every linear layer before compression: LoRAP's pruned FFN layers change shape
     dense_shapes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    # groups of each ranked layer when nothing is pruned, where that is not min(out, in) of its dense shape
+    # (RankDyna's FFN channel groups: the intermediate width); set by export
+    full_ranks: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear layer, taken before compression changes them."""
+    return {name: linear_shape(m) for name, m in model.named_modules() if isinstance(m, TARGET_TYPES)}
 
 
 def rankdyna_compression(rankdyna_args: RankDynaArguments, model_args: ModelArguments | None = None) -> Compression:
@@ -441,6 +454,7 @@ def rankdyna_compression(rankdyna_args: RankDynaArguments, model_args: ModelArgu
     calibration_count = model_args.compression_calibration_batches if model_args is not None else 16
 
     def prepare(model, overrides):
+        compression.dense_shapes = linear_shapes(model)  # FFN channel groups narrow the FFN's layers at export
         config = rankdyna_args.to_config(overrides)
         callback.config = config  # a search trial's config replaces the previous trial's
         calibration = (first_batches(compression.train_loader, calibration_count, "--rankdyna_init whitened")
@@ -449,6 +463,7 @@ def rankdyna_compression(rankdyna_args: RankDynaArguments, model_args: ModelArgu
 
     def export(model):
         config, ranks = model.rankdyna_config, rank_pattern(model)
+        compression.full_ranks = full_ranks(model)
         return model, export_model(model), config.to_dict(), ranks
 
     names = tuple(f.name for f in dataclasses.fields(RankDynaArguments) if f.name != "rankdyna")
@@ -462,8 +477,7 @@ def registry_compression(model_args: ModelArguments) -> Compression:
     state = {}
 
     def prepare(model, overrides):
-        compression.dense_shapes = {name: linear_shape(m) for name, m in model.named_modules()
-                                    if isinstance(m, TARGET_TYPES)}
+        compression.dense_shapes = linear_shapes(model)
         fields = {f.name for f in dataclasses.fields(method.config_class)} if method.config_class else set()
         extra = {}
         if model_args.compression_fisher_batches and "max_fisher_batches" in fields:
@@ -514,8 +528,8 @@ def export_compressed(compression: Compression, model, tokenizer, output_dir: st
         return {"method": compression.method, "compressed_params": None, "dense_params": None, "params_fraction": 1.0}
     shapes = {name: compression.dense_shapes.get(name, (e["out_features"], e["in_features"]))
               for name, e in modules.items()}
-    full_ranks = {name: min(shape) for name, shape in shapes.items()}
-    save_rank_heatmap(ranks, full_ranks, os.path.join(output_dir, HEATMAP_FILE),
+    full = {name: compression.full_ranks.get(name) or min(shapes[name]) for name in ranks}
+    save_rank_heatmap(ranks, full, os.path.join(output_dir, HEATMAP_FILE),
                       title=f"{compression.method}: kept rank per matrix ({os.path.basename(output_dir)})")
     compressed_params = read_compression_config(output_dir)["compressed_params"]
     dense_params = sum(out_features * in_features for out_features, in_features in shapes.values())

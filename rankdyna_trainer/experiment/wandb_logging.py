@@ -12,7 +12,7 @@ import os
 
 from transformers import TrainerCallback
 
-from ..methods.rankdyna import rank_pattern, svd_layers
+from ..methods.rankdyna import gated_layers, rank_pattern
 from .rank_plots import rank_heatmap_figure, split_matrix_name
 
 HEATMAP_KEY = "rankdyna/rank_heatmap"
@@ -29,7 +29,8 @@ def active_wandb_run():
 
 
 def full_ranks(model) -> dict[str, int]:
-    return {name: min(layer.out_features, layer.in_features) for name, layer in svd_layers(model).items()}
+    """Groups each gated layer has when nothing is pruned: ``min(m, n)`` of a matrix, the channels of an FFN."""
+    return {name: layer.full_rank for name, layer in gated_layers(model).items()}
 
 
 class RankDynaWandbCallback(TrainerCallback):

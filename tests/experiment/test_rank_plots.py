@@ -22,3 +22,17 @@ def test_heatmap_png_is_written(tmp_path):
     path = save_rank_heatmap(ranks, {name: 8 for name in ranks}, str(tmp_path / "ranks.png"), title="t")
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_full_ranks_cover_ffn_channel_groups(tmp_path):
+    from rankdyna_trainer import RankDynaConfig, prepare_model
+    from rankdyna_trainer.experiment.wandb_logging import full_ranks
+    from rankdyna_trainer.methods.rankdyna import rank_pattern
+    from tests.conftest import tiny_llama
+
+    model = prepare_model(tiny_llama(), RankDynaConfig(ffn_groups="channels"))
+    ranks, full = rank_pattern(model), full_ranks(model)
+    assert full.keys() == ranks.keys()
+    assert full["model.layers.0.mlp.down_proj"] == 64 and full["model.layers.0.self_attn.k_proj"] == 16
+    data = open(save_rank_heatmap(ranks, full, str(tmp_path / "ranks.png")), "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"

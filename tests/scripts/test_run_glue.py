@@ -100,6 +100,27 @@ def test_rankdyna_on_pair_task_trains_compresses_saves_and_evaluates(glue_dir, m
     assert budgets == sorted(budgets, reverse=True) and budgets[-1] == pattern["budget_params"]
 
 
+def test_rankdyna_with_ffn_channels_from_the_command_line(glue_dir, minilm_dir, tmp_path):
+    out = tmp_path / "rte-channels"
+    results = run_glue.main(["--task_name", "rte", "--glue_dir", glue_dir, *TINY, "--rankdyna",
+                             "--rankdyna_budget", "0.5", "--rankdyna_ffn_groups", "channels",
+                             "--rankdyna_reallocation_interval", "1", "--do_train", "--do_eval", "--report_to", "wandb",
+                             "--output_dir", str(out)])
+    pattern = json.loads((out / "rank_pattern.json").read_text())
+    assert pattern["dense_params"] == MINILM_TARGET_PARAMS and pattern["params"] <= pattern["budget_params"]
+    assert len(pattern["ranks"]) == 30 and 0 <= pattern["ranks"]["bert.encoder.layer.0.output.dense"] <= 1536
+    # The summary counts against the dense shapes, though the FFN layers were narrowed at export.
+    assert results["compression"]["dense_params"] == MINILM_TARGET_PARAMS
+    assert results["compression"]["compressed_params"] == pattern["params"]
+    model = AutoModelForSequenceClassification.from_pretrained(str(out))
+    ffn = model.bert.encoder.layer[0]
+    width = pattern["ranks"]["bert.encoder.layer.0.output.dense"]
+    assert ffn.intermediate.dense.out_features == ffn.output.dense.in_features == width
+    assert (out / "rank_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    logged = {key for row in _history(tmp_path) for key in row}
+    assert any(k.startswith("rankdyna/rank_pattern/") for k in logged)  # the W&B table has every gated layer
+
+
 def test_dense_single_sentence_task(glue_dir, minilm_dir, tmp_path):
     out = tmp_path / "sst2-dense"
     results = run_glue.main(["--task_name", "sst2", "--glue_dir", glue_dir, *TINY, "--do_train", "--do_eval",

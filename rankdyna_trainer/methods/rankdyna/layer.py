@@ -150,6 +150,11 @@ class SVDLinear(nn.Module):
         return torch.cat([right for _, right in self._factor_pairs()], dim=0)
 
     @property
+    def full_rank(self) -> int:
+        """Groups of the dense matrix, ``min(m, n)`` (``max_rank`` may be fewer: ``init_rank``, a truncated start)."""
+        return min(self.out_features, self.in_features)
+
+    @property
     def group_cost(self) -> int:
         return self.out_features + self.in_features
 
@@ -222,6 +227,10 @@ class ChannelGatedLinear(nn.Module):
 
     @property
     def max_rank(self) -> int:
+        return self.in_features
+
+    @property
+    def full_rank(self) -> int:
         return self.in_features
 
     @property
