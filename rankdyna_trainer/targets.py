@@ -144,6 +144,11 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def has_table_roles(model: nn.Module) -> bool:
+    """Whether :data:`MODULE_ROLES` has an entry for the model's ``model_type``."""
+    return getattr(getattr(unwrap_model(model), "config", None), "model_type", None) in MODULE_ROLES
+
+
 def table_roles(model: nn.Module, method: str, fields: str) -> dict[str, list[str]]:
     """The :data:`MODULE_ROLES` entry for the model's ``model_type`` (a copy), or a ValueError telling the user of
     ``method`` to pass ``fields`` (the config fields that give the roles by hand)."""

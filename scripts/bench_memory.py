@@ -29,10 +29,12 @@ sys.path.insert(0, REPO)
 
 SETTINGS = {
     "dense": ("dense fine-tuning", None),
-    "rankdyna": ("RankDyna, defaults (factor_budget=1.0: break-even groups train, the rest frozen; whitened)",
-                 {"init": "whitened"}),
+    "rankdyna": ("RankDyna, singular FFN groups, else defaults (factor_budget=1.0: break-even groups train, the rest "
+                 "frozen; whitened)",
+                 {"init": "whitened", "ffn_groups": "singular"}),
     "rankdyna_truncated": ("RankDyna, start truncated at break-even (untrained_groups='dropped'), whitened",
-                           {"init": "whitened", "factor_budget": 1.0, "untrained_groups": "dropped"}),
+                           {"init": "whitened", "factor_budget": 1.0, "untrained_groups": "dropped",
+                            "ffn_groups": "singular"}),
     "rankdyna_ffn_channels": ("RankDyna, FFN channels as groups (ffn_groups='channels'; the LM benchmark's recipe "
                               "above 0.5), attention as the defaults, whitened",
                               {"init": "whitened", "ffn_groups": "channels"}),
@@ -41,7 +43,7 @@ SETTINGS = {
                                         {"init": "whitened", "ffn_groups": "channels", "factor_budget": 1.0,
                                          "untrained_groups": "dropped"}),
     "rankdyna_full_rank": ("RankDyna, every group's factors trained (factor_budget=None), whitened",
-                           {"init": "whitened", "factor_budget": None}),
+                           {"init": "whitened", "factor_budget": None, "ffn_groups": "singular"}),
     "rankdyna_v0_full_rank": ("RankDyna, every group's factors trained, with the element-wise 'sensitivity' "
                               "statistics", {"init": "whitened", "factor_budget": None, "importance": "sensitivity"}),
 }

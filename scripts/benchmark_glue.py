@@ -75,8 +75,9 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     parser.add_argument("--rank_multiple", type=int, default=1,
                         help="keep ranks in multiples of this (rankdyna and the SVD baselines; counted in the budget)")
-    parser.add_argument("--rankdyna_ffn_groups", default="singular", choices=["singular", "channels"],
-                        help="RankDyna's FFN groups (RankDynaConfig.ffn_groups); 'channels' runs are named rankdyna+ch")
+    parser.add_argument("--rankdyna_ffn_groups", default="channels", choices=["channels", "singular"],
+                        help="RankDyna's FFN groups (RankDynaConfig.ffn_groups; its default 'auto' is 'channels' on "
+                        "MiniLM); 'singular' runs are named rankdyna+singular")
     parser.add_argument("--epochs", type=float, default=None, help="override PROTOCOL's epochs for every task")
     parser.add_argument("--learning_rate", type=float, default=None, help="override PROTOCOL's rate for every task")
     parser.add_argument("--max_seq_length", type=int, default=None, help="override PROTOCOL's length for every task")
@@ -161,14 +162,14 @@ def task_protocol(args, task: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------
 # one run = one JSON
-def method_tag(method: str, rank_multiple: int, ffn_groups: str = "singular") -> str:
-    """The method as runs and the summary name it: ``+m8`` for ranks in multiples of 8, ``+ch`` for RankDyna with
-    FFN channels as groups (glue_report.run_key reads the same from the run record)."""
+def method_tag(method: str, rank_multiple: int, ffn_groups: str = "channels") -> str:
+    """The method as runs and the summary name it: ``+m8`` for ranks in multiples of 8, ``+singular`` for RankDyna
+    with singular groups in the FFNs too (glue_report.run_key reads the same from the run record)."""
     tag = f"{method}+m{rank_multiple}" if rank_multiple > 1 and method in TAKES_RANK_MULTIPLE else method
-    return f"{tag}+ch" if method == "rankdyna" and ffn_groups == "channels" else tag
+    return f"{tag}+singular" if method == "rankdyna" and ffn_groups == "singular" else tag
 
 
-def run_path(results_dir, task, method, budget, seed, rank_multiple=1, ffn_groups="singular"):
+def run_path(results_dir, task, method, budget, seed, rank_multiple=1, ffn_groups="channels"):
     budget_tag = "na" if method in UNCOMPRESSED else f"{budget:g}"
     tag = method_tag(method, rank_multiple, ffn_groups)
     return os.path.join(results_dir, task, f"{tag}_b{budget_tag}_seed{seed}.json")

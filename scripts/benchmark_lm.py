@@ -50,9 +50,11 @@ from rankdyna_trainer.packaged_models import smollm2_path  # noqa: E402
 from rankdyna_trainer.quantizer import load_compressed_model, save_compressed_model  # noqa: E402
 from rankdyna_trainer.targets import find_target_linears  # noqa: E402
 
-# Every RankDyna row shares these settings (whitened start, schedule fitted to a 30-step fine-tune); each row adds
+# Every RankDyna row shares these settings (whitened start, schedule fitted to a 30-step fine-tune, singular groups in
+# every matrix as when the rows were measured: the library's default became ffn_groups='auto' later); each row adds
 # its own config values on top of RankDynaConfig's defaults, so a row's name says exactly what ran.
-RANKDYNA_RECIPE = {"init": "whitened", "warmup_fraction": 0.1, "final_fraction": 0.2, "reallocation_interval": 2}
+RANKDYNA_RECIPE = {"init": "whitened", "warmup_fraction": 0.1, "final_fraction": 0.2, "reallocation_interval": 2,
+                   "ffn_groups": "singular"}
 # The decoder recipe, chosen from the seed-0 ablation rows below (docs/DECODER.md): plain factor steps (on a
 # 30-step fine-tune at lr 5e-5 the per-group step scaling of issue 9 makes steps too small), groups ranked by
 # their raw Fisher score, and the start picked by how far the budget goes (`decoder_start`).

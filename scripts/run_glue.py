@@ -220,9 +220,10 @@ class RankDynaArguments:
                   "help": "Groups beyond --rankdyna_factor_budget: kept with frozen factors, or dropped at the start."})
     rankdyna_ffn_groups: str = field(
         default=_RANKDYNA_DEFAULTS["ffn_groups"],
-        metadata={"choices": ["singular", "channels"],
+        metadata={"choices": ["auto", "singular", "channels"],
                   "help": "What is pruned in the FFNs: singular groups of each matrix, or intermediate channels "
-                  "(structured, in the same budget; docs/method.md)."})
+                  "(structured, in the same budget); 'auto': channels where the model type's FFN roles are known "
+                  "and the importance is 'fisher' (docs/method.md)."})
     rankdyna_init: str = field(
         default=_RANKDYNA_DEFAULTS["init"],
         metadata={"choices": ["svd", "whitened"],

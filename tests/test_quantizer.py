@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rankdyna_trainer import LowRankLinear, RankDynaConfig, export_model, prepare_model
-from rankdyna_trainer.methods.rankdyna import svd_layers
+from rankdyna_trainer.methods.rankdyna import gated_layers
 from rankdyna_trainer.quantizer import load_compressed_model, read_compression_config, save_compressed_model
 
 from .conftest import tiny_bert, tiny_llama
@@ -19,9 +19,10 @@ IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
 
 
 def _compressed(model, rank: int = 4):
-    """``model`` prepared, every matrix cut to ``rank`` groups, exported (a stand-in for a trained run)."""
+    """``model`` prepared with the defaults (attention singular groups, FFN channels), every attention matrix cut to
+    ``rank`` groups and every FFN to ``rank`` channels, exported (a stand-in for a trained run)."""
     prepare_model(model, RankDynaConfig())
-    for layer in svd_layers(model).values():
+    for layer in gated_layers(model).values():
         layer.gate[rank:] = 0
     export_model(model)
     return model.eval()
@@ -66,7 +67,8 @@ def test_sharded_checkpoint_and_device_map_load_through_transformers(saved_bert,
 def test_base_model_class_loads_a_layout_saved_with_a_task_head(saved_bert):
     folder, _ = saved_bert
     base, info = AutoModel.from_pretrained(str(folder), output_loading_info=True)  # names lose the "bert." prefix
-    assert isinstance(base.get_submodule("encoder.layer.1.output.dense"), LowRankLinear)
+    assert isinstance(base.get_submodule("encoder.layer.1.attention.output.dense"), LowRankLinear)
+    assert base.get_submodule("encoder.layer.1.output.dense").in_features == 4  # the FFN's 4 kept channels
     assert not info["missing_keys"] and not info["mismatched_keys"]
 
 
@@ -95,7 +97,7 @@ def test_torch_compiled_model_exports_plain_names_and_reloads(tmp_path):
     compiled = torch.compile(model, backend="eager")
     with torch.no_grad():
         compiled(input_ids=IDS)
-    for layer in svd_layers(compiled).values():
+    for layer in gated_layers(compiled).values():
         layer.gate[3:] = 0
     modules = export_model(compiled)
     assert modules and not any(name.startswith("_orig_mod") for name in modules)

@@ -24,14 +24,16 @@ METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "mcc": "Matthews corr."}
 
 
 def run_key(record: dict) -> str:
-    """``method@budget`` (``+m8`` after the method when ranks were kept in multiples of 8, ``+ch`` for RankDyna with
-    FFN channels as groups); dense and AdaLoRA, which export uncompressed models, are ``@1.0``."""
+    """``method@budget`` (``+m8`` after the method when ranks were kept in multiples of 8, ``+singular`` for RankDyna
+    with singular groups in the FFNs instead of the intermediate channels of the campaign's recipe; records from
+    before the ``ffn_groups`` field are singular); dense and AdaLoRA, which export uncompressed models, are
+    ``@1.0``."""
     method = record["method"]
     multiple = record.get("rank_multiple") or 1
     if multiple > 1:
         method = f"{method}+m{multiple}"
-    if record["method"] == "rankdyna" and (record.get("config") or {}).get("ffn_groups") == "channels":
-        method = f"{method}+ch"
+    if record["method"] == "rankdyna" and (record.get("config") or {}).get("ffn_groups", "singular") == "singular":
+        method = f"{method}+singular"
     budget = 1.0 if record["method"] in UNCOMPRESSED else record["budget"]
     return f"{method}@{budget:g}" if budget != 1.0 else f"{method}@1.0"
 
@@ -255,6 +257,10 @@ def _setup_lines(records: list[dict], commands: list[str] | None) -> list[str]:
               f"{any_p['adalora_learning_rate']:g} (adapters), Fisher batches {any_p['fisher_batches']}, ARS steps "
               f"{any_p['ars_steps']}, TFWSVD ALS sweeps {any_p['als_iterations']}, RankDyna reallocation interval "
               f"{any_p['rankdyna_interval']}.", "",
+              "Row names: `rankdyna` prunes the FFNs by intermediate channels and the attention by singular groups in "
+              "one budget (`ffn_groups='channels'`, what the library's default `'auto'` does on MiniLM; "
+              "[method.md](method.md#ffn-channels-as-groups)); `rankdyna+singular` uses singular groups in the FFNs "
+              "too (the paper's form); `+m8` keeps ranks in multiples of 8.", "",
               "Devices: " + "; ".join(devices) + ".", "", "Versions: " + "; ".join(versions) + ".", ""]
     lines += ["Commands that made the runs:", "", "```"] + (commands or ["(none recorded)"]) + ["```", ""]
     return lines

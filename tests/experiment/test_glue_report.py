@@ -24,7 +24,8 @@ def run_record(task, method, budget, seed, score, total_s=100.0, rank_multiple=1
             "rank_multiple": rank_multiple, "seed": seed, "score": score, "wall_time": wall, "protocol": protocol,
             "floor": {"metric": protocol["metric"], "score": FLOORS[task]},
             "device": {"type": "cpu", "name": "test CPU", "threads": 2},
-            "versions": {"torch": "x"}, "command": "python scripts/benchmark_glue.py --seeds 42 1 2"}
+            "versions": {"torch": "x"}, "command": "python scripts/benchmark_glue.py --seeds 42 1 2",
+            "config": {"ffn_groups": "channels"} if method == "rankdyna" else {}}
 
 
 def write_runs(folder, records):
@@ -80,6 +81,16 @@ def test_rank_multiple_runs_are_their_own_rows():
     records = [run_record("rte", "rankdyna", 0.5, 42, 55.0), run_record("rte", "rankdyna", 0.5, 42, 54.0,
                                                                          rank_multiple=8)]
     assert list(glue_report.summarize(records)["runs"]) == ["rankdyna@0.5", "rankdyna+m8@0.5"]
+
+
+def test_rankdyna_with_singular_ffn_groups_is_its_own_row():
+    singular = run_record("rte", "rankdyna", 0.5, 42, 53.0)
+    singular["config"] = {"ffn_groups": "singular"}
+    before_the_field = run_record("rte", "rankdyna", 0.33, 42, 52.0)
+    before_the_field["config"] = {}  # runs from before ffn_groups existed used singular groups
+    records = [run_record("rte", "rankdyna", 0.5, 42, 55.0), singular, before_the_field]
+    assert list(glue_report.summarize(records)["runs"]) == ["rankdyna@0.5", "rankdyna+singular@0.5",
+                                                            "rankdyna+singular@0.33"]
 
 
 def test_page_and_plot_come_from_the_summary(tmp_path):

@@ -84,18 +84,22 @@ def test_a_real_run_writes_its_file_and_the_post_hoc_run_reuses_the_dense_round(
     assert 0 < again["wall_time"]["first_round_s"] < 1e6
 
 
-def test_rankdyna_with_ffn_channels_is_its_own_run_and_row(tmp_path, glue_dir, small_model):
+def test_rankdyna_runs_ffn_channels_and_singular_groups_as_separate_rows(tmp_path, glue_dir, small_model):
     bench = _load_script("benchmark_glue")
-    bench.main(["--tasks", "cola", "--methods", "rankdyna", "--budgets", "0.5", "--seeds", "7", "--limit", "48",
-                "--epochs", "1", "--rankdyna_ffn_groups", "channels", "--glue_dir", glue_dir, "--model", small_model,
-                "--device", "cpu"] + _paths(tmp_path))
-    run = json.loads((tmp_path / "runs" / "cola" / "rankdyna+ch_b0.5_seed7.json").read_text())
-    assert run["config"]["ffn_groups"] == "channels"
+    argv = ["--tasks", "cola", "--methods", "rankdyna", "--budgets", "0.5", "--seeds", "7", "--limit", "48",
+            "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model, "--device", "cpu"] + _paths(tmp_path)
+    bench.main(argv)
+    run = json.loads((tmp_path / "runs" / "cola" / "rankdyna_b0.5_seed7.json").read_text())
+    assert run["config"]["ffn_groups"] == "channels"  # the campaign's recipe by default
     assert 0 <= run["ranks"]["bert.encoder.layer.0.output.dense"] <= 64  # kept intermediate channels
     assert "bert.encoder.layer.0.intermediate.dense" not in run["ranks"]  # sliced with its reader, not factorized
     assert run["targeted_params"] <= 0.5 * run["targeted_dense_params"]
+    bench.main(argv + ["--rankdyna_ffn_groups", "singular"])
+    singular = json.loads((tmp_path / "runs" / "cola" / "rankdyna+singular_b0.5_seed7.json").read_text())
+    assert singular["config"]["ffn_groups"] == "singular"
+    assert "bert.encoder.layer.0.intermediate.dense" in singular["ranks"]
     summary = json.loads((tmp_path / "docs" / "results_glue.json").read_text())
-    assert "rankdyna+ch@0.5" in summary["runs"] and "rankdyna@0.5" not in summary["runs"]
+    assert {"rankdyna@0.5", "rankdyna+singular@0.5"} <= set(summary["runs"])
 
 
 def test_report_only_regenerates_summary_and_page_from_the_files(tmp_path):

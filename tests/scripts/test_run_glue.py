@@ -65,7 +65,10 @@ def test_rankdyna_on_pair_task_trains_compresses_saves_and_evaluates(glue_dir, m
     assert pattern["dense_params"] == MINILM_TARGET_PARAMS
     assert pattern["budget_params"] == int(0.5 * MINILM_TARGET_PARAMS)
     assert pattern["params"] <= pattern["budget_params"]
-    assert len(pattern["ranks"]) == 36 and all(0 <= r <= 384 for r in pattern["ranks"].values())
+    # The default ffn_groups='auto' on BERT: q, k, v, attention output as singular groups, each FFN as its channels.
+    ffn = {n: r for n, r in pattern["ranks"].items() if n.endswith(".output.dense") and "attention" not in n}
+    assert len(pattern["ranks"]) == 30 and len(ffn) == 6 and all(0 <= r <= 1536 for r in ffn.values())
+    assert all(0 <= r <= 384 for n, r in pattern["ranks"].items() if n not in ffn)
 
     # The saved compressed model holds that many weights in its targeted matrices, and reloads natively.
     model = AutoModelForSequenceClassification.from_pretrained(str(out))

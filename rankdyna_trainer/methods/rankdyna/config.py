@@ -6,14 +6,14 @@ from typing import Optional, Union
 from peft.config import PeftConfigMixin
 
 from ...budget import check_budget_fraction, check_rank_multiple
-from ...targets import table_roles
+from ...targets import has_table_roles, table_roles
 from .importance import IMPORTANCE_SCORES, SINGULAR_VALUE_SIGNALS
 from .layer import FACTOR_SCALINGS
 
 RANK_ORDERS = ("score", "score_per_param")
 
 INITS = ("svd", "whitened")
-FFN_GROUPS = ("singular", "channels")
+FFN_GROUPS = ("auto", "singular", "channels")
 UNTRAINED_GROUPS = ("frozen", "dropped")
 
 
@@ -64,12 +64,15 @@ class RankDynaConfig(PeftConfigMixin):
                   "'dropped' at factorization time (a truncated start, less memory)."},
     )
     ffn_groups: str = field(
-        default="singular",
+        default="auto",
         metadata={"help": "What RankDyna prunes in the FFNs: 'singular' (singular groups of each FFN matrix, like the "
                   "attention's) or 'channels' (the FFN's intermediate channels: structured pruning, as LoRAP does; a "
                   "channel costs the weights that write and read it, is scored by the Fisher of a per-channel gate "
                   "and competes for the same global budget as the attention's singular groups). With 'channels' "
-                  "an FFN whose output layer is targeted is handled whole (its input layers are not factorized)."},
+                  "an FFN whose output layer is targeted is handled whole (its input layers are not factorized). "
+                  "'auto' (default): 'channels' when importance='fisher' and the FFN roles are known (given, or the "
+                  "model type is in rankdyna_trainer.targets.MODULE_ROLES), else 'singular' (measured on GLUE and "
+                  "SmolLM2: docs/method.md#ffn-channels-as-groups)."},
     )
     ffn_in_modules: Optional[list[str]] = field(
         default=None,
@@ -210,6 +213,14 @@ class RankDynaConfig(PeftConfigMixin):
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}.")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise ValueError("target_modules is an empty list; pass None for the architecture's defaults.")
+
+    def resolved_ffn_groups(self, model) -> str:
+        """``'singular'`` or ``'channels'``: ``ffn_groups`` with ``'auto'`` decided for ``model``."""
+        if self.ffn_groups != "auto":
+            return self.ffn_groups
+        if self.importance == "fisher" and (self.ffn_in_modules is not None or has_table_roles(model)):
+            return "channels"
+        return "singular"
 
     def ffn_roles(self, model) -> dict[str, list[str]]:
         """The FFN roles for ``ffn_groups='channels'``: the ones given, or the table entry for the model's type."""

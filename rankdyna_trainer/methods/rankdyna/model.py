@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
@@ -22,6 +23,8 @@ from ...targets import (
 from .config import RankDynaConfig
 from .layer import ChannelGatedLinear, SVDLinear, factor_step_scale
 
+logger = logging.getLogger(__name__)
+
 
 def prepare_model(model: nn.Module, config: RankDynaConfig,
                   calibration_batches: Iterable[dict[str, torch.Tensor]] | None = None) -> nn.Module:
@@ -36,6 +39,9 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
         raise ValueError("The model already holds RankDyna layers; prepare_model must be called once per model.")
     targets = find_target_linears(model, config.target_modules)
     channel_ffns = _channel_ffns(model, targets, config)
+    if config.ffn_groups == "auto":
+        logger.info("RankDyna ffn_groups='auto': %s.", f"{len(channel_ffns)} FFNs pruned by intermediate channels"
+                    if channel_ffns else "singular groups in every matrix (needs importance='fisher' and FFN roles)")
     handled_whole = set(channel_ffns) | {p for producers in channel_ffns.values() for p in producers}
     targets = {n: layer for n, layer in targets.items() if n not in handled_whole}
     if config.init == "whitened":
@@ -67,11 +73,14 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
 
 
 def _channel_ffns(model: nn.Module, targets: dict[str, nn.Module], config: RankDynaConfig) -> dict[str, list[str]]:
-    """``ffn_groups='channels'``: each targeted FFN output layer -> the layers writing its channels."""
-    if config.ffn_groups != "channels":
+    """``ffn_groups='channels'`` (or ``'auto'`` resolved to it): each targeted FFN output layer -> the layers writing
+    its channels. ``'auto'`` falls back to singular groups when no FFN output layer is targeted."""
+    if config.resolved_ffn_groups(model) != "channels":
         return {}
     ffns = {out: producers for out, producers in ffn_channel_layers(model, config.ffn_roles(model)).items()
             if out in targets}
+    if not ffns and config.ffn_groups == "auto":
+        return {}
     if not ffns:
         raise ValueError(f"ffn_groups='channels' found no targeted FFN output layer (target_modules="
                          f"{config.target_modules!r}); FFN output layers of this model: "

@@ -146,3 +146,32 @@ def test_unknown_architecture_asks_for_the_ffn_roles():
                            ffn_out_modules=["down_proj"])
     prepare_model(model, given)
     assert sum(isinstance(l, ChannelGatedLinear) for l in gated_layers(model).values()) == 2
+
+
+def _kinds(model) -> dict[str, int]:
+    layers = gated_layers(model).values()
+    return {"channels": sum(isinstance(l, ChannelGatedLinear) for l in layers),
+            "singular": sum(isinstance(l, SVDLinear) for l in layers)}
+
+
+def test_auto_prunes_ffn_channels_where_the_roles_are_known(caplog):
+    assert RankDynaConfig().ffn_groups == "auto"
+    with caplog.at_level("INFO", logger="rankdyna_trainer.methods.rankdyna.model"):
+        bert = prepare_model(tiny_bert(), RankDynaConfig())
+    assert _kinds(bert) == {"channels": 2, "singular": 2 * 4}  # per layer: q, k, v, attention output; FFN whole
+    assert "2 FFNs pruned by intermediate channels" in caplog.text
+    assert _kinds(prepare_model(tiny_llama(), RankDynaConfig())) == {"channels": 2, "singular": 2 * 4}
+
+
+@pytest.mark.parametrize("case", ["unknown architecture", "sensitivity importance", "no FFN targeted"])
+def test_auto_falls_back_to_singular_groups(case):
+    model, config = tiny_llama(), RankDynaConfig()
+    if case == "unknown architecture":
+        model.config.model_type = "my_llama"
+    elif case == "sensitivity importance":
+        config = RankDynaConfig(importance="sensitivity")
+    else:
+        config = RankDynaConfig(target_modules=["q_proj", "v_proj"])
+    prepare_model(model, config)
+    kinds = _kinds(model)
+    assert kinds["channels"] == 0 and kinds["singular"] == (2 * 2 if case == "no FFN targeted" else 2 * 7)

@@ -58,7 +58,8 @@ def test_prepare_model_replaces_targets_and_keeps_outputs(factor_budget):
     model = tiny_bert()
     ids = torch.randint(0, 128, (2, 12))
     before = model(ids).logits
-    prepare_model(model, RankDynaConfig(factor_budget=factor_budget))  # full rank (trainable or partly frozen): exact
+    # full rank (trainable or partly frozen): exact
+    prepare_model(model, RankDynaConfig(factor_budget=factor_budget, ffn_groups="singular"))
     assert sum(isinstance(m, SVDLinear) for m in model.modules()) == 12
     torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="called once per model"):

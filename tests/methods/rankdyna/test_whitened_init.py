@@ -38,7 +38,7 @@ def test_whitened_groups_keep_more_output_energy_than_plain_svd_groups():
     names = [f"model.layers.0.{p}" for p in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")]
     inputs = input_statistics(reference, "model.layers.0", names, batches, "second_moment")
     whitened, plain = tiny_llama(), tiny_llama()
-    truncated = {"factor_budget": 1.0, "untrained_groups": "dropped"}
+    truncated = {"factor_budget": 1.0, "untrained_groups": "dropped", "ffn_groups": "singular"}
     prepare_model(whitened, RankDynaConfig(init="whitened", whitening_damping=0.0, **truncated), batches)
     prepare_model(plain, RankDynaConfig(init="svd", **truncated))
     for name in names:
