@@ -289,7 +289,7 @@ class Runner:
         self.collator = DataCollatorWithPadding(self.tokenizer)  # dynamic padding: each batch to its longest row
         self.data, self.protocols, self.floors = {}, {}, {}
         self.versions = versions()
-        self.shapes = target_shapes(self.model_dir)
+        self.shapes, _ = target_shapes(self.model_dir)
         self.command = "python scripts/benchmark_glue.py " + " ".join(sys.argv[1:])
 
     def task_data(self, task):
@@ -484,13 +484,37 @@ def run_campaign(args) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # exported speed: latency depends on the layout alone, so rebuild each rank pattern on the pre-trained weights and
 # time every layout round-robin in this one process (interleaving spreads drifting machine load over all of them)
-def target_shapes(model_dir) -> dict[str, tuple[int, int]]:
+def target_shapes(model_dir) -> tuple[dict[str, tuple[int, int]], dict[str, list[str]]]:
+    """Each targeted matrix's ``(out, in)`` shape, and each FFN output layer -> its input layers (for layouts that
+    keep FFN channels: RankDyna's ``ffn_groups='channels'``)."""
     from transformers import AutoModelForSequenceClassification
 
-    from rankdyna_trainer.targets import find_target_linears, linear_weight
+    from rankdyna_trainer.targets import (
+        ffn_channel_layers,
+        find_target_linears,
+        has_table_roles,
+        linear_weight,
+        table_roles,
+    )
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    return {n: tuple(linear_weight(l).shape) for n, l in find_target_linears(model).items()}
+    shapes = {n: tuple(linear_weight(l).shape) for n, l in find_target_linears(model).items()}
+    if not has_table_roles(model):
+        return shapes, {}
+    return shapes, ffn_channel_layers(model, table_roles(model, "the latency layouts", "a known model type"))
+
+
+def channel_ffns(ranks: dict[str, int] | None, ffns: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The FFNs a rank pattern keeps by channels: its entry for the output layer counts the kept channels and its
+    input layers have no entry (they were sliced with it, not factorized)."""
+    if not ranks:
+        return {}
+    return {out: ins for out, ins in ffns.items() if out in ranks and not any(i in ranks for i in ins)}
+
+
+def channel_cost(out: str, ins: list[str], shapes: dict) -> int:
+    """Weights one kept channel costs: a row of every input layer and a column of the output layer."""
+    return sum(shapes[i][1] for i in ins) + shapes[out][0]
 
 
 def uniform_ranks(shapes: dict, budget: float, multiple: int) -> dict[str, int]:
@@ -503,20 +527,28 @@ def uniform_ranks(shapes: dict, budget: float, multiple: int) -> dict[str, int]:
     return {n: int(k.sum()) for n, k in zip(shapes, keep)}
 
 
-def rounded_ranks(ranks: dict[str, int], shapes: dict, budget: float, multiple: int) -> dict[str, int]:
-    """A measured rank pattern re-allocated in blocks of ``multiple`` under the same budget: each group scores its
-    distance below its matrix's measured rank, so ranks round to nearby multiples where the budget allows."""
+def rounded_ranks(ranks: dict[str, int], shapes: dict, budget: float, multiple: int,
+                  ffns: dict[str, list[str]]) -> dict[str, int]:
+    """A measured rank pattern re-allocated in blocks of ``multiple`` under the same budget: kept FFN channels round
+    down to a multiple, then each matrix group scores its distance below its matrix's measured rank, so ranks round
+    to nearby multiples where the rest of the budget allows."""
     from rankdyna_trainer.budget import allocate_groups
     from rankdyna_trainer.factorize import budget_params
 
-    names = list(shapes)
+    channels = channel_ffns(ranks, ffns)
+    rounded = {out: ranks[out] // multiple * multiple for out in channels}
+    budget_left = budget_params(list(shapes.values()), budget) - sum(
+        rounded[out] * channel_cost(out, ins, shapes) for out, ins in channels.items())
+    sliced = set(channels) | {i for ins in channels.values() for i in ins}
+    names = [n for n in shapes if n not in sliced]
     scores = [ranks[n] - torch.arange(min(shapes[n]), dtype=torch.float32) for n in names]
-    keep = allocate_groups(scores, [shapes[n] for n in names], budget_params(list(shapes.values()), budget),
-                           rank_multiple=multiple)
-    return {n: int(k.sum()) for n, k in zip(names, keep)}
+    keep = allocate_groups(scores, [shapes[n] for n in names], budget_left, rank_multiple=multiple)
+    return {**rounded, **{n: int(k.sum()) for n, k in zip(names, keep)}}
 
 
-def layout_model(model_dir, ranks: dict[str, int] | None, device: str):
+def layout_model(model_dir, ranks: dict[str, int] | None, ffns: dict[str, list[str]], device: str):
+    """The pre-trained model with the layout of ``ranks``: kept FFN channels as smaller dense layers, low-rank pairs
+    where a rank is below break-even (weights are irrelevant to speed)."""
     from transformers import AutoModelForSequenceClassification
 
     from rankdyna_trainer.budget import keeps_dense
@@ -524,22 +556,33 @@ def layout_model(model_dir, ranks: dict[str, int] | None, device: str):
     from rankdyna_trainer.targets import find_target_linears, set_submodule
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    for name, linear in find_target_linears(model).items():
+    targets = find_target_linears(model)
+    channels = channel_ffns(ranks, ffns)
+    for out, ins in channels.items():
+        for name in ins:
+            set_submodule(model, name, torch.nn.Linear(targets[name].in_features, ranks[out]))
+        set_submodule(model, out, torch.nn.Linear(ranks[out], targets[out].out_features))
+    sliced = set(channels) | {i for ins in channels.values() for i in ins}
+    for name, linear in targets.items():
         r = ranks.get(name) if ranks else None
-        if r is not None and not keeps_dense(r, linear.out_features, linear.in_features):
+        if name not in sliced and r is not None and not keeps_dense(r, linear.out_features, linear.in_features):
             set_submodule(model, name, LowRankLinear(linear.in_features, r, linear.out_features))
     return model.to(device).eval()
 
 
-def params_fraction(ranks: dict[str, int] | None, shapes: dict) -> float:
+def params_fraction(ranks: dict[str, int] | None, shapes: dict, ffns: dict[str, list[str]]) -> float:
     from rankdyna_trainer.budget import matrix_cost
 
     if not ranks:
         return 1.0
-    return sum(matrix_cost(ranks[n], m, k) for n, (m, k) in shapes.items()) / sum(m * k for m, k in shapes.values())
+    channels = channel_ffns(ranks, ffns)
+    sliced = {i for ins in channels.values() for i in ins}
+    kept = sum(ranks[out] * channel_cost(out, ins, shapes) for out, ins in channels.items())
+    kept += sum(matrix_cost(ranks[n], m, k) for n, (m, k) in shapes.items() if n not in sliced and n not in channels)
+    return kept / sum(m * k for m, k in shapes.values())
 
 
-def latency_layouts(args, records, shapes) -> dict[str, tuple[dict | None, int]]:
+def latency_layouts(args, records, shapes, ffns) -> dict[str, tuple[dict | None, int]]:
     """Layouts to time: dense, near-uniform ranks at every budget (with and without each rank multiple), and the
     first run file's rank pattern of every trained method and budget, with its rounded variants."""
     layouts = {"dense": (None, 1)}
@@ -558,7 +601,7 @@ def latency_layouts(args, records, shapes) -> dict[str, tuple[dict | None, int]]
         layouts[f"{key} ({r['task']})"] = (r["ranks"], r.get("rank_multiple", 1))
         if r.get("rank_multiple", 1) == 1:
             for multiple in args.latency_multiples:
-                rounded = rounded_ranks(r["ranks"], shapes, r["budget"], multiple)
+                rounded = rounded_ranks(r["ranks"], shapes, r["budget"], multiple, ffns)
                 layouts[f"{key} ({r['task']}) rounded +m{multiple}"] = (rounded, multiple)
     return layouts
 
@@ -611,9 +654,9 @@ def measure_latency(args, records) -> dict:
 
     device = device_of(args)
     model_dir = args.model or minilm_path()
-    shapes = target_shapes(model_dir)
-    layouts = latency_layouts(args, records, shapes)
-    models = {name: layout_model(model_dir, ranks, device) for name, (ranks, _) in layouts.items()}
+    shapes, ffns = target_shapes(model_dir)
+    layouts = latency_layouts(args, records, shapes, ffns)
+    models = {name: layout_model(model_dir, ranks, ffns, device) for name, (ranks, _) in layouts.items()}
     ids = torch.randint(1000, 2000, (args.latency_batch, args.latency_seq_len),
                         generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
@@ -630,7 +673,7 @@ def measure_latency(args, records) -> dict:
         "device": f"{device_record(device)['type']} ({device_record(device)['name']})",
         "threads": torch.get_num_threads(), "versions": versions(),
         "layouts": {name: {"ranks": layouts[name][0], "rank_multiple": layouts[name][1],
-                           "params_fraction": params_fraction(layouts[name][0], shapes),
+                           "params_fraction": params_fraction(layouts[name][0], shapes, ffns),
                            "flops": forward_flops(models[name], args.latency_batch, args.latency_seq_len),
                            "median_ms": statistics.median(times[name]), "all_ms": times[name],
                            "profile": profiles.get(name)}

@@ -101,6 +101,26 @@ def test_rankdyna_runs_ffn_channels_and_singular_groups_as_separate_rows(tmp_pat
     summary = json.loads((tmp_path / "docs" / "results_glue.json").read_text())
     assert {"rankdyna@0.5", "rankdyna+singular@0.5"} <= set(summary["runs"])
 
+    # Exported speed: both layouts are rebuilt, counted as the runs counted them, and timed beside dense.
+    shapes, ffns = bench.target_shapes(small_model)
+    for record in (run, singular):
+        assert bench.params_fraction(record["ranks"], shapes, ffns) == pytest.approx(
+            record["targeted_params"] / record["targeted_dense_params"])
+    assert set(bench.channel_ffns(run["ranks"], ffns)) == set(ffns) and not bench.channel_ffns(singular["ranks"], ffns)
+    rounded = bench.rounded_ranks(run["ranks"], shapes, 0.5, 8, ffns)
+    assert all(r % 8 == 0 for r in rounded.values()) and bench.params_fraction(rounded, shapes, ffns) <= 0.5
+    sliced = bench.layout_model(small_model, run["ranks"], ffns, "cpu")
+    kept = run["ranks"]["bert.encoder.layer.0.output.dense"]
+    assert sliced.bert.encoder.layer[0].intermediate.dense.out_features == kept
+    assert sliced.bert.encoder.layer[0].output.dense.in_features == kept
+    bench.main(["--no_runs", "--no_report", "--latency_rounds", "1", "--budgets", "0.5", "--model", small_model,
+                "--device", "cpu"] + _paths(tmp_path))
+    layouts = json.loads((tmp_path / "runs" / "latency.json").read_text())["layouts"]
+    timed = layouts["rankdyna@0.5 (cola)"]
+    assert timed["params_fraction"] == pytest.approx(bench.params_fraction(run["ranks"], shapes, ffns))
+    assert timed["flops"] < layouts["dense"]["flops"] and timed["median_ms"] > 0
+    assert "rankdyna+singular@0.5 (cola) rounded +m8" in layouts
+
 
 def test_report_only_regenerates_summary_and_page_from_the_files(tmp_path):
     bench = _load_script("benchmark_glue")
