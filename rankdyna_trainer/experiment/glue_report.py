@@ -379,6 +379,13 @@ def latency_verdict(latency: dict) -> list[str]:
         lines.append(f"- Budget {budget}: near-uniform ranks reach {fraction(entry):.2f} of the ideal speed-up "
                      f"({target} the 0.9 target)" + (f"; rounded to multiples ({', '.join(rounded)})." if rounded
                                                      else "."))
+        for name, entry in layouts.items():  # RankDyna's own layout at this budget, as the campaign runs it
+            if name.startswith(f"rankdyna@{budget} (") and "rounded" not in name:
+                target = "meets" if fraction(entry) >= 0.9 else "misses"
+                rounded = [f"{n.rpartition(' ')[2]}: {fraction(e):.2f}" for n, e in layouts.items()
+                           if n.startswith(f"{name} rounded")]
+                lines.append(f"  RankDyna's layout {name.partition(' ')[2]} reaches {fraction(entry):.3f} ({target} "
+                             f"it)" + (f"; rounded ({', '.join(rounded)})." if rounded else "."))
     return lines
 
 

@@ -116,9 +116,13 @@ def test_latency_table_reports_fraction_of_ideal_and_the_target():
     latency = {"rounds": 3, "batch_size": 2, "seq_len": 16, "device": "cpu", "threads": 1, "command": "python x",
                "layouts": {"dense": layout(100.0, 100, profile={"matmul_ms": 80.0, "other_ms": 20.0}),
                            "uniform@0.5": layout(60.0, 50, profile={"matmul_ms": 40.0, "other_ms": 20.0}),
-                           "uniform+m8@0.5": layout(52.0, 50, 8)}}
+                           "uniform+m8@0.5": layout(52.0, 50, 8),
+                           "rankdyna@0.5 (sst2)": layout(54.0, 50),
+                           "rankdyna@0.5 (sst2) rounded +m8": layout(50.0, 50, 8)}}
     lines = glue_report.latency_lines(latency)
     # speed-up 100/60 = 1.67 of ideal 2.0 -> 0.83; Amdahl bound 100 / (20 + 80 / 2) = 1.67 -> fraction of bound 1.00
     assert "| uniform@0.5 | 1 | 0.500 | 0.0 | 60 | 1.67 | 2.00 | 0.83 | 40 / 20 | 1.67 | 1.00 |" in lines
     assert ("- Budget 0.5: near-uniform ranks reach 0.83 of the ideal speed-up (misses the 0.9 target); rounded to "
             "multiples (m8: 0.96).") in lines
+    # RankDyna's own layout: 100/54 = 1.85 of 2.0 -> 0.926 meets the target; rounded 100/50 / 2 = 1.0
+    assert "  RankDyna's layout (sst2) reaches 0.926 (meets it); rounded (+m8: 1.00)." in lines
