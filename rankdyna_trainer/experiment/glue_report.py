@@ -45,17 +45,26 @@ def split_key(key: str) -> tuple[str, str, float]:
 
 
 def read_run_files(results_dir: str) -> list[dict]:
-    """Every run record under ``results_dir`` (one JSON per run; files without a ``method`` are skipped)."""
+    """Every run record under ``results_dir`` (one JSON per run; files without a ``method`` are skipped), each with
+    its path relative to ``results_dir`` under ``"file"`` (the name ``notes.json`` uses)."""
     records = []
     for root, _, files in sorted(os.walk(results_dir)):
         for name in sorted(files):
             if not name.endswith(".json"):
                 continue
-            with open(os.path.join(root, name)) as f:
+            path = os.path.join(root, name)
+            with open(path) as f:
                 record = json.load(f)
             if isinstance(record, dict) and "method" in record and "score" in record:
+                record["file"] = os.path.relpath(path, results_dir).replace(os.sep, "/")
                 records.append(record)
     return records
+
+
+def wall_time_unusable(notes: dict[str, str] | None) -> set[str]:
+    """Run files whose note starts with "wall time": their score stands, but their clock shared the machine or
+    was paused, so the wall-time table leaves them out."""
+    return {name for name, text in (notes or {}).items() if text.lower().startswith("wall time")}
 
 
 def summarize(records: list[dict]) -> dict:
@@ -173,11 +182,11 @@ def _cell(stats: dict | None) -> str:
     return f"{stats['mean']:.1f} ± {stats['std']:.1f}" + ("" if stats["n"] == 3 else f" (n={stats['n']})")
 
 
-def _wall_times(records: list[dict]) -> dict[str, dict[str, float]]:
+def _wall_times(records: list[dict]) -> dict[str, dict[str, list[float]]]:
     by_key = defaultdict(lambda: defaultdict(list))
     for r in records:
         by_key[run_key(r)][r["task"]].append(r["wall_time"]["total_s"])
-    return {k: {t: statistics.fmean(v) for t, v in tasks.items()} for k, tasks in by_key.items()}
+    return by_key
 
 
 def _wall_parts(records: list[dict]) -> dict[str, dict[str, float]]:
@@ -186,6 +195,11 @@ def _wall_parts(records: list[dict]) -> dict[str, dict[str, float]]:
         for name, seconds in r["wall_time"].items():
             parts[run_key(r)][name].append(seconds)
     return {k: {name: statistics.fmean(v) for name, v in p.items()} for k, p in parts.items()}
+
+
+def _wall_cell(kept: list[float], dropped: int) -> str:
+    mark = "†" if dropped else ""
+    return f"{statistics.fmean(kept):.0f}{mark}" if kept else ("—" + mark)
 
 
 def render_report(summary: dict, records: list[dict], plot_name: str, summary_path: str,
@@ -204,9 +218,11 @@ def render_report(summary: dict, records: list[dict], plot_name: str, summary_pa
     lines += [f"![average retention against budget]({plot_name})", "",
               "Plot: the mean score of each method and budget divided by dense's on the same task, averaged over "
               "the tasks (solid: every task measured; dotted: only some tasks so far).", ""]
-    lines += _wall_table(records, tasks)
+    lines += _wall_table(records, tasks, wall_time_unusable(notes))
     if notes:
-        lines += ["Notes on individual run files (`notes.json` beside them; the files themselves are as written):", ""]
+        lines += ["Notes on individual run files (`notes.json` beside them; the files themselves are as written). A "
+                  "run whose note starts with \"wall time\" keeps its score but is left out of the wall-time table "
+                  "(its cells are marked †):", ""]
         lines += [f"- `{name}`: {text}" for name, text in sorted(notes.items())] + [""]
     if latency:
         lines += latency_lines(latency)
@@ -230,7 +246,11 @@ def _setup_lines(records: list[dict], commands: list[str] | None) -> list[str]:
         protocols.setdefault(r["task"], r["protocol"])
     devices = sorted({f"{r['device']['type']} ({r['device']['name']}, {r['device']['threads']} threads)"
                       for r in records})
-    versions = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in records})
+    commits = defaultdict(set)  # one line per software stack, not per commit
+    for r in records:
+        stack = {k: v for k, v in r["versions"].items() if k != "commit"}
+        commits[", ".join(f"{k} {v}" for k, v in stack.items())].add(r["versions"].get("commit", "unknown"))
+    versions = [f"{stack} (commits {', '.join(sorted(c))})" for stack, c in sorted(commits.items())]
     lines = ["## Setup", "",
              "Model: the packaged all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) with a new classification head. "
              "Every method gets the same fine-tuning round per task (the protocol below); the post-hoc methods "
@@ -303,21 +323,29 @@ def _retention_table(summary: dict, tasks: list[str]) -> list[str]:
                     ""]
 
 
-def _wall_table(records: list[dict], tasks: list[str]) -> list[str]:
-    walls, parts = _wall_times(records), _wall_parts(records)
+def _wall_table(records: list[dict], tasks: list[str], unusable: set[str] = frozenset()) -> list[str]:
+    timed = [r for r in records if r.get("file") not in unusable]
+    walls, parts, every = _wall_times(timed), _wall_parts(timed), _wall_times(records)
     header = ("| method | budget | " + " | ".join(t.upper() for t in tasks)
-              + " | dense round | compression | own round |")
+              + " | × dense | dense round | compression | own round |")
     lines = ["## Wall time per run (seconds, mean over seeds)", "",
              "One run of an in-training method (dense, rankdyna, adalora) is one fine-tuning round plus export; a "
              "post-hoc method's run is the dense round of the same seed, its compression (Fisher, masks, ALS) and "
-             "a second round. The last three columns split it, averaged over tasks and seeds.", "", header,
-             "|" + "---|" * (len(tasks) + 5)]
-    for key in sorted(walls, key=_key_order):
+             "a second round. `× dense` is the run's time over dense's on the same task, averaged over the tasks "
+             "where both have a usable time; the last three columns split the run, averaged over tasks and seeds. "
+             "† marks a cell that leaves out a run whose clock is not usable (its note is below).", "", header,
+             "|" + "---|" * (len(tasks) + 6)]
+    dense = walls.get("dense@1.0", {})
+    for key in sorted(every, key=_key_order):
         method, variant, budget = split_key(key)
-        cells = [f"{walls[key][t]:.0f}" if t in walls[key] else "—" for t in tasks]
-        p = parts[key]
+        cells = [_wall_cell(walls[key][t], len(every[key][t]) - len(walls[key][t])) if t in every[key] else "—"
+                 for t in tasks]
+        p = parts.get(key, {})
+        ratios = [statistics.fmean(walls[key][t]) / statistics.fmean(dense[t]) for t in tasks
+                  if walls[key].get(t) and dense.get(t)]
+        times_dense = f"{statistics.fmean(ratios):.2f}" if ratios else "—"
         lines.append(f"| {variant} | {'—' if method in UNCOMPRESSED else f'{budget:g}'} | " + " | ".join(cells)
-                     + f" | {p.get('first_round_s', 0):.0f} | {p.get('compress_s', 0):.0f} | "
+                     + f" | {times_dense} | {p.get('first_round_s', 0):.0f} | {p.get('compress_s', 0):.0f} | "
                      f"{p.get('fine_tune_s', 0):.0f} |")
     return lines + [""]
 

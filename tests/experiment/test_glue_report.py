@@ -126,3 +126,29 @@ def test_latency_table_reports_fraction_of_ideal_and_the_target():
             "multiples (m8: 0.96).") in lines
     # RankDyna's own layout: 100/54 = 1.85 of 2.0 -> 0.926 meets the target; rounded 100/50 / 2 = 1.0
     assert "  RankDyna's layout (sst2) reaches 0.926 (meets it); rounded (+m8: 1.00)." in lines
+
+
+def test_runs_whose_clock_is_noted_as_unusable_keep_their_score_but_leave_the_wall_time_table(tmp_path):
+    records = [run_record("sst2", "dense", None, 42, 85.0, total_s=100.0),
+               run_record("sst2", "dense", None, 1, 86.0, total_s=2600.0),  # paused mid-run
+               run_record("mrpc", "dense", None, 42, 85.0, total_s=3000.0),  # the only mrpc run, also paused
+               run_record("sst2", "fwsvd", 0.5, 42, 84.0, total_s=250.0),
+               run_record("mrpc", "fwsvd", 0.5, 42, 84.0, total_s=999.0)]  # no usable dense time to compare
+    records[0]["versions"] = {"torch": "x", "commit": "bbb"}
+    for r in records[1:]:
+        r["versions"] = {"torch": "x", "commit": "aaa"}
+    write_runs(tmp_path, records)
+    records = glue_report.read_run_files(str(tmp_path))
+    assert sorted(r["file"] for r in records) == ["mrpc/dense_bna_seed42.json", "mrpc/fwsvd_b0.5_seed42.json",
+                                                  "sst2/dense_bna_seed1.json", "sst2/dense_bna_seed42.json",
+                                                  "sst2/fwsvd_b0.5_seed42.json"]
+    notes = {"sst2/dense_bna_seed1.json": "wall time not usable: paused.",
+             "mrpc/dense_bna_seed42.json": "Wall time overstated: shared the cores.",
+             "sst2/dense_bna_seed42.json": "renamed from another file."}
+    assert glue_report.wall_time_unusable(notes) == {"sst2/dense_bna_seed1.json", "mrpc/dense_bna_seed42.json"}
+    summary = glue_report.summarize(records)
+    assert summary["runs"]["dense@1.0"]["sst2"] == {"mean": 85.5, "std": pytest.approx(0.7071, abs=1e-4), "n": 2}
+    page = glue_report.render_report(summary, records, "plot.png", "results.json", budgets=[0.5], notes=notes)
+    assert "| dense | — | 100† | —† | 1.00 | 0 | 0 | 100 |" in page
+    assert "| fwsvd | 0.5 | 250 | 999 | 2.50 | 60 | 5 | 560 |" in page  # x dense on sst2 alone
+    assert "Versions: torch x (commits aaa, bbb)." in page
