@@ -20,6 +20,7 @@ METHOD_ORDER = ["dense", "rankdyna", "fwsvd", "svd", "tfwsvd", "ars", "adalora"]
 # What the issue asks for before the benchmark counts as done: seeds per method at every budget.
 REQUIRED_SEEDS = {"dense": 3, "rankdyna": 3, "fwsvd": 3}
 UNCOMPRESSED = ("dense", "adalora")
+FLOOR_MARGIN = 1.0  # a compressed model's mean this close to the constant prediction has learned little
 METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "mcc": "Matthews corr."}
 
 
@@ -107,6 +108,55 @@ def retention(summary: dict) -> dict[str, dict[str, float]]:
             kept["average"] = statistics.fmean(kept.values())
         result[key] = kept
     return result
+
+
+# Issue 12's targets: RankDyna's average retention at each budget, and the budgets where it must lead FWSVD.
+RETENTION_TARGETS = {0.5: 0.99, 0.33: 0.97, 0.2: 0.93}
+AHEAD_OF_FWSVD_AT = (0.33, 0.2)
+
+
+def target_lines(summary: dict, records: list[dict]) -> list[str]:
+    """Where RankDyna stands against the issue's targets, read off the summary, plus each method's mean training
+    loss per task (for the why: a post-hoc method's second round starts from a fine-tuned model)."""
+    kept, runs = retention(summary), summary["runs"]
+    tasks = list(summary["majority"])
+    lines = ["## Against the targets", "",
+             "Targets: RankDyna keeps at least " + " / ".join(f"{100 * t:g} %" for t in RETENTION_TARGETS.values())
+             + " of dense (average over the four tasks) at " + " / ".join(f"{b:g}" for b in RETENTION_TARGETS)
+             + ", and is ahead of FWSVD at " + " and ".join(f"{b:g}" for b in AHEAD_OF_FWSVD_AT) + ".", ""]
+    for budget, target in RETENTION_TARGETS.items():
+        rd, fw = kept.get(f"rankdyna@{budget:g}", {}), kept.get(f"fwsvd@{budget:g}", {})
+        seeds = [runs[k][t]["n"] for k in (f"rankdyna@{budget:g}", f"fwsvd@{budget:g}") for t in runs.get(k, {})]
+        provisional = " *(provisional: fewer than 3 seeds in some cells)*" if not seeds or min(seeds) < 3 else ""
+        if "average" in rd:
+            verdict = "meets" if rd["average"] >= target else "misses"
+            head = f"RankDyna keeps **{100 * rd['average']:.1f} %** ({verdict} {100 * target:g} %)"
+        else:
+            head = "RankDyna's average is not measurable yet (" + ", ".join(t.upper() for t in tasks if t not in rd)
+            head += " missing)"
+        if "average" in fw:
+            head += f"; FWSVD keeps {100 * fw['average']:.1f} %"
+            if "average" in rd:
+                head += f" (RankDyna {'ahead' if rd['average'] > fw['average'] else 'behind'} on the average)"
+        ahead = [t.upper() for t in tasks if t in rd and t in fw and rd[t] > fw[t]]
+        behind = [t.upper() for t in tasks if t in rd and t in fw and rd[t] <= fw[t]]
+        lead = (f"ahead of FWSVD on {', '.join(ahead) or 'no task'}, behind or level on "
+                f"{', '.join(behind) or 'no task'}" if ahead or behind else "no task has both methods yet")
+        must = " (must be ahead here)" if budget in AHEAD_OF_FWSVD_AT else ""
+        lines.append(f"- Budget {budget:g}: {head}; {lead}{must}.{provisional}")
+    losses = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.get("train_loss") is not None:
+            losses[run_key(r).partition("@")[0]][r["task"]].append(r["train_loss"])
+    shown = [m for m in ("dense", "rankdyna", "fwsvd") if m in losses]
+    if shown:
+        lines += ["", "Mean training loss of a run (Trainer's `train_loss`, averaged over budgets and seeds; FWSVD's "
+                  "is its second round's, which starts from the fine-tuned dense model):", "",
+                  "| method | " + " | ".join(t.upper() for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+        for m in shown:
+            lines.append(f"| {m} | " + " | ".join(f"{statistics.fmean(losses[m][t]):.3f}" if losses[m].get(t)
+                                                  else "—" for t in tasks) + " |")
+    return lines + ["", "The analysis of these numbers is in [method.md](method.md#glue-against-fwsvd).", ""]
 
 
 def missing_cells(summary: dict, tasks: list[str], budgets: list[float]) -> list[str]:
@@ -215,6 +265,7 @@ def render_report(summary: dict, records: list[dict], plot_name: str, summary_pa
     lines += _setup_lines(records, commands)
     lines += _score_table(summary, tasks)
     lines += _retention_table(summary, tasks)
+    lines += target_lines(summary, records)
     lines += [f"![average retention against budget]({plot_name})", "",
               "Plot: the mean score of each method and budget divided by dense's on the same task, averaged over "
               "the tasks (solid: every task measured; dotted: only some tasks so far).", ""]
@@ -303,6 +354,13 @@ def _score_table(summary: dict, tasks: list[str]) -> list[str]:
     if weak:
         lines += [f"**Read with care:** dense is less than 3 points above the floor on {', '.join(weak)}; there the "
                   "differences between methods are mostly noise.", ""]
+    floored = [f"{split_key(key)[1]}@{split_key(key)[2]:g} on {t.upper()} ({stats['mean']:.1f})"
+               for key, by_task in summary["runs"].items() if key != "dense@1.0"
+               for t, stats in by_task.items() if t in summary["majority"]
+               and stats["mean"] < summary["majority"][t] + FLOOR_MARGIN]
+    if floored:
+        lines += [f"**At the floor** (less than {FLOOR_MARGIN:g} point above the constant prediction): "
+                  + "; ".join(floored) + ". These models learned little or nothing of the task.", ""]
     return lines
 
 

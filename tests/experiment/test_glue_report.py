@@ -152,3 +152,34 @@ def test_runs_whose_clock_is_noted_as_unusable_keep_their_score_but_leave_the_wa
     assert "| dense | — | 100† | —† | 1.00 | 0 | 0 | 100 |" in page
     assert "| fwsvd | 0.5 | 250 | 999 | 2.50 | 60 | 5 | 560 |" in page  # x dense on sst2 alone
     assert "Versions: torch x (commits aaa, bbb)." in page
+
+
+def test_page_states_rankdyna_against_the_targets_and_flags_models_at_the_floor():
+    records = campaign()
+    dense_means = {t: statistics.fmean(r["score"] for r in records if r["task"] == t and r["method"] == "dense")
+                   for t in FLOORS}
+    records += [run_record(t, "fwsvd", 0.5, 42, dense_means[t] - 1.0) for t in FLOORS]
+    summary = glue_report.summarize(records)
+    page = glue_report.render_report(summary, records, "plot.png", "results.json", budgets=[0.5, 0.33])
+
+    rankdyna = statistics.fmean((dense_means[t] - 2.0) / dense_means[t] for t in FLOORS)  # 2 points below dense
+    fwsvd = statistics.fmean((dense_means[t] - 1.0) / dense_means[t] for t in FLOORS)
+    assert (f"- Budget 0.5: RankDyna keeps **{100 * rankdyna:.1f} %** (misses 99 %); FWSVD keeps {100 * fwsvd:.1f} % "
+            "(RankDyna behind on the average); ahead of FWSVD on no task, behind or level on SST2, MRPC, COLA, RTE. "
+            "*(provisional: fewer than 3 seeds in some cells)*") in page
+    assert "- Budget 0.33: RankDyna's average is not measurable yet (SST2, MRPC, COLA, RTE missing)" in page
+    # svd@0.5 is 5 points under dense (MRPC 81.0 against its 81.2 floor, RTE 52.0 against 52.7), svd@0.33 50.0 on
+    # RTE; SST-2 and CoLA stay far above theirs.
+    assert ("**At the floor** (less than 1 point above the constant prediction): svd@0.5 on MRPC (81.0); svd@0.5 on "
+            "RTE (52.0); svd@0.33 on RTE (50.0). These models learned little or nothing of the task.") in page
+
+
+def test_training_loss_table_averages_each_method_over_budgets_and_seeds():
+    records = [run_record("sst2", "dense", None, seed, 85.0) for seed in (42, 1)]
+    records += [run_record("sst2", "rankdyna", b, 42, 84.0) for b in (0.5, 0.33)]
+    for r, loss in zip(records, (0.30, 0.20, 0.40, 0.50)):
+        r["train_loss"] = loss
+    page = glue_report.render_report(glue_report.summarize(records), records, "p.png", "r.json", budgets=[0.5])
+    assert "| dense | 0.250 |" in page
+    assert "| rankdyna | 0.450 |" in page
+    assert "| fwsvd |" not in page.split("Mean training loss")[1].split("##")[0]  # no runs, no row
