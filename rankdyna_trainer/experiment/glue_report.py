@@ -209,6 +209,9 @@ def plot_retention(summary: dict, path: str) -> None:
         ax.axhline(100 * kept["adalora@1.0"]["average"], color=colors["adalora"], linestyle="-.",
                    label="adalora (uncompressed)")
     ax.axhline(100, color=colors["dense"], linestyle="--", label="dense")
+    targets = sorted(RETENTION_TARGETS.items())
+    ax.plot([b for b, _ in targets], [100 * t for _, t in targets], linestyle="none", marker="_", markersize=14,
+            markeredgewidth=2, color="gray", label="RankDyna's target")
     ax.set_xlabel("parameter budget (fraction of the targeted weights)")
     ax.set_ylabel("retention: score / dense score, %")
     ax.set_title("MiniLM on GLUE: retention averaged over the tasks")
@@ -268,7 +271,8 @@ def render_report(summary: dict, records: list[dict], plot_name: str, summary_pa
     lines += target_lines(summary, records)
     lines += [f"![average retention against budget]({plot_name})", "",
               "Plot: the mean score of each method and budget divided by dense's on the same task, averaged over "
-              "the tasks (solid: every task measured; dotted: only some tasks so far).", ""]
+              "the tasks (solid: every task measured; dotted: only some tasks so far; gray dashes: RankDyna's "
+              "targets).", ""]
     lines += _wall_table(records, tasks, wall_time_unusable(notes))
     if notes:
         lines += ["Notes on individual run files (`notes.json` beside them; the files themselves are as written). A "
