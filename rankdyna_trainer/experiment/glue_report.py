@@ -358,7 +358,7 @@ def _score_table(summary: dict, tasks: list[str]) -> list[str]:
     if weak:
         lines += [f"**Read with care:** dense is less than 3 points above the floor on {', '.join(weak)}; there the "
                   "differences between methods are mostly noise.", ""]
-    floored = [f"{split_key(key)[1]}@{split_key(key)[2]:g} on {t.upper()} ({stats['mean']:.1f})"
+    floored = [f"{key} on {t.upper()} ({stats['mean']:.1f})"
                for key, by_task in summary["runs"].items() if key != "dense@1.0"
                for t, stats in by_task.items() if t in summary["majority"]
                and stats["mean"] < summary["majority"][t] + FLOOR_MARGIN]
