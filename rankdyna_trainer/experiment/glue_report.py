@@ -68,6 +68,16 @@ def wall_time_unusable(notes: dict[str, str] | None) -> set[str]:
     return {name for name, text in (notes or {}).items() if text.lower().startswith("wall time")}
 
 
+def clock_unusable(records: list[dict], notes: dict[str, str] | None) -> set[str]:
+    """Run files the wall-time table leaves out: those ``wall_time_unusable`` names, and the post-hoc runs of the
+    same task and seed as such a dense run, because a post-hoc run's ``first_round_s`` is that dense round's clock."""
+    noted = wall_time_unusable(notes)
+    bad_dense = {(r["task"], r["seed"]) for r in records if r["method"] == "dense" and r.get("file") in noted}
+    inherited = {r.get("file") for r in records
+                 if "first_round_s" in r["wall_time"] and (r["task"], r["seed"]) in bad_dense}
+    return noted | inherited
+
+
 def summarize(records: list[dict]) -> dict:
     """The summary of ``records``: per ``method@budget`` and task the mean, sample standard deviation (0 for a
     single run) and number of seeds of the task's score (x100), and each task's constant-prediction floor."""
@@ -273,11 +283,12 @@ def render_report(summary: dict, records: list[dict], plot_name: str, summary_pa
               "Plot: the mean score of each method and budget divided by dense's on the same task, averaged over "
               "the tasks (solid: every task measured; dotted: only some tasks so far; gray dashes: RankDyna's "
               "targets).", ""]
-    lines += _wall_table(records, tasks, wall_time_unusable(notes))
+    lines += _wall_table(records, tasks, clock_unusable(records, notes))
     if notes:
         lines += ["Notes on individual run files (`notes.json` beside them; the files themselves are as written). A "
                   "run whose note starts with \"wall time\" keeps its score but is left out of the wall-time table "
-                  "(its cells are marked †):", ""]
+                  "(its cells are marked †), and so is a post-hoc run of the same task and seed when the note is on a dense "
+                  "run:", ""]
         lines += [f"- `{name}`: {text}" for name, text in sorted(notes.items())] + [""]
     if latency:
         lines += latency_lines(latency)
@@ -395,7 +406,8 @@ def _wall_table(records: list[dict], tasks: list[str], unusable: set[str] = froz
              "post-hoc method's run is the dense round of the same seed, its compression (Fisher, masks, ALS) and "
              "a second round. `× dense` is the run's time over dense's on the same task, averaged over the tasks "
              "where both have a usable time; the last three columns split the run, averaged over tasks and seeds. "
-             "† marks a cell that leaves out a run whose clock is not usable (its note is below).", "", header,
+             "† marks a cell that leaves out a run whose clock is not usable: its note is below, or it is a "
+             "post-hoc run whose dense round (its first) has such a note.", "", header,
              "|" + "---|" * (len(tasks) + 6)]
     dense = walls.get("dense@1.0", {})
     for key in sorted(every, key=_key_order):
