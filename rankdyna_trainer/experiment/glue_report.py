@@ -287,8 +287,8 @@ def render_report(summary: dict, records: list[dict], plot_name: str, summary_pa
     if notes:
         lines += ["Notes on individual run files (`notes.json` beside them; the files themselves are as written). A "
                   "run whose note starts with \"wall time\" keeps its score but is left out of the wall-time table "
-                  "(its cells are marked †), and so is a post-hoc run of the same task and seed when the note is on a dense "
-                  "run:", ""]
+                  "(its cells are marked †), and so is a post-hoc run of the same task and seed when the note is "
+                  "on a dense run:", ""]
         lines += [f"- `{name}`: {text}" for name, text in sorted(notes.items())] + [""]
     if latency:
         lines += latency_lines(latency)
