@@ -260,6 +260,19 @@ def _wall_parts(records: list[dict]) -> dict[str, dict[str, float]]:
     return {k: {name: statistics.fmean(v) for name, v in p.items()} for k, p in parts.items()}
 
 
+def _times_dense(timed: list[dict]) -> dict[str, float]:
+    """Per ``method@budget``: each run's time over the dense run's of the same task and seed, averaged per task, then
+    over the tasks. Pairing by seed keeps a ratio to runs from one campaign session: sessions ran on different
+    machines of the same kind whose speed differed by up to 1.5x, so a ratio of means over different seeds would
+    measure the machines."""
+    dense = {(r["task"], r["seed"]): r["wall_time"]["total_s"] for r in timed if r["method"] == "dense"}
+    ratios = defaultdict(lambda: defaultdict(list))
+    for r in timed:
+        if (r["task"], r["seed"]) in dense:
+            ratios[run_key(r)][r["task"]].append(r["wall_time"]["total_s"] / dense[r["task"], r["seed"]])
+    return {key: statistics.fmean(statistics.fmean(v) for v in per_task.values()) for key, per_task in ratios.items()}
+
+
 def _wall_cell(kept: list[float], dropped: int) -> str:
     mark = "†" if dropped else ""
     return f"{statistics.fmean(kept):.0f}{mark}" if kept else ("—" + mark)
@@ -404,22 +417,21 @@ def _wall_table(records: list[dict], tasks: list[str], unusable: set[str] = froz
     lines = ["## Wall time per run (seconds, mean over seeds)", "",
              "One run of an in-training method (dense, rankdyna, adalora) is one fine-tuning round plus export; a "
              "post-hoc method's run is the dense round of the same seed, its compression (Fisher, masks, ALS) and "
-             "a second round. `× dense` is the run's time over dense's on the same task, averaged over the tasks "
+             "a second round. `× dense` is the run's time over the dense run's of the same task and seed (the "
+             "campaign's sessions ran on machines whose speed differed), averaged over seeds, then over the tasks "
              "where both have a usable time; the last three columns split the run, averaged over tasks and seeds. "
              "† marks a cell that leaves out a run whose clock is not usable: its note is below, or it is a "
              "post-hoc run whose dense round (its first) has such a note.", "", header,
              "|" + "---|" * (len(tasks) + 6)]
-    dense = walls.get("dense@1.0", {})
+    times_dense = _times_dense(timed)
     for key in sorted(every, key=_key_order):
         method, variant, budget = split_key(key)
         cells = [_wall_cell(walls[key][t], len(every[key][t]) - len(walls[key][t])) if t in every[key] else "—"
                  for t in tasks]
         p = parts.get(key, {})
-        ratios = [statistics.fmean(walls[key][t]) / statistics.fmean(dense[t]) for t in tasks
-                  if walls[key].get(t) and dense.get(t)]
-        times_dense = f"{statistics.fmean(ratios):.2f}" if ratios else "—"
+        ratio = f"{times_dense[key]:.2f}" if key in times_dense else "—"
         lines.append(f"| {variant} | {'—' if method in UNCOMPRESSED else f'{budget:g}'} | " + " | ".join(cells)
-                     + f" | {times_dense} | {p.get('first_round_s', 0):.0f} | {p.get('compress_s', 0):.0f} | "
+                     + f" | {ratio} | {p.get('first_round_s', 0):.0f} | {p.get('compress_s', 0):.0f} | "
                      f"{p.get('fine_tune_s', 0):.0f} |")
     return lines + [""]
 

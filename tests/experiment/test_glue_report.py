@@ -157,6 +157,25 @@ def test_runs_whose_clock_is_noted_as_unusable_keep_their_score_but_leave_the_wa
     assert "Versions: torch x (commits aaa, bbb)." in page
 
 
+def test_times_dense_pairs_each_run_with_the_dense_run_of_its_seed():
+    # seed 1 ran on a machine twice as slow: both its runs take twice as long
+    records = [run_record("sst2", "dense", None, 42, 85.0, total_s=100.0),
+               run_record("sst2", "dense", None, 1, 86.0, total_s=200.0),
+               run_record("sst2", "rankdyna", 0.5, 42, 84.0, total_s=120.0),
+               run_record("sst2", "rankdyna", 0.5, 1, 84.0, total_s=240.0),
+               run_record("sst2", "svd", 0.5, 1, 80.0, total_s=300.0),  # one seed, on the slow machine
+               run_record("mrpc", "dense", None, 42, 85.0, total_s=400.0),
+               run_record("mrpc", "rankdyna", 0.5, 42, 84.0, total_s=800.0),
+               run_record("mrpc", "svd", 0.5, 2, 80.0, total_s=999.0)]  # no dense run of seed 2: no ratio
+    page = glue_report.render_report(glue_report.summarize(records), records, "plot.png", "results.json",
+                                     budgets=[0.5])
+    # svd@0.5: 300 / 200 (its seed's dense), not 300 / 150 (dense's mean over seeds); mrpc has no pair
+    assert "| svd | 0.5 | 300 | 999 | 1.50 |" in page
+    # rankdyna@0.5: 1.2 on sst2, 2.0 on mrpc, averaged over the tasks
+    assert "| rankdyna | 0.5 | 180 | 800 | 1.60 |" in page
+    assert "| dense | — | 150 | 400 | 1.00 |" in page
+
+
 def test_page_states_rankdyna_against_the_targets_and_flags_models_at_the_floor():
     records = campaign()
     dense_means = {t: statistics.fmean(r["score"] for r in records if r["task"] == t and r["method"] == "dense")
