@@ -70,11 +70,13 @@ def wall_time_unusable(notes: dict[str, str] | None) -> set[str]:
 
 def clock_unusable(records: list[dict], notes: dict[str, str] | None) -> set[str]:
     """Run files the wall-time table leaves out: those ``wall_time_unusable`` names, and the post-hoc runs of the
-    same task and seed as such a dense run, because a post-hoc run's ``first_round_s`` is that dense round's clock."""
+    same task and seed as such a dense run, because a post-hoc run's ``first_round_s`` is that dense round's clock,
+    unless the run trained its dense round again (its saved model was gone) and timed that itself."""
     noted = wall_time_unusable(notes)
     bad_dense = {(r["task"], r["seed"]) for r in records if r["method"] == "dense" and r.get("file") in noted}
     inherited = {r.get("file") for r in records
-                 if "first_round_s" in r["wall_time"] and (r["task"], r["seed"]) in bad_dense}
+                 if "first_round_s" in r["wall_time"] and (r["task"], r["seed"]) in bad_dense
+                 and not r.get("dense_model", "").startswith("dense round trained again")}
     return noted | inherited
 
 

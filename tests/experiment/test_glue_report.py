@@ -154,6 +154,10 @@ def test_runs_whose_clock_is_noted_as_unusable_keep_their_score_but_leave_the_wa
     assert glue_report.clock_unusable(records, notes) == {"sst2/dense_bna_seed1.json", "mrpc/dense_bna_seed42.json",
                                                           "mrpc/fwsvd_b0.5_seed42.json"}
     assert "| fwsvd | 0.5 | 250 | —† | 2.50 | 60 | 5 | 185 |" in page  # x dense on sst2 alone
+    # a post-hoc run that trained its dense round again, because the saved model was gone, timed it itself
+    retrained = next(r for r in records if r["file"] == "mrpc/fwsvd_b0.5_seed42.json")
+    retrained["dense_model"] = "dense round trained again (saved model missing); its score 85.00"
+    assert glue_report.clock_unusable(records, notes) == {"sst2/dense_bna_seed1.json", "mrpc/dense_bna_seed42.json"}
     assert "Versions: torch x (commits aaa, bbb)." in page
 
 
