@@ -423,7 +423,8 @@ def _wall_table(records: list[dict], tasks: list[str], unusable: set[str] = froz
              "campaign's sessions ran on machines whose speed differed), averaged over seeds, then over the tasks "
              "where both have a usable time; the last three columns split the run, averaged over tasks and seeds. "
              "† marks a cell that leaves out a run whose clock is not usable: its note is below, or it is a "
-             "post-hoc run whose dense round (its first) has such a note.", "", header,
+             "post-hoc run whose dense round (its first) has such a note and was not trained again by the run itself.",
+             "", header,
              "|" + "---|" * (len(tasks) + 6)]
     times_dense = _times_dense(timed)
     for key in sorted(every, key=_key_order):
