@@ -264,9 +264,9 @@ def _wall_parts(records: list[dict]) -> dict[str, dict[str, float]]:
 
 def _times_dense(timed: list[dict]) -> dict[str, float]:
     """Per ``method@budget``: each run's time over the dense run's of the same task and seed, averaged per task, then
-    over the tasks. Pairing by seed keeps a ratio to runs from one campaign session: sessions ran on different
-    machines of the same kind whose speed differed by up to 1.5x, so a ratio of means over different seeds would
-    measure the machines."""
+    over the tasks. The campaign's sessions ran on machines of the same kind whose speed differed by up to 1.5x, and
+    a seed's runs mostly ran in one session, so pairing by seed keeps the machine out of the ratio where a ratio of
+    means over different seeds would not."""
     dense = {(r["task"], r["seed"]): r["wall_time"]["total_s"] for r in timed if r["method"] == "dense"}
     ratios = defaultdict(lambda: defaultdict(list))
     for r in timed:
