@@ -70,13 +70,13 @@ def wall_time_unusable(notes: dict[str, str] | None) -> set[str]:
 
 def clock_unusable(records: list[dict], notes: dict[str, str] | None) -> set[str]:
     """Run files the wall-time table leaves out: those ``wall_time_unusable`` names, and the post-hoc runs of the
-    same task and seed as such a dense run, because a post-hoc run's ``first_round_s`` is that dense round's clock,
-    unless the run trained its dense round again (its saved model was gone) and timed that itself."""
+    same task and seed as such a dense run whose ``first_round_s`` is that run's clock (the benchmark copies it from
+    the dense run file; a run that trained its dense round again, its saved model gone, has its own clock)."""
     noted = wall_time_unusable(notes)
-    bad_dense = {(r["task"], r["seed"]) for r in records if r["method"] == "dense" and r.get("file") in noted}
-    inherited = {r.get("file") for r in records
-                 if "first_round_s" in r["wall_time"] and (r["task"], r["seed"]) in bad_dense
-                 and not r.get("dense_model", "").startswith("dense round trained again")}
+    bad_clock = {(r["task"], r["seed"]): r["wall_time"]["fine_tune_s"] for r in records
+                 if r["method"] == "dense" and r.get("file") in noted}
+    inherited = {r.get("file") for r in records if "first_round_s" in r["wall_time"]
+                 and bad_clock.get((r["task"], r["seed"])) == r["wall_time"]["first_round_s"]}
     return noted | inherited
 
 
