@@ -132,6 +132,7 @@ def target_lines(summary: dict, records: list[dict]) -> list[str]:
     loss per task (for the why: a post-hoc method's second round starts from a fine-tuned model)."""
     kept, runs = retention(summary), summary["runs"]
     tasks = list(summary["majority"])
+    paired = paired_differences(records)
     lines = ["## Against the targets", "",
              "Targets: RankDyna keeps at least " + " / ".join(f"{100 * t:g} %" for t in RETENTION_TARGETS.values())
              + " of dense (average over the four tasks) at " + " / ".join(f"{b:g}" for b in RETENTION_TARGETS)
@@ -150,12 +151,15 @@ def target_lines(summary: dict, records: list[dict]) -> list[str]:
             head += f"; FWSVD keeps {100 * fw['average']:.1f} %"
             if "average" in rd:
                 head += f" (RankDyna {'ahead' if rd['average'] > fw['average'] else 'behind'} on the average)"
-        ahead = [t.upper() for t in tasks if t in rd and t in fw and rd[t] > fw[t]]
-        behind = [t.upper() for t in tasks if t in rd and t in fw and rd[t] <= fw[t]]
+        gaps = {t: statistics.fmean(d) for t, d in paired.get(budget, {}).items()}
+        ahead = [t.upper() for t in tasks if t in gaps and gaps[t] > 0]
+        behind = [t.upper() for t in tasks if t in gaps and gaps[t] <= 0]
         lead = (f"ahead of FWSVD on {', '.join(ahead) or 'no task'}, behind or level on "
-                f"{', '.join(behind) or 'no task'}" if ahead or behind else "no task has both methods yet")
+                f"{', '.join(behind) or 'no task'} (over the seeds both ran)" if ahead or behind
+                else "no task has both methods yet")
         must = " (must be ahead here)" if budget in AHEAD_OF_FWSVD_AT else ""
         lines.append(f"- Budget {budget:g}: {head}; {lead}{must}.{provisional}")
+    lines += _paired_table(paired, tasks)
     losses = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.get("train_loss") is not None:
@@ -169,6 +173,34 @@ def target_lines(summary: dict, records: list[dict]) -> list[str]:
             lines.append(f"| {m} | " + " | ".join(f"{statistics.fmean(losses[m][t]):.3f}" if losses[m].get(t)
                                                   else "—" for t in tasks) + " |")
     return lines + ["", "The analysis of these numbers is in [method.md](method.md#glue-against-fwsvd).", ""]
+
+
+def paired_differences(records: list[dict], method: str = "rankdyna",
+                       against: str = "fwsvd") -> dict[float, dict[str, list[float]]]:
+    """Per budget and task, ``method``'s score minus ``against``'s (x100) for each seed both ran. A seed fixes the
+    data order and the new head's initialization of both runs (and the dense round FWSVD starts from), so the
+    difference leaves that seed-to-seed noise out, and a seed only one method has yet cannot tilt the comparison."""
+    scores = {(run_key(r), r["task"], r["seed"]): r["score"] for r in records}
+    gaps = defaultdict(lambda: defaultdict(list))
+    for (key, task, seed), score in scores.items():
+        _, variant, budget = split_key(key)
+        other = scores.get((f"{against}@{budget:g}", task, seed))
+        if variant == method and other is not None:
+            gaps[budget][task].append(score - other)
+    return {b: dict(by_task) for b, by_task in gaps.items()}
+
+
+def _paired_table(paired: dict[float, dict[str, list[float]]], tasks: list[str]) -> list[str]:
+    if not paired:
+        return []
+    lines = ["", "RankDyna minus FWSVD, paired by seed (points; mean over the seeds both ran, then how many of those "
+             "seeds RankDyna was ahead on):", "",
+             "| budget | " + " | ".join(t.upper() for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    for budget in sorted(paired, reverse=True):
+        cells = [f"{statistics.fmean(d):+.1f} ({sum(x > 0 for x in d)}/{len(d)})" if (d := paired[budget].get(t))
+                 else "—" for t in tasks]
+        lines.append(f"| {budget:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def missing_cells(summary: dict, tasks: list[str], budgets: list[float]) -> list[str]:
