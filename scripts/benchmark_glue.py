@@ -61,6 +61,8 @@ SHARED = {
 PRIMARY_METRIC = {"sst2": "accuracy", "mrpc": "f1", "cola": "mcc", "rte": "accuracy"}
 IN_TRAINING_ORDER = ["rankdyna", "fwsvd", "svd", "tfwsvd", "ars"]  # per budget, after dense
 UNCOMPRESSED = ("dense", "adalora")
+CAMPAIGN_RESULTS = os.path.join(REPO, "benchmarks", "glue_protocol")
+PROTOCOL_OVERRIDES = ("epochs", "learning_rate", "max_seq_length", "train_rows", "sampling")
 TAKES_RANK_MULTIPLE = ("rankdyna", "svd", "fwsvd", "tfwsvd", "ars")
 
 
@@ -78,6 +80,9 @@ def parse_args(argv=None):
     parser.add_argument("--rankdyna_ffn_groups", default="channels", choices=["channels", "singular"],
                         help="RankDyna's FFN groups (RankDynaConfig.ffn_groups; its default 'auto' is 'channels' on "
                         "MiniLM); 'singular' runs are named rankdyna+singular")
+    parser.add_argument("--rankdyna_final_fraction", type=float, default=None,
+                        help="RankDyna's RankDynaConfig.final_fraction (share of steps trained at the final budget); "
+                        "default: the config's. A control, not the protocol: needs its own --results_dir")
     parser.add_argument("--epochs", type=float, default=None, help="override PROTOCOL's epochs for every task")
     parser.add_argument("--learning_rate", type=float, default=None, help="override PROTOCOL's rate for every task")
     parser.add_argument("--max_seq_length", type=int, default=None, help="override PROTOCOL's length for every task")
@@ -90,8 +95,10 @@ def parse_args(argv=None):
     parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", os.path.join(REPO, "..", "shared", "data",
                                                                                          "glue")))
     parser.add_argument("--model", default=None, help="model folder (default: the packaged MiniLM)")
-    parser.add_argument("--results_dir", default=os.path.join(REPO, "benchmarks", "glue_protocol"))
-    parser.add_argument("--models_dir", default=os.path.join(REPO, "runs", "benchmark_glue_protocol"))
+    parser.add_argument("--results_dir", default=CAMPAIGN_RESULTS)
+    parser.add_argument("--models_dir", default=None,
+                        help="where dense rounds are kept for the post-hoc methods (default: runs/benchmark_<name of "
+                        "--results_dir>, so a control never starts from another folder's dense model)")
     parser.add_argument("--summary", default=os.path.join(REPO, "docs", "results_glue.json"))
     parser.add_argument("--report", default=os.path.join(REPO, "docs", "RESULTS.md"))
     parser.add_argument("--git_commit", action="store_true", help="git-commit each run file as it is written")
@@ -112,6 +119,20 @@ def parse_args(argv=None):
     for budget in args.budgets:
         if not 0 < budget < 1:
             parser.error(f"--budgets takes fractions in (0, 1), got {budget}")
+    overrides = [f"--{name}" for name in PROTOCOL_OVERRIDES + ("rankdyna_final_fraction",)
+                 if getattr(args, name) is not None]
+    if overrides and os.path.abspath(args.results_dir) == CAMPAIGN_RESULTS and not (args.report_only or args.no_runs):
+        parser.error(f"{' '.join(overrides)}: a protocol override; its runs must not land among the campaign's: "
+                     f"give them their own --results_dir (e.g. benchmarks/glue_equal_time)")
+    if args.rankdyna_final_fraction is not None:
+        from rankdyna_trainer.methods.rankdyna import RankDynaConfig
+
+        try:
+            RankDynaConfig(final_fraction=args.rankdyna_final_fraction)
+        except ValueError as error:
+            parser.error(f"--rankdyna_final_fraction {args.rankdyna_final_fraction}: {error}")
+    if args.models_dir is None:
+        args.models_dir = os.path.join(REPO, "runs", "benchmark_" + os.path.basename(os.path.abspath(args.results_dir)))
     if args.rank_multiple < 1:
         parser.error(f"--rank_multiple must be an integer >= 1, got {args.rank_multiple}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -152,7 +173,7 @@ def versions() -> dict:
 def task_protocol(args, task: str) -> dict:
     """The settings of ``task``'s fine-tuning round: PROTOCOL, the shared settings and any command-line override."""
     protocol = {**PROTOCOL[task], **SHARED, "metric": PRIMARY_METRIC[task]}
-    for name in ("epochs", "learning_rate", "max_seq_length", "train_rows", "sampling"):
+    for name in PROTOCOL_OVERRIDES:
         if getattr(args, name) is not None:
             protocol[name] = getattr(args, name)
     if args.limit:
@@ -262,6 +283,13 @@ def method_config_for(method, budget, protocol, rank_multiple, total_steps=None,
     return get_method(method).make_config(target_budget=budget, **extra)
 
 
+def rankdyna_options(args) -> dict:
+    options = {"ffn_groups": args.rankdyna_ffn_groups}
+    if args.rankdyna_final_fraction is not None:
+        options["final_fraction"] = args.rankdyna_final_fraction
+    return options
+
+
 def config_dict(config):
     if isinstance(config, dict):
         return config
@@ -353,7 +381,7 @@ class Runner:
                 model = AutoModelForSequenceClassification.from_pretrained(
                     self.model_dir, num_labels=get_task(task).num_labels)
                 config = method_config_for(method, budget, protocol, multiple, optimizer_steps(data, protocol), model,
-                                           {"ffn_groups": args.rankdyna_ffn_groups})
+                                           rankdyna_options(args))
                 lr = protocol["adalora_learning_rate"] if method == "adalora" else protocol["learning_rate"]
                 model, callbacks = spec.prepare(model, config)
                 tune_s, loss = fine_tune(model, data, self.collator, seed, protocol, device, work_dir, callbacks, lr)

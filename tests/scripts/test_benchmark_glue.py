@@ -100,6 +100,9 @@ def test_rankdyna_runs_ffn_channels_and_singular_groups_as_separate_rows(tmp_pat
     assert "bert.encoder.layer.0.intermediate.dense" in singular["ranks"]
     summary = json.loads((tmp_path / "docs" / "results_glue.json").read_text())
     assert {"rankdyna@0.5", "rankdyna+singular@0.5"} <= set(summary["runs"])
+    control = tmp_path / "schedule_control"
+    bench.main(argv + ["--rankdyna_final_fraction", "0.5", "--no_report", "--results_dir", str(control)])
+    assert json.loads((control / "cola" / "rankdyna_b0.5_seed7.json").read_text())["config"]["final_fraction"] == 0.5
 
     # Exported speed: both layouts are rebuilt, counted as the runs counted them, and timed beside dense.
     shapes, ffns = bench.target_shapes(small_model)
@@ -120,6 +123,27 @@ def test_rankdyna_runs_ffn_channels_and_singular_groups_as_separate_rows(tmp_pat
     assert timed["params_fraction"] == pytest.approx(bench.params_fraction(run["ranks"], shapes, ffns))
     assert timed["flops"] < layouts["dense"]["flops"] and timed["median_ms"] > 0
     assert "rankdyna+singular@0.5 (cola) rounded +m8" in layouts
+
+
+@pytest.mark.parametrize("override", [["--epochs", "6"], ["--rankdyna_final_fraction", "0.5"]])
+def test_a_protocol_override_is_refused_in_the_campaigns_folder(override, capsys):
+    bench = _load_script("benchmark_glue")
+    with pytest.raises(SystemExit) as stopped:
+        bench.parse_args(override + ["--tasks", "cola"])
+    assert stopped.value.code == 2
+    assert f"{override[0]}: a protocol override" in capsys.readouterr().err
+    control = bench.parse_args(override + ["--results_dir", "benchmarks/glue_equal_time"])
+    # The control keeps its dense rounds apart: a post-hoc control never starts from the campaign's dense model.
+    assert control.models_dir.endswith(os.path.join("runs", "benchmark_glue_equal_time"))
+    assert bench.parse_args([]).models_dir.endswith(os.path.join("runs", "benchmark_glue_protocol"))
+
+
+def test_a_final_fraction_that_leaves_no_steps_to_prune_names_the_flag(capsys):
+    bench = _load_script("benchmark_glue")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rankdyna_final_fraction", "0.95", "--results_dir", "elsewhere"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--rankdyna_final_fraction 0.95" in err and "must be below 1" in err
 
 
 def test_report_only_regenerates_summary_and_page_from_the_files(tmp_path):
