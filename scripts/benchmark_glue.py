@@ -63,6 +63,7 @@ IN_TRAINING_ORDER = ["rankdyna", "fwsvd", "svd", "tfwsvd", "ars"]  # per budget,
 UNCOMPRESSED = ("dense", "adalora")
 CAMPAIGN_RESULTS = os.path.join(REPO, "benchmarks", "glue_protocol")
 PROTOCOL_OVERRIDES = ("epochs", "learning_rate", "max_seq_length", "train_rows", "sampling")
+RANKDYNA_SCHEDULE_FLAGS = ("rankdyna_warmup_fraction", "rankdyna_final_fraction")
 TAKES_RANK_MULTIPLE = ("rankdyna", "svd", "fwsvd", "tfwsvd", "ars")
 
 
@@ -80,6 +81,9 @@ def parse_args(argv=None):
     parser.add_argument("--rankdyna_ffn_groups", default="channels", choices=["channels", "singular"],
                         help="RankDyna's FFN groups (RankDynaConfig.ffn_groups; its default 'auto' is 'channels' on "
                         "MiniLM); 'singular' runs are named rankdyna+singular")
+    parser.add_argument("--rankdyna_warmup_fraction", type=float, default=None,
+                        help="RankDyna's RankDynaConfig.warmup_fraction (share of steps before pruning starts); "
+                        "default: the config's. A control, not the protocol: needs its own --results_dir")
     parser.add_argument("--rankdyna_final_fraction", type=float, default=None,
                         help="RankDyna's RankDynaConfig.final_fraction (share of steps trained at the final budget); "
                         "default: the config's. A control, not the protocol: needs its own --results_dir")
@@ -119,18 +123,21 @@ def parse_args(argv=None):
     for budget in args.budgets:
         if not 0 < budget < 1:
             parser.error(f"--budgets takes fractions in (0, 1), got {budget}")
-    overrides = [f"--{name}" for name in PROTOCOL_OVERRIDES + ("rankdyna_final_fraction",)
+    overrides = [f"--{name}" for name in PROTOCOL_OVERRIDES + RANKDYNA_SCHEDULE_FLAGS
                  if getattr(args, name) is not None]
     if overrides and os.path.abspath(args.results_dir) == CAMPAIGN_RESULTS and not (args.report_only or args.no_runs):
         parser.error(f"{' '.join(overrides)}: a protocol override; its runs must not land among the campaign's: "
                      f"give them their own --results_dir (e.g. benchmarks/glue_equal_time)")
-    if args.rankdyna_final_fraction is not None:
+    schedule = rankdyna_options(args)
+    schedule.pop("ffn_groups")
+    if schedule:
         from rankdyna_trainer.methods.rankdyna import RankDynaConfig
 
         try:
-            RankDynaConfig(final_fraction=args.rankdyna_final_fraction)
+            RankDynaConfig(**schedule)
         except ValueError as error:
-            parser.error(f"--rankdyna_final_fraction {args.rankdyna_final_fraction}: {error}")
+            given = " ".join(f"--rankdyna_{name} {value}" for name, value in schedule.items())
+            parser.error(f"{given}: {error}")
     if args.models_dir is None:
         args.models_dir = os.path.join(REPO, "runs", "benchmark_" + os.path.basename(os.path.abspath(args.results_dir)))
     if args.rank_multiple < 1:
@@ -285,8 +292,9 @@ def method_config_for(method, budget, protocol, rank_multiple, total_steps=None,
 
 def rankdyna_options(args) -> dict:
     options = {"ffn_groups": args.rankdyna_ffn_groups}
-    if args.rankdyna_final_fraction is not None:
-        options["final_fraction"] = args.rankdyna_final_fraction
+    for flag in RANKDYNA_SCHEDULE_FLAGS:
+        if getattr(args, flag) is not None:
+            options[flag.removeprefix("rankdyna_")] = getattr(args, flag)
     return options
 
 

@@ -125,7 +125,8 @@ def test_rankdyna_runs_ffn_channels_and_singular_groups_as_separate_rows(tmp_pat
     assert "rankdyna+singular@0.5 (cola) rounded +m8" in layouts
 
 
-@pytest.mark.parametrize("override", [["--epochs", "6"], ["--rankdyna_final_fraction", "0.5"]])
+@pytest.mark.parametrize("override", [["--epochs", "6"], ["--rankdyna_final_fraction", "0.5"],
+                                      ["--rankdyna_warmup_fraction", "0.3"]])
 def test_a_protocol_override_is_refused_in_the_campaigns_folder(override, capsys):
     bench = _load_script("benchmark_glue")
     with pytest.raises(SystemExit) as stopped:
@@ -144,6 +145,12 @@ def test_a_final_fraction_that_leaves_no_steps_to_prune_names_the_flag(capsys):
         bench.parse_args(["--rankdyna_final_fraction", "0.95", "--results_dir", "elsewhere"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--rankdyna_final_fraction 0.95" in err and "must be below 1" in err
+    with pytest.raises(SystemExit):  # each fraction is allowed alone, not together
+        bench.parse_args(["--rankdyna_warmup_fraction", "0.5", "--rankdyna_final_fraction", "0.5",
+                          "--results_dir", "x"])
+    assert "--rankdyna_warmup_fraction 0.5 --rankdyna_final_fraction 0.5" in capsys.readouterr().err
+    options = bench.rankdyna_options(bench.parse_args(["--rankdyna_warmup_fraction", "0.3", "--results_dir", "x"]))
+    assert options == {"ffn_groups": "channels", "warmup_fraction": 0.3}
 
 
 def test_report_only_regenerates_summary_and_page_from_the_files(tmp_path):
