@@ -62,6 +62,8 @@ PRIMARY_METRIC = {"sst2": "accuracy", "mrpc": "f1", "cola": "mcc", "rte": "accur
 IN_TRAINING_ORDER = ["rankdyna", "fwsvd", "svd", "tfwsvd", "ars"]  # per budget, after dense
 UNCOMPRESSED = ("dense", "adalora")
 CAMPAIGN_RESULTS = os.path.join(REPO, "benchmarks", "glue_protocol")
+CAMPAIGN_SUMMARY = os.path.join(REPO, "docs", "results_glue.json")
+CAMPAIGN_PAGE = os.path.join(REPO, "docs", "RESULTS.md")
 PROTOCOL_OVERRIDES = ("epochs", "learning_rate", "max_seq_length", "train_rows", "sampling")
 RANKDYNA_SCHEDULE_FLAGS = ("rankdyna_warmup_fraction", "rankdyna_final_fraction")
 TAKES_RANK_MULTIPLE = ("rankdyna", "svd", "fwsvd", "tfwsvd", "ars")
@@ -103,8 +105,8 @@ def parse_args(argv=None):
     parser.add_argument("--models_dir", default=None,
                         help="where dense rounds are kept for the post-hoc methods (default: runs/benchmark_<name of "
                         "--results_dir>, so a control never starts from another folder's dense model)")
-    parser.add_argument("--summary", default=os.path.join(REPO, "docs", "results_glue.json"))
-    parser.add_argument("--report", default=os.path.join(REPO, "docs", "RESULTS.md"))
+    parser.add_argument("--summary", default=CAMPAIGN_SUMMARY)
+    parser.add_argument("--report", default=CAMPAIGN_PAGE)
     parser.add_argument("--git_commit", action="store_true", help="git-commit each run file as it is written")
     parser.add_argument("--no_runs", action="store_true", help="no fine-tuning (latency / cost / report only)")
     parser.add_argument("--report_only", action="store_true", help="only regenerate the summary and the page")
@@ -128,6 +130,10 @@ def parse_args(argv=None):
     if overrides and os.path.abspath(args.results_dir) == CAMPAIGN_RESULTS and not (args.report_only or args.no_runs):
         parser.error(f"{' '.join(overrides)}: a protocol override; its runs must not land among the campaign's: "
                      f"give them their own --results_dir (e.g. benchmarks/glue_equal_time)")
+    campaign_page = (os.path.abspath(args.summary) == CAMPAIGN_SUMMARY or os.path.abspath(args.report) == CAMPAIGN_PAGE)
+    if os.path.abspath(args.results_dir) != CAMPAIGN_RESULTS and campaign_page and not args.no_report:
+        parser.error(f"--results_dir {args.results_dir}: the campaign's page (docs/RESULTS.md, docs/results_glue.json) "
+                     f"is made from benchmarks/glue_protocol only; add --no_report, or give --summary and --report")
     schedule = rankdyna_options(args)
     schedule.pop("ffn_groups")
     if schedule:

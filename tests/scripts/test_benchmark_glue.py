@@ -133,23 +133,33 @@ def test_a_protocol_override_is_refused_in_the_campaigns_folder(override, capsys
         bench.parse_args(override + ["--tasks", "cola"])
     assert stopped.value.code == 2
     assert f"{override[0]}: a protocol override" in capsys.readouterr().err
-    control = bench.parse_args(override + ["--results_dir", "benchmarks/glue_equal_time"])
+    control = bench.parse_args(override + ["--results_dir", "benchmarks/glue_equal_time", "--no_report"])
     # The control keeps its dense rounds apart: a post-hoc control never starts from the campaign's dense model.
     assert control.models_dir.endswith(os.path.join("runs", "benchmark_glue_equal_time"))
     assert bench.parse_args([]).models_dir.endswith(os.path.join("runs", "benchmark_glue_protocol"))
 
 
+def test_another_folders_runs_never_rewrite_the_campaigns_page(capsys):
+    bench = _load_script("benchmark_glue")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--results_dir", "benchmarks/glue_equal_time", "--epochs", "6"])
+    assert "--results_dir benchmarks/glue_equal_time" in capsys.readouterr().err
+    assert bench.parse_args(["--results_dir", "benchmarks/glue_equal_time", "--epochs", "6", "--no_report"])
+    assert bench.parse_args(["--report_only"]).results_dir == bench.CAMPAIGN_RESULTS
+
+
 def test_a_final_fraction_that_leaves_no_steps_to_prune_names_the_flag(capsys):
     bench = _load_script("benchmark_glue")
     with pytest.raises(SystemExit):
-        bench.parse_args(["--rankdyna_final_fraction", "0.95", "--results_dir", "elsewhere"])
+        bench.parse_args(["--rankdyna_final_fraction", "0.95", "--results_dir", "elsewhere", "--no_report"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--rankdyna_final_fraction 0.95" in err and "must be below 1" in err
     with pytest.raises(SystemExit):  # each fraction is allowed alone, not together
         bench.parse_args(["--rankdyna_warmup_fraction", "0.5", "--rankdyna_final_fraction", "0.5",
-                          "--results_dir", "x"])
+                          "--results_dir", "x", "--no_report"])
     assert "--rankdyna_warmup_fraction 0.5 --rankdyna_final_fraction 0.5" in capsys.readouterr().err
-    options = bench.rankdyna_options(bench.parse_args(["--rankdyna_warmup_fraction", "0.3", "--results_dir", "x"]))
+    args = bench.parse_args(["--rankdyna_warmup_fraction", "0.3", "--results_dir", "x", "--no_report"])
+    options = bench.rankdyna_options(args)
     assert options == {"ffn_groups": "channels", "warmup_fraction": 0.3}
 
 
