@@ -557,3 +557,47 @@ def cost_lines(cost: dict) -> list[str]:
             lines.append(f"| {task.upper()} | {setting} | {e['mean_length']:.1f} | {e['epoch_s']['1'] / 60:.1f} min "
                          f"| {e['epoch_s']['2'] / 60:.1f} min |")
     return lines + [""] + cost.get("notes", []) + [""]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# controls: runs kept outside the campaign's folder (one variant per folder), set beside the campaign's cells
+SEEDS = (42, 1, 2)
+
+
+def _seed_scores(records: list[dict], key: str, task: str) -> dict[int, float]:
+    return {r["seed"]: r["score"] for r in records if run_key(r) == key and r["task"] == task}
+
+
+def _seed_cell(scores: dict[int, float]) -> str:
+    """``a / b / c (**mean**)`` over SEEDS, ``·`` for a seed not run, the mean only when all ran."""
+    if not scores:
+        return "—"
+    cell = " / ".join(f"{scores[s]:.1f}" if s in scores else "·" for s in SEEDS)
+    return cell + (f" (**{statistics.fmean(scores[s] for s in SEEDS):.1f}**)" if set(SEEDS) <= set(scores) else "")
+
+
+def control_table(campaign: list[dict], variants: dict[str, list[dict]], method: str = "rankdyna",
+                  against: str = "fwsvd") -> list[str]:
+    """Markdown rows: every (task, budget) cell one of ``variants`` ran for ``method``, with the task's floor, dense's
+    mean, the campaign's ``method`` and ``against`` per seed (42 / 1 / 2), and each variant's runs likewise."""
+    cells = {(r["task"], r["budget"]) for runs in variants.values() for r in runs if split_key(run_key(r))[1] == method}
+    order = _ordered_tasks({task for task, _ in cells})
+    cells = sorted(cells, key=lambda cell: (order.index(cell[0]), -cell[1]))
+    summary = summarize(campaign)
+    lines = [f"| cell | floor | dense | {method} (campaign) | " + " | ".join(variants) + f" | {against} |",
+             "|" + "---|" * (len(variants) + 5)]
+    for task, budget in cells:
+        key = f"{method}@{budget:g}"
+        row = [f"{task.upper()} @ {budget:g}", f"{summary['majority'][task]:.1f}",
+               f"{summary['runs']['dense@1.0'][task]['mean']:.1f}", _seed_cell(_seed_scores(campaign, key, task))]
+        row += [_seed_cell(_seed_scores(runs, key, task)) for runs in variants.values()]
+        row.append(_seed_cell(_seed_scores(campaign, f"{against}@{budget:g}", task)))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def average_retention(records: list[dict], seed: int | None = None, tasks: list[str] | None = None) -> dict[str, float]:
+    """Each ``method@budget``'s average retention (``retention``'s ``"average"``) over ``tasks`` (default: all), from
+    the runs of one ``seed`` (each score over that seed's dense) or, without one, from the means over seeds."""
+    kept = [r for r in records if (seed is None or r["seed"] == seed) and (tasks is None or r["task"] in tasks)]
+    return {key: row["average"] for key, row in retention(summarize(kept)).items() if "average" in row}

@@ -227,3 +227,28 @@ def test_rankdyna_against_fwsvd_pairs_runs_by_seed_and_ignores_a_seed_only_one_h
     page = glue_report.render_report(summary, records, "p.png", "r.json", budgets=[0.2])
     assert "ahead of FWSVD on no task, behind or level on RTE (over the seeds both ran) (must be ahead here)" in page
     assert "| budget | RTE |\n|---|---|\n| 0.2 | -1.0 (0/2) |" in page  # only RTE was run
+
+
+def test_a_control_folder_is_set_beside_the_campaigns_cells_with_floor_and_dense():
+    variant = [run_record("cola", "rankdyna", 0.5, 42, 31.0), run_record("cola", "rankdyna", 0.5, 2, 33.0),
+               run_record("sst2", "svd", 0.5, 42, 80.0)]  # not the compared method: no row of its own
+    lines = glue_report.control_table(campaign(), {"late start": variant}, against="svd")
+    assert lines[0] == "| cell | floor | dense | rankdyna (campaign) | late start | svd |"
+    assert len(lines) == 3  # header, separator, the one cell the variant ran
+    dense = statistics.fmean([29.0, 30.0, 31.5])
+    campaign_mean = statistics.fmean([27.0, 28.0, 29.5])
+    assert lines[2] == (f"| COLA @ 0.5 | 0.0 | {dense:.1f} | 27.0 / 28.0 / 29.5 (**{campaign_mean:.1f}**)"
+                        " | 31.0 / · / 33.0 | 25.0 / · / · |")
+
+
+def test_average_retention_of_one_seed_or_of_some_tasks():
+    records = campaign()
+    # rankdyna is dense - 2 on every task and seed: its retention is the mean of (d - 2) / d.
+    seed42 = glue_report.average_retention(records, seed=42)
+    dense42 = {"sst2": 85.0, "mrpc": 85.0, "cola": 29.0, "rte": 56.0}
+    assert seed42["rankdyna@0.5"] == pytest.approx(statistics.fmean((d - 2) / d for d in dense42.values()))
+    assert seed42["svd@0.5"] == pytest.approx(statistics.fmean((d + 1 - 5) / d for d in dense42.values()))
+    two = glue_report.average_retention(records, tasks=["sst2", "cola"])
+    means = [86.0 + 0.5 / 3, 30.0 + 0.5 / 3]
+    assert two["rankdyna@0.5"] == pytest.approx(statistics.fmean((m - 2) / m for m in means))
+    assert "svd@0.33" not in two  # RTE only: no row over these tasks

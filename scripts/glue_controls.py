@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Controls beside the GLUE campaign, as Markdown: cells a variant of RankDyna ran in its own folder, each set beside
+the campaign's dense, RankDyna and FWSVD runs and the task's floor; and average retention per method for one seed or
+a subset of tasks. Reads run files only (scripts/benchmark_glue.py writes them); trains nothing.
+
+    python scripts/glue_controls.py --variant "warm-up 0.3=benchmarks/glue_schedule_warmup" \\
+        --variant "warm-up 0.5=benchmarks/glue_schedule_warmup0.5" \\
+        --variant "final 0.5=benchmarks/glue_schedule_control"
+    python scripts/glue_controls.py --retention_seed 42
+    python scripts/glue_controls.py --retention_tasks sst2 mrpc cola
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from rankdyna_trainer.experiment import glue_report  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--campaign", default=os.path.join(REPO, "benchmarks", "glue_protocol"))
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FOLDER",
+                        help="a column: the run files under FOLDER, headed NAME (repeatable)")
+    parser.add_argument("--retention_seed", type=int, default=None, help="average retention from this seed's runs")
+    parser.add_argument("--retention_tasks", nargs="+", default=None, choices=glue_report.TASK_ORDER,
+                        help="average retention over these tasks only (means over seeds)")
+    args = parser.parse_args(argv)
+    for variant in args.variant:
+        if "=" not in variant or not variant.partition("=")[0]:
+            parser.error(f"--variant takes NAME=FOLDER, got {variant!r}")
+    for folder in [args.campaign] + [v.partition("=")[2] for v in args.variant]:
+        if not os.path.isdir(folder):
+            parser.error(f"no run folder {folder!r}")
+    if not args.variant and args.retention_seed is None and args.retention_tasks is None:
+        parser.error("nothing to print: give --variant, --retention_seed or --retention_tasks")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    campaign = glue_report.read_run_files(args.campaign)
+    if args.variant:
+        variants = {name: glue_report.read_run_files(folder)
+                    for name, _, folder in (v.partition("=") for v in args.variant)}
+        print("\n".join(glue_report.control_table(campaign, variants)) + "\n")
+    if args.retention_seed is not None or args.retention_tasks is not None:
+        averages = glue_report.average_retention(campaign, args.retention_seed, args.retention_tasks)
+        print("| method@budget | average retention |\n|---|---|")
+        print("\n".join(f"| {key} | {100 * value:.1f} % |" for key, value in averages.items()))
+
+
+if __name__ == "__main__":
+    main()
