@@ -14,6 +14,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ...budget import ParameterBudget, allocate_by_cost
 from .config import RankDynaConfig
 from .importance import SingularGroupScores
+from .kept_compute import KeptCompute
 from .layer import SVDLinear
 from .model import dense_params, gated_layers, kept_params, layer_ranks, pruned_away, rank_pattern
 
@@ -74,6 +75,7 @@ class RankDynaCallback(TrainerCallback):
                                           config.singular_value_signal, config.importance)
         self._group_costs = [l.group_cost for l in self._layers]
         self.scores.zero_gate_grads()
+        self.kept_compute = KeptCompute(model, self._layers)  # gates as loaded (a resumed run's included)
 
     def _run_first_among_callbacks(self) -> None:
         # Reporting callbacks (W&B, TensorBoard) are registered before user callbacks, so values added to
@@ -85,12 +87,23 @@ class RankDynaCallback(TrainerCallback):
             handler.callbacks.insert(0, self)
 
     # -- every optimizer step -------------------------------------------------------------------
+    def scores_masked_groups(self, step: int) -> bool:
+        """Whether optimizer step ``step`` runs every group (so masked groups get scored) or the kept ones only."""
+        if not self.budget.tracks_scores(step):
+            return False
+        return self.config.masked_group_scoring == "every_step" or self.budget.is_reallocation_step(step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.budget is not None:
+            self.kept_compute.use_kept(not self.scores_masked_groups(state.global_step))
+
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         step = state.global_step
         if self.budget.tracks_scores(step):
             self._add_orthogonality_gradient()
             self._all_reduce_gate_grads()
-            self.scores.update(grad_scale=_unscale_parameter_grads(optimizer))
+            scored = None if self.scores_masked_groups(step) else [l.gate for l in self._layers]
+            self.scores.update(grad_scale=_unscale_parameter_grads(optimizer), scored=scored)
         self.scores.zero_gate_grads()
         if self.budget.is_reallocation_step(step):
             self.reallocate(self.budget.params_at(step))
@@ -105,6 +118,7 @@ class RankDynaCallback(TrainerCallback):
                                 rank_multiple=self.config.rank_multiple)
         torch._foreach_copy_([l.gate for l in self._layers], [k.to(l.gate.dtype) for k, l in zip(keep, self._layers)])
         self._broadcast_gates()
+        self.kept_compute.refresh()
 
     def _broadcast_gates(self) -> None:
         # Scores are identical on every process once gate gradients are averaged, so this changes nothing
@@ -180,6 +194,8 @@ class RankDynaCallback(TrainerCallback):
         self._write_rank_pattern(model, checkpoint, state)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.budget is not None:
+            self.kept_compute.clear()  # the gates are the user's from here (and load_best_model_at_end's)
         if self._layers:
             final_ranks = dict(zip(self._names, layer_ranks(self._layers)))
             self._warn_new_zero_ranks(*pruned_away(final_ranks), state.global_step)

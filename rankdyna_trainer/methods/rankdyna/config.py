@@ -11,6 +11,7 @@ from .importance import IMPORTANCE_SCORES, SINGULAR_VALUE_SIGNALS
 from .layer import FACTOR_SCALINGS
 
 RANK_ORDERS = ("score", "score_per_param")
+MASKED_GROUP_SCORINGS = ("every_step", "reallocation")
 
 INITS = ("svd", "whitened")
 FFN_GROUPS = ("auto", "singular", "channels")
@@ -107,6 +108,14 @@ class RankDynaConfig(PeftConfigMixin):
     reallocation_interval: int = field(
         default=10, metadata={"help": "Optimizer steps between two reallocations during the pruning phase."}
     )
+    masked_group_scoring: str = field(
+        default="reallocation",
+        metadata={"help": "When masked groups are scored during pruning. Training multiplies only the kept groups "
+                  "(rankdyna.kept_compute), which leaves a masked group without the gate gradient that lets it come "
+                  "back, so some steps run every group: 'reallocation' (default) on each reallocation step, "
+                  "'every_step' on every step of the pruning phase (the scores of runs before the kept-groups path; "
+                  "a pruning step then costs a full-rank step). Measured in docs/method.md."},
+    )
     beta1: float = field(default=0.85, metadata={"help": "EMA coefficient of the sensitivity, in [0, 1)."})
     beta2: float = field(default=0.85, metadata={"help": "EMA coefficient of the uncertainty, in [0, 1)."})
     singular_value_signal: str = field(
@@ -202,7 +211,8 @@ class RankDynaConfig(PeftConfigMixin):
         if self.singular_value_signal not in SINGULAR_VALUE_SIGNALS:
             raise ValueError(f"singular_value_signal must be one of {SINGULAR_VALUE_SIGNALS}, "
                              f"got {self.singular_value_signal!r}.")
-        choices = {"importance": IMPORTANCE_SCORES, "factor_scaling": FACTOR_SCALINGS, "rank_by": RANK_ORDERS}
+        choices = {"importance": IMPORTANCE_SCORES, "factor_scaling": FACTOR_SCALINGS, "rank_by": RANK_ORDERS,
+                   "masked_group_scoring": MASKED_GROUP_SCORINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")

@@ -23,6 +23,16 @@ SINGULAR_VALUE_SIGNALS = ("gate", "singular_value")
 IMPORTANCE_SCORES = ("sensitivity", "fisher")
 
 
+def _masked_lerp_(averages: list[torch.Tensor], values: list[torch.Tensor], weight: float,
+                  mask: list[torch.Tensor] | None) -> None:
+    """``average <- average + weight * (value - average)``, only where ``mask`` is 1 (everywhere when None)."""
+    if mask is None:
+        torch._foreach_lerp_(averages, values, weight)
+    else:
+        torch._foreach_lerp_(averages, values, torch._foreach_mul([m.to(a.dtype) for m, a in zip(mask, averages)],
+                                                                  weight))
+
+
 class SingularGroupScores:
     """Keeps the importance buffers of a set of :class:`SVDLinear` layers up to date.
 
@@ -70,32 +80,38 @@ class SingularGroupScores:
         return sensitivity
 
     @torch.no_grad()
-    def update(self, grad_scale: torch.Tensor | float = 1.0) -> bool:
+    def update(self, grad_scale: torch.Tensor | float = 1.0, scored: list[torch.Tensor] | None = None) -> bool:
         """Fold the current gradients into the statistics (call once per optimizer step, before zero_grad).
 
         ``grad_scale`` divides the gate gradients, for loss scaling that the optimizer unscales only for
-        parameters. Returns False (and changes nothing) when a gradient is not finite. That check is the one
-        host synchronisation per step; the Trainer already synchronises on the loss every step.
+        parameters. ``scored`` (0/1 per group, one tensor per layer; None: all) marks the groups this step's
+        gradients measured: after a kept-groups-only step (rankdyna.kept_compute) the masked groups' gate
+        gradients are absent, not zero, so their statistics are left as they were. Returns False (and changes
+        nothing) when a gradient is not finite. That check is the one host synchronisation per step; the Trainer
+        already synchronises on the loss every step.
         """
         if self.importance == "fisher":
-            return self._update_fisher(grad_scale)
+            return self._update_fisher(grad_scale, scored)
         instant = self._instant_sensitivity(grad_scale)
         if not bool(torch.stack(torch._foreach_norm(instant)).isfinite().all()):
             self.skipped_steps += 1
             return False
-        torch._foreach_lerp_(self._sensitivity, instant, 1.0 - self.beta1)
+        n = 2 * len(self.layers)  # the U and V statistics come first, the gates' last
+        _masked_lerp_(self._sensitivity[:n], instant[:n], 1.0 - self.beta1, None)
+        _masked_lerp_(self._sensitivity[n:], instant[n:], 1.0 - self.beta1, scored)
         deviation = torch._foreach_sub(instant, self._sensitivity)
         torch._foreach_abs_(deviation)
-        torch._foreach_lerp_(self._uncertainty, deviation, 1.0 - self.beta2)
+        _masked_lerp_(self._uncertainty[:n], deviation[:n], 1.0 - self.beta2, None)
+        _masked_lerp_(self._uncertainty[n:], deviation[n:], 1.0 - self.beta2, scored)
         return True
 
-    def _update_fisher(self, grad_scale: torch.Tensor | float) -> bool:
+    def _update_fisher(self, grad_scale: torch.Tensor | float, scored: list[torch.Tensor] | None) -> bool:
         squared = torch._foreach_div(self.gate_grads(), grad_scale)
         torch._foreach_mul_(squared, squared)
         if not bool(torch.stack(torch._foreach_norm(squared)).isfinite().all()):
             self.skipped_steps += 1
             return False
-        torch._foreach_lerp_(self._fisher, squared, 1.0 - self.beta1)
+        _masked_lerp_(self._fisher, squared, 1.0 - self.beta1, scored)
         return True
 
     def zero_gate_grads(self) -> None:

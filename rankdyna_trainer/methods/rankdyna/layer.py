@@ -82,6 +82,9 @@ class SVDLinear(nn.Module):
 
     # Set for a layer made from a transformers Conv1D, so that a dense export restores that module type.
     exports_as_conv1d = False
+    # Kept groups of the trainable and the frozen part (index tensors), set by rankdyna.kept_compute while
+    # training; None multiplies every group by its gate (the scoring path, and the only path outside training).
+    kept_index: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __init__(self, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None,
                  factor_scale: torch.Tensor | None = None, element_statistics: bool = True,
@@ -174,24 +177,42 @@ class SVDLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s_eff = self.s * gate_for_forward(self)
-        tokens = x.numel() // self.in_features
-        m, n, r = self.out_features, self.in_features, self.max_rank
-        pairs = self._factor_pairs()
-        # Same result either way; pick the cheaper multiply from static shapes (no host sync).
-        if tokens * r * (m + n) > m * r * n + tokens * m * n:
-            weight = sum((U * part) @ V for (U, V), part in zip(pairs, s_eff.split([U.shape[1] for U, _ in pairs])))
-            return F.linear(x, weight, self.bias)
-        # Per part rather than on concatenated factors, so autograd does not keep a copy of the frozen ones.
-        out = None
-        for (U, V), part in zip(pairs, s_eff.split([U.shape[1] for U, _ in pairs])):
-            y = F.linear(F.linear(x, V) * part, U)
-            out = y if out is None else out + y
-        return out if self.bias is None else out + self.bias
+        sizes = [self.trainable_rank, self.max_rank - self.trainable_rank]
+        pairs = self._factor_pairs() if self.kept_index is None else self._kept_pairs()
+        parts = s_eff.split(sizes) if self.kept_index is None else [
+            part.index_select(0, index) for part, index in zip(s_eff.split(sizes), self.kept_index)]
+        return _factorized_linear(x, pairs, parts, self.bias)
+
+    def _kept_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(left, right)`` of the kept groups only, gathered before scaling so the work is the kept rank's."""
+        kept_trainable, kept_frozen = self.kept_index
+        scale = self.factor_scale.index_select(0, kept_trainable)
+        pairs = [(self.U.index_select(1, kept_trainable) * scale, scale[:, None] * self.V.index_select(0, kept_trainable))]
+        if self.trainable_rank < self.max_rank:
+            pairs.append((self.U_frozen.index_select(1, kept_frozen), self.V_frozen.index_select(0, kept_frozen)))
+        return pairs
 
     def orthogonality_penalty(self) -> torch.Tensor:
         eye = torch.eye(self.max_rank, device=self.U.device, dtype=self.U.dtype)
         U, V = self.left(), self.right()
         return torch.linalg.matrix_norm(U.T @ U - eye) + torch.linalg.matrix_norm(V @ V.T - eye)
+
+
+def _factorized_linear(x: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]], parts: list[torch.Tensor],
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ (sum_k U_k diag(p_k) V_k)^T + bias``, through the materialized weight or through the factors, whichever
+    costs fewer multiplies for this batch (chosen from static shapes: no host sync)."""
+    m, n = pairs[0][0].shape[0], pairs[0][1].shape[1]
+    tokens, rank = x.numel() // n, sum(U.shape[1] for U, _ in pairs)
+    if tokens * rank * (m + n) > m * rank * n + tokens * m * n:
+        weight = sum((U * part) @ V for (U, V), part in zip(pairs, parts))
+        return F.linear(x, weight, bias)
+    # Per part rather than on concatenated factors, so autograd does not keep a copy of the frozen ones.
+    out = None
+    for (U, V), part in zip(pairs, parts):
+        y = F.linear(F.linear(x, V) * part, U)
+        out = y if out is None else out + y
+    return out if bias is None else out + bias
 
 
 class ChannelGatedLinear(nn.Module):
@@ -206,6 +227,8 @@ class ChannelGatedLinear(nn.Module):
     """
 
     exports_as_conv1d = False
+    # Kept channels while training (set by rankdyna.kept_compute, with the producers'); None: every channel.
+    kept_index: torch.Tensor | None = None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, producers: list[str], group_cost: int):
         super().__init__()
@@ -242,4 +265,46 @@ class ChannelGatedLinear(nn.Module):
                 f"producers={self.producers}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x * gate_for_forward(self).to(x.dtype), self.weight, self.bias)
+        gate = gate_for_forward(self).to(x.dtype)
+        if x.shape[-1] == self.in_features:  # every channel (the producers computed them all)
+            return F.linear(x * gate, self.weight, self.bias)
+        kept = self.kept_index
+        return F.linear(x * gate.index_select(0, kept), self.weight.index_select(1, kept), self.bias)
+
+
+class ChannelProducerLinear(nn.Linear):
+    """An FFN input layer (``up``/``gate``/``intermediate``) of a channel-gated FFN. While the reader keeps only some
+    channels it computes only those rows (``kept_index``, set together with the reader's), so a pruned FFN costs its
+    kept channels in training; with ``kept_index`` None it is the plain layer. Same parameters and state-dict keys."""
+
+    kept_index: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kept_index is None:
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.index_select(0, self.kept_index)
+        return F.linear(x, self.weight.index_select(0, self.kept_index), bias)
+
+
+class ChannelProducerConv1D(Conv1D):
+    """:class:`ChannelProducerLinear` for transformers' ``Conv1D`` (GPT-2's ``c_fc``: weight stored ``in x out``)."""
+
+    kept_index: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kept_index is None:
+            return super().forward(x)
+        out = torch.addmm(self.bias.index_select(0, self.kept_index), x.reshape(-1, x.shape[-1]),
+                          self.weight.index_select(1, self.kept_index))
+        return out.view(*x.shape[:-1], -1)
+
+
+def channel_producer(layer: nn.Module) -> nn.Module:
+    """``layer`` (an ``nn.Linear`` or ``Conv1D``) as its channel-producing subclass, holding the same parameters."""
+    cls = ChannelProducerConv1D if isinstance(layer, Conv1D) else ChannelProducerLinear
+    with torch.device("meta"):  # no allocation nor init: the parameters are moved over below
+        producer = cls(layer.nf, layer.nx) if cls is ChannelProducerConv1D else cls(
+            layer.in_features, layer.out_features, bias=layer.bias is not None)
+    producer.weight, producer.bias = layer.weight, layer.bias
+    producer.train(layer.training)
+    return producer

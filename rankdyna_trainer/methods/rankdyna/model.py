@@ -21,7 +21,7 @@ from ...targets import (
     unwrap_model,
 )
 from .config import RankDynaConfig
-from .layer import ChannelGatedLinear, SVDLinear, factor_step_scale
+from .layer import ChannelGatedLinear, SVDLinear, channel_producer, factor_step_scale
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
     for name, producers in channel_ffns.items():
         writers = {p: model.get_submodule(p) for p in producers}
         set_submodule(model, name, ChannelGatedLinear.from_linear(model.get_submodule(name), writers))
+        for producer_name, producer in writers.items():
+            set_submodule(model, producer_name, channel_producer(producer))
     model.rankdyna_config = config
     _keep_buffers_out_of_ddp(model)
     return wrapper

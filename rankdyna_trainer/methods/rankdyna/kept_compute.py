@@ -1,0 +1,77 @@
+"""Training compute that follows the allocation: a layer multiplies only the groups its gate keeps.
+
+Masking alone leaves every masked singular group and FFN channel in the products (multiplied by zero), so a run
+costs a dense-sized step until export. :class:`KeptCompute` gives each gated layer the index tensors of its kept
+groups (and each FFN producer those of its reader's kept channels); the layers then gather the kept columns of
+``U``, rows of ``V`` and FFN channels and multiply only those. Parameters keep their shapes (optimizer state, DDP
+buckets and FSDP shards are untouched): a masked group's factors get a zero gradient, as they did under the 0 gate.
+
+Only the gate gradients of masked groups are lost on a kept-only step, and they are what lets a masked group come
+back. So on *scoring* steps (``RankDynaConfig.masked_group_scoring``) the layers run every group again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layer import ChannelGatedLinear, SVDLinear
+
+
+class KeptCompute:
+    """The kept-group indices of a model's gated layers, recomputed after each change of the gates.
+
+    ``refresh()`` costs two host synchronisations for all layers together, and runs only when the allocation
+    changes; switching between the kept-only and the all-groups path (``use_kept``) is host-side only.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[SVDLinear | ChannelGatedLinear]):
+        self.layers = layers
+        self.producers = [[model.get_submodule(p) for p in l.producers] if isinstance(l, ChannelGatedLinear) else []
+                          for l in layers]
+        self._indices: list | None = None
+        self._kept_only = False
+
+    def _gate_parts(self) -> list[torch.Tensor]:
+        # An SVDLinear's gate splits into its trainable and its frozen groups (separate factor tensors).
+        parts = []
+        for layer in self.layers:
+            if isinstance(layer, SVDLinear):
+                parts += list(layer.gate.split([layer.trainable_rank, layer.max_rank - layer.trainable_rank]))
+            else:
+                parts.append(layer.gate)
+        return parts
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute every layer's kept indices from its gate (call after the gates change)."""
+        parts = self._gate_parts()
+        sizes = torch.tensor([0] + [p.numel() for p in parts], device=parts[0].device).cumsum(0)
+        positions = torch.cat(parts).nonzero().flatten()  # host sync 1
+        bounds = torch.searchsorted(positions, sizes).tolist()  # host sync 2
+        kept = [positions[bounds[i]:bounds[i + 1]] - sizes[i] for i in range(len(parts))]
+        whole = [bounds[i + 1] - bounds[i] == p.numel() for i, p in enumerate(parts)]
+        # A layer that keeps every group stays on its plain path: gathering all of it would only add copies.
+        self._indices, i = [], 0
+        for layer in self.layers:
+            width = 2 if isinstance(layer, SVDLinear) else 1
+            index = (kept[i], kept[i + 1]) if width == 2 else kept[i]
+            self._indices.append(None if all(whole[i:i + width]) else index)
+            i += width
+        self.use_kept(self._kept_only)
+
+    def use_kept(self, kept_only: bool) -> None:
+        """Kept groups only (``True``) or every group, gated (``False``, needed for masked groups' scores)."""
+        self._kept_only = kept_only
+        if kept_only and self._indices is None:
+            self.refresh()
+            return
+        for layer, producers, index in zip(self.layers, self.producers, self._indices or [None] * len(self.layers)):
+            layer.kept_index = index if kept_only else None
+            for producer in producers:
+                producer.kept_index = layer.kept_index
+
+    def clear(self) -> None:
+        """Back to every layer's plain, all-groups forward (training is over, or the gates may change elsewhere)."""
+        self.use_kept(False)
+        self._indices = None
