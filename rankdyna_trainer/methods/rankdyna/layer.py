@@ -187,7 +187,8 @@ class SVDLinear(nn.Module):
         """``(left, right)`` of the kept groups only, gathered before scaling so the work is the kept rank's."""
         kept_trainable, kept_frozen = self.kept_index
         scale = self.factor_scale.index_select(0, kept_trainable)
-        pairs = [(self.U.index_select(1, kept_trainable) * scale, scale[:, None] * self.V.index_select(0, kept_trainable))]
+        pairs = [(self.U.index_select(1, kept_trainable) * scale,
+                  scale[:, None] * self.V.index_select(0, kept_trainable))]
         if self.trainable_rank < self.max_rank:
             pairs.append((self.U_frozen.index_select(1, kept_frozen), self.V_frozen.index_select(0, kept_frozen)))
         return pairs
