@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -64,42 +63,13 @@ parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one 
 args = parser.parse_args()
 
 
-def rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
-
-
-def release_free_heap() -> None:
-    """Hand memory that is freed but still held by glibc's allocator back to the OS (no effect elsewhere).
-
-    Preparing RankDyna (factorization, calibration) frees large temporaries that glibc may keep mapped; without
-    this the "training" peak would count them although training never uses them.
-    """
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 def measure(setting: str) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from rankdyna_trainer import RankDynaCallback, RankDynaConfig, prepare_model
+    from rankdyna_trainer.experiment.run_cost import release_free_heap, reset_peak_rss, rss_bytes
     from rankdyna_trainer.packaged_models import smollm2_path
 
     torch.set_num_threads(args.threads)

@@ -542,7 +542,9 @@ def export_compressed(compression: Compression, model, tokenizer, output_dir: st
 # --------------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> dict:
+    """Run the job ``argv`` describes; ``extra_callbacks`` join the Trainer after the compression's own (a
+    benchmark's timer, for one)."""
     model_args, data_args, rankdyna_args, search_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
@@ -597,7 +599,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=encoded[validation_splits[0]] if validation_splits else None,
         processing_class=tokenizer,
         compute_metrics=compute_metrics_for(task.name),
-        callbacks=compression.callbacks if compression else None,
+        callbacks=(compression.callbacks if compression else []) + list(extra_callbacks or []),
     )
 
     if searching:

@@ -208,10 +208,11 @@ def _factorized_linear(x: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Te
     if tokens * rank * (m + n) > m * rank * n + tokens * m * n:
         weight = sum((U * part) @ V for (U, V), part in zip(pairs, parts))
         return F.linear(x, weight, bias)
-    # Per part rather than on concatenated factors, so autograd does not keep a copy of the frozen ones.
+    # Per part rather than on concatenated factors, so autograd does not keep a copy of the frozen ones; the singular
+    # values scale U's columns, not the activations, so autograd keeps an m x r factor instead of a tokens x r one.
     out = None
     for (U, V), part in zip(pairs, parts):
-        y = F.linear(F.linear(x, V) * part, U)
+        y = F.linear(F.linear(x, V), U * part)
         out = y if out is None else out + y
     return out if bias is None else out + bias
 
@@ -266,11 +267,13 @@ class ChannelGatedLinear(nn.Module):
                 f"producers={self.producers}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = gate_for_forward(self).to(x.dtype)
+        # The gate scales the weight's columns rather than the activations: autograd then keeps a weight-sized
+        # tensor instead of a copy of the tokens x channels input.
+        gate = gate_for_forward(self).to(self.weight.dtype)
         if x.shape[-1] == self.in_features:  # every channel (the producers computed them all)
-            return F.linear(x * gate, self.weight, self.bias)
+            return F.linear(x, self.weight * gate, self.bias)
         kept = self.kept_index
-        return F.linear(x * gate.index_select(0, kept), self.weight.index_select(1, kept), self.bias)
+        return F.linear(x, self.weight.index_select(1, kept) * gate.index_select(0, kept), self.bias)
 
 
 class ChannelProducerLinear(nn.Linear):

@@ -1,0 +1,251 @@
+"""Cost of a RankDyna run against the dense fine-tune it replaces, side by side: wall time, step times, peak memory.
+
+Each run is its own process, one after the other (a fresh memory peak, no two runs sharing the cores):
+
+* ``minilm``: the README's main job (``scripts/run_glue.py``: packaged MiniLM, SST-2, 8,000 rows, 2 epochs, length
+  64, batch 32, lr 1e-4, train + export + reload + full dev set), dense and with ``--rankdyna --rankdyna_budget B``;
+* ``smollm2``: a causal-LM fine-tune of the packaged SmolLM2-135M on SST-2 sentences packed into blocks, dense and
+  with the default ``RankDynaConfig(target_budget=B)``.
+
+Every run writes one JSON under ``--results_dir`` and is skipped when it exists (``--force`` reruns), so the
+benchmark resumes. ``docs/cost.json`` (RankDyna over dense: whole-run ratio per budget on MiniLM, peak-memory ratio
+per model) and ``docs/cost.md`` are rebuilt from the run files after each run.
+
+    python scripts/bench_cost.py                      # both models, budgets 0.5 0.33 0.2
+    python scripts/bench_cost.py --report_only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+MAIN_JOB = ("--model_name_or_path minilm --task_name sst2 --do_train --do_eval --max_train_samples {rows} "
+            "--num_train_epochs 2 --max_seq_length 64 --per_device_train_batch_size 32 --per_device_eval_batch_size 64 "
+            "--learning_rate 1e-4 --logging_steps 25 --save_strategy no --seed 42 --report_to none "
+            "--disable_tqdm true")
+TARGETS = {"run_ratio": {"0.5": 0.95, "0.33": 0.8, "0.2": 0.7}, "peak_memory_ratio": {"minilm": 1.1}}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.33, 0.2])
+    parser.add_argument("--train_rows", type=int, default=8000, help="MiniLM: SST-2 training rows (main job: 8000)")
+    parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", os.path.join(REPO, "..", "shared", "data",
+                                                                                      "glue")))
+    parser.add_argument("--lm_steps", type=int, default=40, help="SmolLM2: optimizer steps")
+    parser.add_argument("--lm_batch_size", type=int, default=2)
+    parser.add_argument("--lm_seq_len", type=int, default=128)
+    parser.add_argument("--results_dir", default=os.path.join(REPO, "benchmarks", "cost"))
+    parser.add_argument("--json", default=os.path.join(REPO, "docs", "cost.json"))
+    parser.add_argument("--out", default=os.path.join(REPO, "docs", "cost.md"))
+    parser.add_argument("--force", action="store_true", help="rerun runs whose result file exists")
+    parser.add_argument("--report_only", action="store_true", help="rebuild --json and --out from the run files")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: "model:budget" measured in this process
+    args = parser.parse_args(argv)
+    for budget in args.budgets:
+        if not 0 < budget < 1:
+            parser.error(f"--budgets: each budget must be in (0, 1), got {budget}")
+    for flag in ("train_rows", "lm_steps", "lm_batch_size", "lm_seq_len"):
+        if getattr(args, flag) < 1 or (flag == "lm_steps" and args.lm_steps < 10):
+            parser.error(f"--{flag} must be a positive integer (--lm_steps at least 10), got {getattr(args, flag)}")
+    if not args.report_only and not os.path.isdir(args.glue_dir):
+        parser.error(f"--glue_dir {args.glue_dir} is not a folder (the GLUE TSVs; or set $GLUE_DIR)")
+    return args
+
+
+def run_name(model: str, budget: float | None) -> str:
+    return f"{model}_{'dense' if budget is None else f'rankdyna_b{budget:g}'}"
+
+
+# -- one run, in a child process ------------------------------------------------------------------------------------
+def measure_minilm(args, budget: float | None) -> dict:
+    import run_glue
+
+    from rankdyna_trainer.experiment.run_cost import RunCost
+
+    with tempfile.TemporaryDirectory() as out:
+        argv = shlex.split(MAIN_JOB.format(rows=args.train_rows)) + ["--glue_dir", args.glue_dir, "--output_dir", out]
+        if budget is not None:
+            argv += ["--rankdyna", "--rankdyna_budget", str(budget)]
+        cost = RunCost()
+        start = time.perf_counter()
+        results = run_glue.main(argv, extra_callbacks=[cost])
+        wall = time.perf_counter() - start
+    return {**cost.summary(), "wall_seconds": wall, "command": "python scripts/run_glue.py " + shlex.join(argv[:-2]),
+            "metric": results["eval"].get("eval_accuracy"), "quality": results.get("quality"),
+            "compression": results.get("compression")}
+
+
+def lm_blocks(args, tokenizer):
+    from rankdyna_trainer.experiment.glue_data import load_glue
+
+    text = " ".join(load_glue("sst2", args.glue_dir)["train"]["sentence"][:20000])
+    ids = tokenizer(text)["input_ids"]
+    n = args.lm_steps * args.lm_batch_size
+    blocks = [ids[i * args.lm_seq_len:(i + 1) * args.lm_seq_len] for i in range(n)]
+    if len(blocks[-1]) < args.lm_seq_len:
+        raise ValueError(f"Not enough SST-2 text for {n} blocks of {args.lm_seq_len} tokens.")
+    return blocks
+
+
+def measure_smollm2(args, budget: float | None) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+    from rankdyna_trainer import RankDynaCallback, RankDynaConfig, prepare_model
+    from rankdyna_trainer.experiment.run_cost import RunCost
+    from rankdyna_trainer.methods.rankdyna import kept_params
+    from rankdyna_trainer.packaged_models import smollm2_path
+
+    set_seed(0)
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    blocks = lm_blocks(args, tokenizer)
+    callbacks = []
+    if budget is not None:
+        config = RankDynaConfig(target_budget=budget)
+        prepare_model(model, config)
+        callbacks = [RankDynaCallback(config)]
+    cost = RunCost()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        training_args = TrainingArguments(out, max_steps=args.lm_steps, per_device_train_batch_size=args.lm_batch_size,
+                                          learning_rate=5e-5, save_strategy="no", report_to="none", use_cpu=True,
+                                          disable_tqdm=True, logging_steps=10, seed=0)
+        train = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+        trainer = Trainer(model=model, args=training_args, train_dataset=train, callbacks=callbacks + [cost])
+        train_loss = trainer.train().training_loss
+    record = {**cost.summary(), "wall_seconds": time.perf_counter() - start, "train_loss": train_loss}
+    if budget is not None:
+        layers = list(callbacks[0]._layers)
+        record["kept_fraction"] = kept_params(layers) / callbacks[0].budget.dense_params
+    return record
+
+
+def child(args) -> None:
+    import torch
+
+    model, budget = args.child.split(":")
+    budget = None if budget == "dense" else float(budget)
+    measure = measure_minilm if model == "minilm" else measure_smollm2
+    record = {"model": model, "budget": budget, **measure(args, budget)}
+    record.update(device=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                  malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                  torch=torch.__version__, load_average_after=os.getloadavg(),
+                  finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    path = os.path.join(args.results_dir, run_name(model, budget) + ".json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+# -- the report -----------------------------------------------------------------------------------------------------
+def load_runs(results_dir: str) -> dict[str, dict]:
+    runs = {}
+    for name in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(results_dir, name)) as f:
+                runs[name[:-5]] = json.load(f)
+    return runs
+
+
+def ratios(runs: dict[str, dict]) -> dict:
+    """``docs/cost.json``: RankDyna over dense, whole run (MiniLM, per budget) and peak memory (per model, the
+    smallest budget's run, whose allocation is the furthest from dense)."""
+    out = {"run_ratio": {}, "peak_memory_ratio": {}}
+    for model in ("minilm", "smollm2"):
+        dense = runs.get(run_name(model, None))
+        if dense is None:
+            continue
+        ours = sorted((r for r in runs.values() if r["model"] == model and r["budget"] is not None),
+                      key=lambda r: r["budget"], reverse=True)
+        for run in ours:
+            key = "run_ratio" if model == "minilm" else "lm_run_ratio"
+            out.setdefault(key, {})[f"{run['budget']:g}"] = round(run["wall_seconds"] / dense["wall_seconds"], 3)
+        if ours:
+            out["peak_memory_ratio"][model] = round(max(r["peak_bytes"] for r in ours) / dense["peak_bytes"], 3)
+    return out
+
+
+def report(args) -> None:
+    runs = load_runs(args.results_dir)
+    if not runs:
+        print(f"No run files in {args.results_dir}.")
+        return
+    summary = ratios(runs)
+    summary["targets"] = TARGETS
+    summary["command"] = "python scripts/bench_cost.py"
+    with open(args.json, "w") as f:
+        json.dump(summary, f, indent=1)
+    rows = ["| model | run | whole run (s) | of dense | training (s) | step start / middle / end (s) | peak memory "
+            "(MiB) | of dense | dev accuracy or train loss |", "|---|---|---|---|---|---|---|---|---|"]
+    for model in ("minilm", "smollm2"):
+        dense = runs.get(run_name(model, None))
+        for budget in [None] + sorted({r["budget"] for r in runs.values() if r["model"] == model and r["budget"]},
+                                      reverse=True):
+            run = runs.get(run_name(model, budget))
+            if run is None:
+                continue
+            steps = run["step_seconds"]
+            quality = (f"{100 * run['metric']:.1f}" if run.get("metric") is not None
+                       else f"loss {run['train_loss']:.3f}")
+            wall_ratio = f"{run['wall_seconds'] / dense['wall_seconds']:.2f}" if dense else ""
+            memory_ratio = f"{run['peak_bytes'] / dense['peak_bytes']:.2f}" if dense else ""
+            name = "dense" if budget is None else f"RankDyna {budget:g}"
+            rows.append(f"| {model} | {name} | {run['wall_seconds']:.0f} | {wall_ratio} | {run['train_seconds']:.0f} "
+                        f"| {steps['start']:.3f} / {steps['middle']:.3f} / {steps['end']:.3f} "
+                        f"| {run['peak_bytes'] / 2**20:.0f} | {memory_ratio} | {quality} |")
+    with open(args.out) as f:
+        page = f.read()
+    begin, end = "<!-- bench_cost:begin -->", "<!-- bench_cost:end -->"
+    if begin in page and end in page:
+        page = page[:page.index(begin) + len(begin)] + "\n" + "\n".join(rows) + "\n" + page[page.index(end):]
+        with open(args.out, "w") as f:
+            f.write(page)
+    print("\n".join(rows))
+    print(json.dumps({k: v for k, v in summary.items() if k != "targets"}, indent=1))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+    if not args.report_only:
+        os.makedirs(args.results_dir, exist_ok=True)
+        for model in args.models:
+            for budget in [None] + args.budgets:
+                path = os.path.join(args.results_dir, run_name(model, budget) + ".json")
+                if os.path.exists(path) and not args.force:
+                    print(f"skip {path} (exists; --force reruns)")
+                    continue
+                cell = f"{model}:{'dense' if budget is None else budget}"
+                print(f"run {cell}", flush=True)
+                command = [sys.executable, os.path.abspath(__file__), "--child", cell,
+                           *[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--force"]]
+                # Large tensors on mmap: a freed one goes back to the OS at once, so the peak RSS measures live memory
+                # (glibc would otherwise keep freed heap, more of it with the changing shapes of a pruning run).
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
+                subprocess.run(command, check=True, env=env)
+                report(args)
+    report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
