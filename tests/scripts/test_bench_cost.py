@@ -1,0 +1,44 @@
+"""scripts/bench_cost.py: one-line errors for bad flags, and the ratios and page from run files."""
+
+import json
+
+import pytest
+
+from .test_glue_table import _load_script
+
+
+@pytest.mark.parametrize("argv, named", [(["--budgets", "1.5"], "--budgets"), (["--lm_steps", "3"], "--lm_steps"),
+                                         (["--glue_dir", "/no/such/folder"], "--glue_dir")])
+def test_bad_flags_are_one_line_naming_the_flag(argv, named, capsys):
+    bench = _load_script("bench_cost")
+    with pytest.raises(SystemExit) as stopped:
+        bench.parse_args(argv)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert named in error and "Traceback" not in error
+
+
+def _run(model, budget, wall, peak, **extra):
+    steps = {"start": wall / 100, "middle": wall / 200, "end": wall / 300}
+    return {"model": model, "budget": budget, "wall_seconds": wall, "train_seconds": wall - 5, "peak_bytes": peak,
+            "step_seconds": steps, **extra}
+
+
+def test_ratios_and_page_are_rebuilt_from_the_run_files(tmp_path):
+    bench = _load_script("bench_cost")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for run in [_run("minilm", None, 600.0, 1000, metric=0.87), _run("minilm", 0.5, 420.0, 1050, metric=0.86),
+                _run("minilm", 0.2, 300.0, 1040, metric=0.84), _run("smollm2", None, 100.0, 4000, train_loss=3.0),
+                _run("smollm2", 0.5, 90.0, 3800, train_loss=3.2)]:
+        (runs / f"{bench.run_name(run['model'], run['budget'])}.json").write_text(json.dumps(run))
+    page = tmp_path / "cost.md"
+    page.write_text("# Cost\n<!-- bench_cost:begin -->\nold\n<!-- bench_cost:end -->\nafter\n")
+    bench.main(["--report_only", "--results_dir", str(runs), "--json", str(tmp_path / "cost.json"),
+                "--out", str(page)])
+    cost = json.loads((tmp_path / "cost.json").read_text())
+    assert cost["run_ratio"] == {"0.5": 0.7, "0.2": 0.5}
+    assert cost["peak_memory_ratio"] == {"minilm": 1.05, "smollm2": 0.95}
+    text = page.read_text()
+    assert "old" not in text and text.endswith("after\n")
+    assert "| minilm | RankDyna 0.2 | 300 | 0.50 |" in text and "| smollm2 | RankDyna 0.5 | 90 | 0.90 |" in text
