@@ -59,6 +59,29 @@ def gate_for_forward(module: nn.Module) -> torch.Tensor:
     return gate
 
 
+class _GatherKept(torch.autograd.Function):
+    """``x.index_select(dim, index)`` for unique ``index``, whose backward copies the gradient into place.
+
+    The built-in backward accumulates with ``scatter_add_`` over an expanded index, several times slower on the CPU
+    than a copy, and this runs for every gathered parameter on every step."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.dim, ctx.shape = dim, x.shape
+        return x.index_select(dim, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).index_copy_(ctx.dim, index, grad), None, None
+
+
+def gather_kept(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """The kept slices (``index``, unique) of ``x`` along ``dim``; a parameter's gradient goes back in place."""
+    return _GatherKept.apply(x, dim, index) if x.requires_grad else x.index_select(dim, index)
+
+
 class SVDLinear(nn.Module):
     """A linear layer trained in factorized form ``W = U diag(s * gate) V``.
 
@@ -187,8 +210,8 @@ class SVDLinear(nn.Module):
         """``(left, right)`` of the kept groups only, gathered before scaling so the work is the kept rank's."""
         kept_trainable, kept_frozen = self.kept_index
         scale = self.factor_scale.index_select(0, kept_trainable)
-        pairs = [(self.U.index_select(1, kept_trainable) * scale,
-                  scale[:, None] * self.V.index_select(0, kept_trainable))]
+        left, right = gather_kept(self.U, 1, kept_trainable), gather_kept(self.V, 0, kept_trainable)
+        pairs = [(left * scale, scale[:, None] * right)]
         if self.trainable_rank < self.max_rank:
             pairs.append((self.U_frozen.index_select(1, kept_frozen), self.V_frozen.index_select(0, kept_frozen)))
         return pairs
@@ -273,7 +296,7 @@ class ChannelGatedLinear(nn.Module):
         if x.shape[-1] == self.in_features:  # every channel (the producers computed them all)
             return F.linear(x, self.weight * gate, self.bias)
         kept = self.kept_index
-        return F.linear(x, self.weight.index_select(1, kept) * gate.index_select(0, kept), self.bias)
+        return F.linear(x, gather_kept(self.weight, 1, kept) * gate.index_select(0, kept), self.bias)
 
 
 class ChannelProducerLinear(nn.Linear):
@@ -286,8 +309,8 @@ class ChannelProducerLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kept_index is None:
             return super().forward(x)
-        bias = None if self.bias is None else self.bias.index_select(0, self.kept_index)
-        return F.linear(x, self.weight.index_select(0, self.kept_index), bias)
+        bias = None if self.bias is None else gather_kept(self.bias, 0, self.kept_index)
+        return F.linear(x, gather_kept(self.weight, 0, self.kept_index), bias)
 
 
 class ChannelProducerConv1D(Conv1D):
@@ -298,8 +321,8 @@ class ChannelProducerConv1D(Conv1D):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kept_index is None:
             return super().forward(x)
-        out = torch.addmm(self.bias.index_select(0, self.kept_index), x.reshape(-1, x.shape[-1]),
-                          self.weight.index_select(1, self.kept_index))
+        out = torch.addmm(gather_kept(self.bias, 0, self.kept_index), x.reshape(-1, x.shape[-1]),
+                          gather_kept(self.weight, 1, self.kept_index))
         return out.view(*x.shape[:-1], -1)
 
 
