@@ -1,6 +1,10 @@
 """Cost of a RankDyna run against the dense fine-tune it replaces, side by side: wall time, step times, peak memory.
 
-Each run is its own process, one after the other (a fresh memory peak, no two runs sharing the cores):
+Each run is its own process, one after the other (no two runs sharing the cores). Every cell runs twice: a timed
+run as a user runs it, and a shorter memory run with ``MALLOC_MMAP_THRESHOLD_=131072``, which puts large tensors on
+mmap so a freed one goes back to the OS at once and the peak RSS measures live memory (glibc otherwise keeps freed
+heap, more of it with the changing shapes of a pruning run); that setting costs page faults on every large
+allocation, so it would distort the timed run:
 
 * ``minilm``: the README's main job (``scripts/run_glue.py``: packaged MiniLM, SST-2, 8,000 rows, 2 epochs, length
   64, batch 32, lr 1e-4, train + export + reload + full dev set), dense and with ``--rankdyna --rankdyna_budget B``;
@@ -46,7 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--train_rows", type=int, default=8000, help="MiniLM: SST-2 training rows (main job: 8000)")
     parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", os.path.join(REPO, "..", "shared", "data",
                                                                                       "glue")))
+    parser.add_argument("--memory_rows", type=int, default=960, help="MiniLM memory run: SST-2 training rows")
     parser.add_argument("--lm_steps", type=int, default=40, help="SmolLM2: optimizer steps")
+    parser.add_argument("--lm_memory_steps", type=int, default=20, help="SmolLM2 memory run: optimizer steps")
     parser.add_argument("--lm_batch_size", type=int, default=2)
     parser.add_argument("--lm_seq_len", type=int, default=128)
     parser.add_argument("--results_dir", default=os.path.join(REPO, "benchmarks", "cost"))
@@ -59,26 +65,28 @@ def parse_args(argv=None):
     for budget in args.budgets:
         if not 0 < budget < 1:
             parser.error(f"--budgets: each budget must be in (0, 1), got {budget}")
-    for flag in ("train_rows", "lm_steps", "lm_batch_size", "lm_seq_len"):
-        if getattr(args, flag) < 1 or (flag == "lm_steps" and args.lm_steps < 10):
-            parser.error(f"--{flag} must be a positive integer (--lm_steps at least 10), got {getattr(args, flag)}")
+    for flag in ("train_rows", "memory_rows", "lm_steps", "lm_memory_steps", "lm_batch_size", "lm_seq_len"):
+        if getattr(args, flag) < 1 or (flag in ("lm_steps", "lm_memory_steps") and getattr(args, flag) < 10):
+            parser.error(f"--{flag} must be a positive integer (step counts at least 10), got {getattr(args, flag)}")
     if not args.report_only and not os.path.isdir(args.glue_dir):
         parser.error(f"--glue_dir {args.glue_dir} is not a folder (the GLUE TSVs; or set $GLUE_DIR)")
     return args
 
 
-def run_name(model: str, budget: float | None) -> str:
-    return f"{model}_{'dense' if budget is None else f'rankdyna_b{budget:g}'}"
+def run_name(model: str, budget: float | None, kind: str = "time") -> str:
+    name = f"{model}_{'dense' if budget is None else f'rankdyna_b{budget:g}'}"
+    return name if kind == "time" else f"{name}_{kind}"
 
 
 # -- one run, in a child process ------------------------------------------------------------------------------------
-def measure_minilm(args, budget: float | None) -> dict:
+def measure_minilm(args, budget: float | None, memory: bool) -> dict:
     import run_glue
 
     from rankdyna_trainer.experiment.run_cost import RunCost
 
     with tempfile.TemporaryDirectory() as out:
-        argv = shlex.split(MAIN_JOB.format(rows=args.train_rows)) + ["--glue_dir", args.glue_dir, "--output_dir", out]
+        rows = args.memory_rows if memory else args.train_rows
+        argv = shlex.split(MAIN_JOB.format(rows=rows)) + ["--glue_dir", args.glue_dir, "--output_dir", out]
         if budget is not None:
             argv += ["--rankdyna", "--rankdyna_budget", str(budget)]
         cost = RunCost()
@@ -90,19 +98,19 @@ def measure_minilm(args, budget: float | None) -> dict:
             "compression": results.get("compression")}
 
 
-def lm_blocks(args, tokenizer):
+def lm_blocks(args, tokenizer, steps: int):
     from rankdyna_trainer.experiment.glue_data import load_glue
 
     text = " ".join(load_glue("sst2", args.glue_dir)["train"]["sentence"][:20000])
     ids = tokenizer(text)["input_ids"]
-    n = args.lm_steps * args.lm_batch_size
+    n = steps * args.lm_batch_size
     blocks = [ids[i * args.lm_seq_len:(i + 1) * args.lm_seq_len] for i in range(n)]
     if len(blocks[-1]) < args.lm_seq_len:
         raise ValueError(f"Not enough SST-2 text for {n} blocks of {args.lm_seq_len} tokens.")
     return blocks
 
 
-def measure_smollm2(args, budget: float | None) -> dict:
+def measure_smollm2(args, budget: float | None, memory: bool) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
@@ -116,7 +124,8 @@ def measure_smollm2(args, budget: float | None) -> dict:
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    blocks = lm_blocks(args, tokenizer)
+    steps = args.lm_memory_steps if memory else args.lm_steps
+    blocks = lm_blocks(args, tokenizer, steps)
     callbacks = []
     if budget is not None:
         config = RankDynaConfig(target_budget=budget)
@@ -125,7 +134,7 @@ def measure_smollm2(args, budget: float | None) -> dict:
     cost = RunCost()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        training_args = TrainingArguments(out, max_steps=args.lm_steps, per_device_train_batch_size=args.lm_batch_size,
+        training_args = TrainingArguments(out, max_steps=steps, per_device_train_batch_size=args.lm_batch_size,
                                           learning_rate=5e-5, save_strategy="no", report_to="none", use_cpu=True,
                                           disable_tqdm=True, logging_steps=10, seed=0)
         train = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
@@ -141,15 +150,15 @@ def measure_smollm2(args, budget: float | None) -> dict:
 def child(args) -> None:
     import torch
 
-    model, budget = args.child.split(":")
+    model, budget, kind = args.child.split(":")
     budget = None if budget == "dense" else float(budget)
     measure = measure_minilm if model == "minilm" else measure_smollm2
-    record = {"model": model, "budget": budget, **measure(args, budget)}
+    record = {"model": model, "budget": budget, "kind": kind, **measure(args, budget, memory=kind == "memory")}
     record.update(device=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                   malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
                   torch=torch.__version__, load_average_after=os.getloadavg(),
                   finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    path = os.path.join(args.results_dir, run_name(model, budget) + ".json")
+    path = os.path.join(args.results_dir, run_name(model, budget, kind) + ".json")
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
 
@@ -165,20 +174,21 @@ def load_runs(results_dir: str) -> dict[str, dict]:
 
 
 def ratios(runs: dict[str, dict]) -> dict:
-    """``docs/cost.json``: RankDyna over dense, whole run (MiniLM, per budget) and peak memory (per model, the
-    smallest budget's run, whose allocation is the furthest from dense)."""
-    out = {"run_ratio": {}, "peak_memory_ratio": {}}
-    for model in ("minilm", "smollm2"):
-        dense = runs.get(run_name(model, None))
-        if dense is None:
-            continue
-        ours = sorted((r for r in runs.values() if r["model"] == model and r["budget"] is not None),
-                      key=lambda r: r["budget"], reverse=True)
-        for run in ours:
-            key = "run_ratio" if model == "minilm" else "lm_run_ratio"
-            out.setdefault(key, {})[f"{run['budget']:g}"] = round(run["wall_seconds"] / dense["wall_seconds"], 3)
-        if ours:
-            out["peak_memory_ratio"][model] = round(max(r["peak_bytes"] for r in ours) / dense["peak_bytes"], 3)
+    """``docs/cost.json``: RankDyna over dense, whole timed run (MiniLM: ``run_ratio``, SmolLM2: ``lm_run_ratio``, per
+    budget) and peak memory of the memory runs (per model, the largest over the budgets)."""
+    out = {"run_ratio": {}, "lm_run_ratio": {}, "peak_memory_ratio": {}}
+    for model, key in (("minilm", "run_ratio"), ("smollm2", "lm_run_ratio")):
+        for kind in ("time", "memory"):
+            dense = runs.get(run_name(model, None, kind))
+            ours = [r for r in runs.values() if r["model"] == model and r["budget"] is not None
+                    and r.get("kind", "time") == kind]
+            if dense is None or not ours:
+                continue
+            if kind == "time":
+                for run in sorted(ours, key=lambda r: r["budget"], reverse=True):
+                    out[key][f"{run['budget']:g}"] = round(run["wall_seconds"] / dense["wall_seconds"], 3)
+            else:
+                out["peak_memory_ratio"][model] = round(max(r["peak_bytes"] for r in ours) / dense["peak_bytes"], 3)
     return out
 
 
@@ -195,21 +205,22 @@ def report(args) -> None:
     rows = ["| model | run | whole run (s) | of dense | training (s) | step start / middle / end (s) | peak memory "
             "(MiB) | of dense | dev accuracy or train loss |", "|---|---|---|---|---|---|---|---|---|"]
     for model in ("minilm", "smollm2"):
-        dense = runs.get(run_name(model, None))
-        for budget in [None] + sorted({r["budget"] for r in runs.values() if r["model"] == model and r["budget"]},
-                                      reverse=True):
-            run = runs.get(run_name(model, budget))
+        dense, dense_memory = runs.get(run_name(model, None)), runs.get(run_name(model, None, "memory"))
+        budgets = sorted({r["budget"] for r in runs.values() if r["model"] == model and r["budget"]}, reverse=True)
+        for budget in [None] + budgets:
+            run, memory = runs.get(run_name(model, budget)), runs.get(run_name(model, budget, "memory"))
             if run is None:
                 continue
             steps = run["step_seconds"]
             quality = (f"{100 * run['metric']:.1f}" if run.get("metric") is not None
                        else f"loss {run['train_loss']:.3f}")
             wall_ratio = f"{run['wall_seconds'] / dense['wall_seconds']:.2f}" if dense else ""
-            memory_ratio = f"{run['peak_bytes'] / dense['peak_bytes']:.2f}" if dense else ""
+            peak = f"{memory['peak_bytes'] / 2**20:.0f}" if memory else ""
+            memory_ratio = f"{memory['peak_bytes'] / dense_memory['peak_bytes']:.2f}" if memory and dense_memory else ""
             name = "dense" if budget is None else f"RankDyna {budget:g}"
             rows.append(f"| {model} | {name} | {run['wall_seconds']:.0f} | {wall_ratio} | {run['train_seconds']:.0f} "
                         f"| {steps['start']:.3f} / {steps['middle']:.3f} / {steps['end']:.3f} "
-                        f"| {run['peak_bytes'] / 2**20:.0f} | {memory_ratio} | {quality} |")
+                        f"| {peak} | {memory_ratio} | {quality} |")
     with open(args.out) as f:
         page = f.read()
     begin, end = "<!-- bench_cost:begin -->", "<!-- bench_cost:end -->"
@@ -221,6 +232,24 @@ def report(args) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "targets"}, indent=1))
 
 
+def measure_cell(args, argv, model: str, budget: float | None, kind: str) -> None:
+    path = os.path.join(args.results_dir, run_name(model, budget, kind) + ".json")
+    if os.path.exists(path) and not args.force:
+        print(f"skip {path} (exists; --force reruns)")
+        return
+    cell = f"{model}:{'dense' if budget is None else budget}:{kind}"
+    print(f"run {cell}", flush=True)
+    command = [sys.executable, os.path.abspath(__file__), "--child", cell,
+               *[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--force"]]
+    env = dict(os.environ)
+    if kind == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    subprocess.run(command, check=True, env=env)
+    report(args)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -230,19 +259,8 @@ def main(argv=None) -> int:
         os.makedirs(args.results_dir, exist_ok=True)
         for model in args.models:
             for budget in [None] + args.budgets:
-                path = os.path.join(args.results_dir, run_name(model, budget) + ".json")
-                if os.path.exists(path) and not args.force:
-                    print(f"skip {path} (exists; --force reruns)")
-                    continue
-                cell = f"{model}:{'dense' if budget is None else budget}"
-                print(f"run {cell}", flush=True)
-                command = [sys.executable, os.path.abspath(__file__), "--child", cell,
-                           *[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--force"]]
-                # Large tensors on mmap: a freed one goes back to the OS at once, so the peak RSS measures live memory
-                # (glibc would otherwise keep freed heap, more of it with the changing shapes of a pruning run).
-                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
-                subprocess.run(command, check=True, env=env)
-                report(args)
+                for kind in ("time", "memory"):
+                    measure_cell(args, argv, model, budget, kind)
     report(args)
     return 0
 

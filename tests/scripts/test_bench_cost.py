@@ -18,27 +18,33 @@ def test_bad_flags_are_one_line_naming_the_flag(argv, named, capsys):
     assert named in error and "Traceback" not in error
 
 
-def _run(model, budget, wall, peak, **extra):
+def _run(model, budget, wall, peak, kind="time", **extra):
     steps = {"start": wall / 100, "middle": wall / 200, "end": wall / 300}
-    return {"model": model, "budget": budget, "wall_seconds": wall, "train_seconds": wall - 5, "peak_bytes": peak,
-            "step_seconds": steps, **extra}
+    return {"model": model, "budget": budget, "kind": kind, "wall_seconds": wall, "train_seconds": wall - 5,
+            "peak_bytes": peak * 2**20, "step_seconds": steps, **extra}
 
 
 def test_ratios_and_page_are_rebuilt_from_the_run_files(tmp_path):
     bench = _load_script("bench_cost")
     runs = tmp_path / "runs"
     runs.mkdir()
-    for run in [_run("minilm", None, 600.0, 1000, metric=0.87), _run("minilm", 0.5, 420.0, 1050, metric=0.86),
-                _run("minilm", 0.2, 300.0, 1040, metric=0.84), _run("smollm2", None, 100.0, 4000, train_loss=3.0),
-                _run("smollm2", 0.5, 90.0, 3800, train_loss=3.2)]:
-        (runs / f"{bench.run_name(run['model'], run['budget'])}.json").write_text(json.dumps(run))
+    for run in [_run("minilm", None, 600.0, 9, metric=0.87), _run("minilm", 0.5, 420.0, 9, metric=0.86),
+                _run("minilm", 0.2, 300.0, 9, metric=0.84), _run("smollm2", None, 100.0, 9, train_loss=3.0),
+                _run("smollm2", 0.5, 90.0, 9, train_loss=3.2), _run("minilm", None, 60.0, 1000, "memory", metric=0.8),
+                _run("minilm", 0.5, 50.0, 1050, "memory", metric=0.8),
+                _run("minilm", 0.2, 50.0, 1040, "memory", metric=0.8),
+                _run("smollm2", None, 10.0, 4000, "memory", train_loss=3.0),
+                _run("smollm2", 0.5, 9.0, 3800, "memory", train_loss=3.0)]:
+        name = bench.run_name(run["model"], run["budget"], run["kind"])
+        (runs / f"{name}.json").write_text(json.dumps(run))
     page = tmp_path / "cost.md"
     page.write_text("# Cost\n<!-- bench_cost:begin -->\nold\n<!-- bench_cost:end -->\nafter\n")
     bench.main(["--report_only", "--results_dir", str(runs), "--json", str(tmp_path / "cost.json"),
                 "--out", str(page)])
     cost = json.loads((tmp_path / "cost.json").read_text())
-    assert cost["run_ratio"] == {"0.5": 0.7, "0.2": 0.5}
+    assert cost["run_ratio"] == {"0.5": 0.7, "0.2": 0.5} and cost["lm_run_ratio"] == {"0.5": 0.9}
     assert cost["peak_memory_ratio"] == {"minilm": 1.05, "smollm2": 0.95}
     text = page.read_text()
     assert "old" not in text and text.endswith("after\n")
     assert "| minilm | RankDyna 0.2 | 300 | 0.50 |" in text and "| smollm2 | RankDyna 0.5 | 90 | 0.90 |" in text
+    assert "| 1040 | 1.04 | 84.0 |" in text  # peak memory from the memory run, quality from the timed one
