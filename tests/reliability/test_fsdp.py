@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rankdyna_trainer.methods.rankdyna import RANK_PATTERN_FILE, export_model
 from tests.tiny_models import ARCHITECTURES, example_inputs
 
 from .fsdp_worker import CASES, GLOBAL_BATCH, load_prepared, save_base_model, train
 
+pytestmark = pytest.mark.slow  # two torchrun processes and the single-process reference: ~40-70 s on 2 cores
+
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-AUTO = {"AutoModelForCausalLM": AutoModelForCausalLM,
-        "AutoModelForSequenceClassification": AutoModelForSequenceClassification}
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +92,10 @@ def test_budget_is_met(fsdp_run, case):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_one_rankdyna_collective_per_step(fsdp_run, case):
-    # Counted in RankDynaCallback.on_pre_optimizer_step. Every step: one all-reduce (the gate gradients, and for 'sensitivity' the finiteness of the factor shards).
-    # A reallocation step adds one all-reduce of the per-group sums of the shards ('sensitivity' only) and one
-    # broadcast of the masks: never one collective per matrix (the models have 14 gated layers).
+    # Counted in RankDynaCallback.on_pre_optimizer_step. Every scored step: one all-reduce (the gate gradients,
+    # and for 'sensitivity' the finiteness of the factor shards). A reallocation step adds one all-reduce of the
+    # per-group sums of the shards ('sensitivity' only) and one broadcast of the masks: never one collective per
+    # matrix (the models have 14 gated layers).
     reallocations = {r["step"] for r in _load(fsdp_run / case / "allocations_rank0.json")}
     for rank in (0, 1):
         steps = _load(fsdp_run / case / f"collectives_rank{rank}.json")
@@ -109,28 +109,34 @@ def test_one_rankdyna_collective_per_step(fsdp_run, case):
             assert counts == expected, f"rank {rank} step {step}: {counts}"
 
 
+@pytest.fixture(scope="module")
+def reloaded_logits(fsdp_run):
+    """Each exported folder loaded by from_pretrained in one fresh process (no RankDyna layer, no sharding)."""
+    code = (
+        "import sys, torch, rankdyna_trainer, transformers\n"
+        "from tests.tiny_models import example_inputs\n"
+        "for folder, auto_class, task in zip(*[iter(sys.argv[1:])] * 3):\n"
+        "    model = getattr(transformers, auto_class).from_pretrained(folder).eval()\n"
+        "    with torch.no_grad():\n"
+        "        torch.save(model(**example_inputs(task)).logits, folder + '/reloaded_logits.pt')\n"
+    )
+    argv = [str(item) for case, (arch, _, _) in CASES.items()
+            for item in (fsdp_run / case / "exported", ARCHITECTURES[arch].auto_class, ARCHITECTURES[arch].task)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {case: torch.load(fsdp_run / case / "exported" / "reloaded_logits.pt") for case in CASES}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_exported_model_reloads_in_a_fresh_process_with_the_same_logits(fsdp_run, single_process, case):
-    arch = CASES[case][0]
+def test_exported_model_reloads_in_a_fresh_process_with_the_same_logits(fsdp_run, single_process, reloaded_logits,
+                                                                         case):
     logits = torch.load(fsdp_run / case / "gathered_logits.pt")
     # Export changes nothing the model computes (masked groups were already zero).
     torch.testing.assert_close(logits["exported"], logits["gathered"], rtol=1e-4, atol=1e-5)
-    code = (
-        "import sys, torch, rankdyna_trainer\n"
-        "from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification\n"
-        "from tests.tiny_models import example_inputs\n"
-        f"model = {ARCHITECTURES[arch].auto_class}.from_pretrained(sys.argv[1]).eval()\n"
-        f"with torch.no_grad(): torch.save(model(**example_inputs({ARCHITECTURES[arch].task!r})).logits, sys.argv[2])\n"
-    )
-    reloaded_path = fsdp_run / case / "reloaded_logits.pt"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code, str(fsdp_run / case / "exported"), str(reloaded_path)],
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reloaded = torch.load(reloaded_path)
-    torch.testing.assert_close(reloaded, logits["exported"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reloaded_logits[case], logits["exported"], rtol=1e-5, atol=1e-6)
     # And what an unsharded run on the same global batches exports.
-    torch.testing.assert_close(reloaded, single_process[case]["exported_logits"], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(reloaded_logits[case], single_process[case]["exported_logits"], rtol=1e-3, atol=1e-4)
 
 
 def test_sharded_models_are_refused_where_the_math_needs_whole_tensors(fsdp_run):

@@ -204,9 +204,9 @@ class RankDynaCallback(TrainerCallback):
             json.dump(pattern, f, indent=2)
 
 
-FSDP_ROUTE = ("load the model unsharded, call prepare_model, then "
-              "rankdyna_trainer.methods.rankdyna.shard_model(model, DistributedConfig(fsdp_size=N)) under torchrun "
-              "(FSDP2, the Trainer treats it as a model sharded at load time; docs/reliability.md)")
+FSDP_ROUTE = ("load the model unsharded, prepare_model(model, config), then shard_model(model, "
+              "DistributedConfig(fsdp_size=N)) from rankdyna_trainer.methods.rankdyna, under torchrun "
+              "(docs/reliability.md)")
 
 
 def _unsupported_backend(args) -> str | None:
@@ -222,16 +222,25 @@ def _unsupported_backend(args) -> str | None:
                 "GPU, DeepSpeed not installed). Use DDP (torchrun / accelerate launch --multi_gpu) or FSDP2: "
                 + FSDP_ROUTE + ".")
     if getattr(args, "fsdp", None) or launched_with("FSDP"):
-        version = (getattr(args, "fsdp_config", None) or {}).get("fsdp_version", 1)
-        if str(version) != "2":
+        if _fsdp_version(args) != "2":
             return ("RankDyna does not support FSDP1 (TrainingArguments(fsdp=...) / an accelerate FSDP config "
-                    "without fsdp_version 2): its flat parameters hide the U, V and gate tensors the scores read. "
-                    "Use FSDP2: " + FSDP_ROUTE + ".")
+                    "without fsdp_version 2): FSDP1 flattens each wrapped block's parameters and gradients into one buffer "
+                    "split across ranks, so no rank holds a factor's gradient as a tensor of its own, and it was never "
+                    "run with RankDyna. Use FSDP2: " + FSDP_ROUTE + ".")
         return ("RankDyna does not take FSDP2 through TrainingArguments(fsdp=..., fsdp_config={'fsdp_version': 2}) "
                 "or accelerate launch: accelerate's own FSDP2 wrapping, saving and checkpointing only run on a GPU "
                 "and were never run with RankDyna (on the CPU accelerate silently falls back to DDP). The sharded "
                 "path that is tested: " + FSDP_ROUTE + ".")
     return None
+
+
+def _fsdp_version(args) -> str:
+    # TrainingArguments stores fsdp_config={"fsdp_version": 2} as fsdp_config["version"] (and in fsdp_plugin_args);
+    # accelerate launch sets FSDP_VERSION.
+    config = getattr(args, "fsdp_config", None) or {}
+    plugin = getattr(args, "fsdp_plugin_args", None) or {}
+    return str(config.get("version") or config.get("fsdp_version") or plugin.get("fsdp_version")
+               or os.environ.get("FSDP_VERSION") or 1)
 
 
 def _check_sharded_run(model, config: RankDynaConfig) -> None:
