@@ -225,8 +225,8 @@ def _unsupported_backend(args) -> str | None:
         if _fsdp_version(args) != "2":
             return ("RankDyna does not support FSDP1 (TrainingArguments(fsdp=...) / an accelerate FSDP config "
                     "without fsdp_version 2): FSDP1 flattens each wrapped block's parameters and gradients into one "
-                    "buffer split across ranks, so no rank holds a factor's gradient as a tensor of its own, and it was "
-                    "never run with RankDyna. Use FSDP2: " + FSDP_ROUTE + ".")
+                    "buffer split across ranks, so no rank holds a factor's gradient as a tensor of its own, and it "
+                    "was never run with RankDyna. Use FSDP2: " + FSDP_ROUTE + ".")
         return ("RankDyna does not take FSDP2 through TrainingArguments(fsdp=..., fsdp_config={'fsdp_version': 2}) "
                 "or accelerate launch: accelerate's own FSDP2 wrapping, saving and checkpointing only run on a GPU "
                 "and were never run with RankDyna (on the CPU accelerate silently falls back to DDP). The sharded "
