@@ -149,6 +149,7 @@ def main(out: Path) -> None:
         if case == "llama_channels_fisher":
             refusals["orth_reg_on_a_sharded_model"] = refusal_of_orth_reg(model)
         records, collectives = train(case, model, folder / f"trainer_rank{rank}", per_device_batch=GLOBAL_BATCH // 2)
+        (folder / f"layout_rank{rank}.json").write_text(json.dumps(layout(model)))
         (folder / f"allocations_rank{rank}.json").write_text(json.dumps(records))
         (folder / f"collectives_rank{rank}.json").write_text(json.dumps(collectives))
         full = gather_unsharded_model(model)
@@ -163,6 +164,22 @@ def main(out: Path) -> None:
             full.save_pretrained(folder / "exported")
         dist.barrier()
     (out / f"refusals_rank{rank}.json").write_text(json.dumps(refusals))
+
+
+def layout(model) -> dict:
+    """Which tensors are sharded (DTensor) after training, and this rank's share of the elements."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {
+        "plain_parameters": [n for n, p in model.named_parameters() if not isinstance(p, DTensor)],
+        "sharded_buffers": sorted(n for n, b in model.named_buffers() if isinstance(b, DTensor)),
+        "frozen_factors": sorted(n for n in tensors if n.endswith(("U_frozen", "V_frozen"))),
+        "frozen_factors_sharded": all(isinstance(tensors[n], DTensor) for n in tensors
+                                      if n.endswith(("U_frozen", "V_frozen"))),
+        "local_elements": sum((t.to_local() if isinstance(t, DTensor) else t).numel() for t in tensors.values()),
+        "global_elements": sum(t.numel() for t in tensors.values()),
+    }
 
 
 def refusal_of_prepare_on_sharded(base: Path) -> str:

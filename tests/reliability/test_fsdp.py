@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rankdyna_trainer.methods.rankdyna import RANK_PATTERN_FILE, export_model
+from rankdyna_trainer.methods.rankdyna.sharding import ELEMENT_STATISTICS
 from tests.tiny_models import ARCHITECTURES, example_inputs
 
 from .fsdp_worker import CASES, GLOBAL_BATCH, load_prepared, save_base_model, train
@@ -81,6 +82,19 @@ def test_sharded_run_allocates_like_a_single_process_on_the_global_batch(fsdp_ru
             # measured ~1e-6 relative (llama/fisher) and ~8e-6 (bert/sensitivity).
             torch.testing.assert_close(torch.tensor(sa), torch.tensor(sb), rtol=1e-4,
                                        atol=1e-4 * max(map(abs, sb)))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_factors_statistics_and_frozen_groups_are_sharded(fsdp_run, case):
+    for rank in (0, 1):
+        layout = _load(fsdp_run / case / f"layout_rank{rank}.json")
+        assert layout["plain_parameters"] == []  # every parameter (U, s, V, frozen factors, the rest) is a DTensor
+        assert layout["frozen_factors"] and layout["frozen_factors_sharded"]  # factor_budget=1.0 freezes groups
+        if CASES[case][1]["importance"] == "sensitivity":
+            assert layout["sharded_buffers"] and all(n.rsplit(".", 1)[1] in ELEMENT_STATISTICS
+                                                     for n in layout["sharded_buffers"])
+        # Each rank holds about half of the elements (the replicated gates and small buffers aside).
+        assert layout["local_elements"] < 0.6 * layout["global_elements"]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -58,7 +58,7 @@ class RankDynaCallback(TrainerCallback):
         if refusal is not None:
             raise ValueError(refusal)
         if is_sharded(model):
-            _check_sharded_run(model, config)
+            _check_sharded_run(config)
             shard_statistics_like_parameters(model)
         self._names, self._layers = list(layers), list(layers.values())
         self.budget = ParameterBudget.from_fractions(
@@ -243,7 +243,7 @@ def _fsdp_version(args) -> str:
                or os.environ.get("FSDP_VERSION") or 1)
 
 
-def _check_sharded_run(model, config: RankDynaConfig) -> None:
+def _check_sharded_run(config: RankDynaConfig) -> None:
     """Refuse settings whose math was not written for DTensor shards."""
     if config.orth_reg_weight > 0:
         raise ValueError(f"orth_reg_weight={config.orth_reg_weight} is not supported on a sharded (FSDP2) model: the "

@@ -62,6 +62,7 @@ def shard_model(model: nn.Module, distributed_config) -> nn.Module:
     if mesh_manager is None:  # fsdp_size 1: nothing to shard
         return model
     _broadcast_state_from_rank0(model)
+    frozen_factors_as_parameters(model)
     model = type(model).maybe_distribute_model(model, distributed_config, mesh_manager)
     shard_statistics_like_parameters(model)
     return model
@@ -77,6 +78,17 @@ def _broadcast_state_from_rank0(model: nn.Module) -> None:
         flat = torch.cat([t.reshape(-1) for t in group])
         dist.broadcast(flat, src=0)
         torch._foreach_copy_(group, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in group]), group)])
+
+
+def frozen_factors_as_parameters(model: nn.Module) -> None:
+    """Turn each SVDLinear's frozen factors (``U_frozen``, ``V_frozen``: the groups beyond ``factor_budget``) from
+    buffers into parameters that do not train, so FSDP2 shards them (and gathers them for the forward) instead of
+    keeping a full copy on every rank: with the default ``factor_budget=1.0`` they are about half of a square
+    matrix's factors. Same names, so the state dict and the saved files do not change."""
+    for layer in svd_layers(model).values():
+        for name in ("U_frozen", "V_frozen"):
+            if name in layer._buffers:
+                layer.register_parameter(name, nn.Parameter(layer._buffers.pop(name), requires_grad=False))
 
 
 def shard_statistics_like_parameters(model: nn.Module) -> None:
