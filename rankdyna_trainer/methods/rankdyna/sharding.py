@@ -61,6 +61,7 @@ def shard_model(model: nn.Module, distributed_config) -> nn.Module:
     distributed_config, _, mesh_manager = type(model).prepare_distribute_model(distributed_config)
     if mesh_manager is None:  # fsdp_size 1: nothing to shard
         return model
+    _refuse_tied_embeddings(model)
     _broadcast_state_from_rank0(model)
     frozen_factors_as_parameters(model)
     model = type(model).maybe_distribute_model(model, distributed_config, mesh_manager)
@@ -78,6 +79,20 @@ def _broadcast_state_from_rank0(model: nn.Module) -> None:
         flat = torch.cat([t.reshape(-1) for t in group])
         dist.broadcast(flat, src=0)
         torch._foreach_copy_(group, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in group]), group)])
+
+
+def _refuse_tied_embeddings(model: nn.Module) -> None:
+    """from_pretrained shards a model before tying its embeddings (tie_weights runs after loading); fully_shard on
+    an already tied model puts the one weight into two FSDP groups and fails at the first forward, and re-tying
+    after sharding was not verified, so a tied model is refused."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    embeddings, head = (get_in() if get_in else None), (get_out() if get_out else None)
+    if embeddings is not None and head is not None and head.weight is embeddings.weight:
+        raise ValueError(
+            f"shard_model does not support tied input/output embeddings ({type(model).__name__} with "
+            "tie_word_embeddings=True): sharding a tied model was not verified. Untie first (the output layer "
+            "then trains its own copy): model.config.tie_word_embeddings = False; "
+            "model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.clone()).")
 
 
 def frozen_factors_as_parameters(model: nn.Module) -> None:
