@@ -161,3 +161,15 @@ def test_sharded_models_are_refused_where_the_math_needs_whole_tensors(fsdp_run)
         assert "shard_model(model, DistributedConfig(fsdp_size=N))" in refusals["prepare_model_on_a_sharded_model"]
         assert refusals["orth_reg_on_a_sharded_model"].startswith(
             "orth_reg_weight=0.1 is not supported on a sharded (FSDP2) model")
+
+
+def test_shard_model_refuses_what_it_cannot_shard_before_any_collective():
+    from transformers.distributed import DistributedConfig
+
+    from rankdyna_trainer.methods.rankdyna import RankDynaConfig, prepare_model, shard_model
+
+    with pytest.raises(ValueError, match="shard_model expects a model passed through prepare_model"):
+        shard_model(ARCHITECTURES["llama"].build(), DistributedConfig(fsdp_size=2))
+    tied = prepare_model(ARCHITECTURES["llama-tied"].build(), RankDynaConfig())
+    with pytest.raises(ValueError, match="shard_model does not support tied input/output embeddings"):
+        shard_model(tied, DistributedConfig(fsdp_size=2))

@@ -58,10 +58,10 @@ def shard_model(model: nn.Module, distributed_config) -> nn.Module:
     if unsupported:
         raise ValueError(f"RankDyna's sharded path is FSDP2 data parallelism only (DistributedConfig(fsdp_size=N)); "
                          f"got {unsupported}, which was never run with RankDyna layers.")
+    _refuse_tied_embeddings(model)
     distributed_config, _, mesh_manager = type(model).prepare_distribute_model(distributed_config)
     if mesh_manager is None:  # fsdp_size 1: nothing to shard
         return model
-    _refuse_tied_embeddings(model)
     _broadcast_state_from_rank0(model)
     frozen_factors_as_parameters(model)
     model = type(model).maybe_distribute_model(model, distributed_config, mesh_manager)
