@@ -33,6 +33,10 @@ def _with_fsdp():
     return TrainingArguments("unused", use_cpu=True, report_to=[], fsdp=True)
 
 
+def _with_fsdp1():
+    return TrainingArguments("unused", use_cpu=True, report_to=[], fsdp=True, fsdp_config={"fsdp_version": 1})
+
+
 def _with_deepspeed():
     # Building TrainingArguments(deepspeed=...) needs the deepspeed package; the callback reads the field only.
     args = TrainingArguments("unused", use_cpu=True, report_to=[])
@@ -83,6 +87,7 @@ CASES = {
     "no_config": lambda: _callback_begin(_prepared_without_config()),
     "fsdp": lambda: _callback_begin(prepare_model(tiny_bert(), RankDynaConfig()), args=_with_fsdp()),
     "fsdp_from_accelerate_launch": _launched_with_fsdp,
+    "fsdp1": lambda: _callback_begin(prepare_model(tiny_bert(), RankDynaConfig()), args=_with_fsdp1()),
     "deepspeed": lambda: _callback_begin(prepare_model(tiny_bert(), RankDynaConfig()), args=_with_deepspeed()),
     "unknown_steps": lambda: ParameterBudget.from_fractions(1000, 1.0, 0.5, None, 0.1, 0.2),
     "no_step_to_prune": lambda: build_trainer(

@@ -17,6 +17,7 @@ from .importance import SingularGroupScores
 from .kept_compute import KeptCompute
 from .layer import SVDLinear
 from .model import dense_params, gated_layers, kept_params, layer_ranks, pruned_away, rank_pattern
+from .sharding import is_sharded, shard_statistics_like_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +55,12 @@ class RankDynaCallback(TrainerCallback):
         if config is None:
             raise ValueError("RankDynaCallback needs a RankDynaConfig: pass it to the callback or to prepare_model.")
         self.config = config
-        backend = _sharding_backend(args)
-        if backend is not None:
-            raise ValueError(
-                f"RankDyna does not support {backend}: it reads the full gradient of every factor on each optimizer "
-                "step, which FSDP and DeepSpeed ZeRO shard across processes (DeepSpeed without ZeRO is untested, so "
-                "it is refused too). Use plain data parallelism (torchrun, or accelerate launch with multi-GPU DDP)."
-            )
+        refusal = _unsupported_backend(args)
+        if refusal is not None:
+            raise ValueError(refusal)
+        if is_sharded(model):
+            _check_sharded_run(config)
+            shard_statistics_like_parameters(model)
         self._names, self._layers = list(layers), list(layers.values())
         self.budget = ParameterBudget.from_fractions(
             dense_params=dense_params(self._layers),
@@ -143,11 +143,15 @@ class RankDynaCallback(TrainerCallback):
         # here or processes would allocate differently.
         if not _is_distributed():
             return
+        # Sharded 'sensitivity': the finiteness probe of this rank's factor shards rides on the same collective.
         grads = self.scores.gate_grads()
-        flat = torch.cat(grads)
+        probe = self.scores.local_factor_probe()
+        flat = torch.cat(grads + ([probe.reshape(1)] if probe is not None else []))
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
-        torch._foreach_copy_(grads, list(flat.split([g.numel() for g in grads])))
+        torch._foreach_copy_(grads, list(flat[: flat.numel() - (probe is not None)].split([g.numel() for g in grads])))
+        if probe is not None:
+            self.scores.agree_on_factors(flat[-1])
 
     # -- reporting and files ----------------------------------------------------------------------
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -216,16 +220,50 @@ class RankDynaCallback(TrainerCallback):
             json.dump(pattern, f, indent=2)
 
 
-def _sharding_backend(args) -> str | None:
-    """DeepSpeed or FSDP if either is on, from TrainingArguments or from an ``accelerate launch`` config."""
+FSDP_ROUTE = ("load the model unsharded, prepare_model(model, config), then shard_model(model, "
+              "DistributedConfig(fsdp_size=N)) from rankdyna_trainer.methods.rankdyna, under torchrun "
+              "(docs/reliability.md)")
+
+
+def _unsupported_backend(args) -> str | None:
+    """Why RankDyna refuses the run's DeepSpeed or accelerate-FSDP setting (TrainingArguments or an
+    ``accelerate launch`` config), or None."""
     def launched_with(name: str) -> bool:
         return os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() in ("1", "true")
 
     if getattr(args, "deepspeed", None) or launched_with("DEEPSPEED"):
-        return "DeepSpeed"
+        return ("RankDyna does not support DeepSpeed: under DeepSpeed, accelerate runs engine.step() inside "
+                "accelerator.backward, so the gradients RankDyna scores are gone (and with ZeRO sharded) before any "
+                "Trainer callback runs; a hook on the engine step would be needed, and it could not be run here (no "
+                "GPU, DeepSpeed not installed). Use DDP (torchrun / accelerate launch --multi_gpu) or FSDP2: "
+                + FSDP_ROUTE + ".")
     if getattr(args, "fsdp", None) or launched_with("FSDP"):
-        return "FSDP"
+        if _fsdp_version(args) != "2":
+            return ("RankDyna does not support FSDP1 (TrainingArguments(fsdp=...) / an accelerate FSDP config "
+                    "without fsdp_version 2): FSDP1 flattens each wrapped block's parameters and gradients into one "
+                    "buffer split across ranks, so no rank holds a factor's gradient as a tensor of its own, and it "
+                    "was never run with RankDyna. Use FSDP2: " + FSDP_ROUTE + ".")
+        return ("RankDyna does not take FSDP2 through TrainingArguments(fsdp=..., fsdp_config={'fsdp_version': 2}) "
+                "or accelerate launch: accelerate's own FSDP2 wrapping, saving and checkpointing only run on a GPU "
+                "and were never run with RankDyna (on the CPU accelerate silently falls back to DDP). The sharded "
+                "path that is tested: " + FSDP_ROUTE + ".")
     return None
+
+
+def _fsdp_version(args) -> str:
+    # TrainingArguments stores fsdp_config={"fsdp_version": 2} as fsdp_config["version"] (and in fsdp_plugin_args);
+    # accelerate launch sets FSDP_VERSION.
+    config = getattr(args, "fsdp_config", None) or {}
+    plugin = getattr(args, "fsdp_plugin_args", None) or {}
+    return str(config.get("version") or config.get("fsdp_version") or plugin.get("fsdp_version")
+               or os.environ.get("FSDP_VERSION") or 1)
+
+
+def _check_sharded_run(config: RankDynaConfig) -> None:
+    """Refuse settings whose math was not written for DTensor shards."""
+    if config.orth_reg_weight > 0:
+        raise ValueError(f"orth_reg_weight={config.orth_reg_weight} is not supported on a sharded (FSDP2) model: the "
+                         "orthogonality penalty multiplies whole factors, which FSDP shards; set orth_reg_weight=0.")
 
 
 def _is_distributed() -> bool:

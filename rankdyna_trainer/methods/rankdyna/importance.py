@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dtensors import local, local_row_indices, mesh_group
 from .layer import SVDLinear
 
 SINGULAR_VALUE_SIGNALS = ("gate", "singular_value")
@@ -56,19 +57,51 @@ class SingularGroupScores:
         self.singular_value_signal = singular_value_signal
         self.importance = importance
         self.skipped_steps = 0
+        # FSDP2: U and V (and their element statistics) are Shard(0) DTensors; the statistics are updated on this
+        # rank's shard, and group sums are all-reduced over this group (None when nothing is sharded).
+        self._shard_group = mesh_group([p for l in layers for p in (l.U, l.V)]) if importance == "sensitivity" else None
+        if self._shard_group is not None and singular_value_signal != "gate":
+            raise ValueError("singular_value_signal='singular_value' reads each singular value's own gradient, which "
+                             "FSDP shards; use the default 'gate' signal with a sharded model.")
         if importance == "sensitivity":
-            self._sensitivity = [getattr(l, f"sensitivity_{p}") for p in ("U", "V", "gate") for l in layers]
-            self._uncertainty = [getattr(l, f"uncertainty_{p}") for p in ("U", "V", "gate") for l in layers]
+            # Local views: in-place updates of a shard update the DTensor buffer itself.
+            self._sensitivity = [local(getattr(l, f"sensitivity_{p}")) for p in ("U", "V", "gate") for l in layers]
+            self._uncertainty = [local(getattr(l, f"uncertainty_{p}")) for p in ("U", "V", "gate") for l in layers]
+            self._V_rows = [local_row_indices(l.V) for l in layers] if self._shard_group is not None else None
         self._fisher = [l.gate_fisher for l in layers]
+        self._factor_instant: list[torch.Tensor] | None = None
+        self._factors_finite: torch.Tensor | None = None
 
     def gate_grads(self) -> list[torch.Tensor]:
         return [l.gate_grad for l in self.layers]
 
-    def _instant_sensitivity(self, grad_scale: torch.Tensor | float) -> list[torch.Tensor]:
-        params = [l.U for l in self.layers] + [l.V for l in self.layers]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    @property
+    def sharded(self) -> bool:
+        return self._shard_group is not None
+
+    def _factor_sensitivity(self) -> list[torch.Tensor]:
+        """``|w * g|`` of every element of ``U`` then ``V`` (this rank's shard when sharded)."""
+        params = [local(l.U) for l in self.layers] + [local(l.V) for l in self.layers]
+        grads = [local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
+                 for p in [l.U for l in self.layers] + [l.V for l in self.layers]]
         # Invariant to the factor_scale multiplier: (U / a) * (a dL/dU) = U * dL/dU.
-        sensitivity = torch._foreach_mul([p.detach() for p in params], grads)
+        return torch._foreach_mul([p.detach() for p in params], grads)
+
+    @torch.no_grad()
+    def local_factor_probe(self) -> torch.Tensor | None:
+        """Sharded ``sensitivity`` only (else None): the summed norms of this rank's ``|w * g|`` shards, which the
+        caller all-reduces with the gate gradients and passes to :meth:`agree_on_factors`, so that every rank skips
+        (or keeps) a step with a non-finite factor gradient alike. The shards are kept for :meth:`update`."""
+        if not self.sharded or self.importance != "sensitivity":
+            return None
+        self._factor_instant = self._factor_sensitivity()
+        return torch.stack(torch._foreach_norm(self._factor_instant)).sum()
+
+    def agree_on_factors(self, reduced_probe: torch.Tensor) -> None:
+        self._factors_finite = reduced_probe.isfinite()
+
+    def _instant_sensitivity(self, grad_scale: torch.Tensor | float) -> list[torch.Tensor]:
+        sensitivity, self._factor_instant = self._factor_instant or self._factor_sensitivity(), None
         if self.singular_value_signal == "gate":
             # The gate gradient is the loss change per unit of gate: |s * dL/ds| for kept groups, and the
             # first-order gain of re-adding a masked group.
@@ -93,7 +126,15 @@ class SingularGroupScores:
         if self.importance == "fisher":
             return self._update_fisher(grad_scale, scored)
         instant = self._instant_sensitivity(grad_scale)
-        if not bool(torch.stack(torch._foreach_norm(instant)).isfinite().all()):
+        if self._factors_finite is not None:
+            # Sharded: this rank sees only its factor shards, so decide on the all-reduced probe and the
+            # (replicated) gate part, the same on every rank.
+            n = 2 * len(self.layers)
+            finite = torch.stack(torch._foreach_norm(instant[n:])).isfinite().all() & self._factors_finite
+            self._factors_finite = None
+        else:
+            finite = torch.stack(torch._foreach_norm(instant)).isfinite().all()
+        if not bool(finite):
             self.skipped_steps += 1
             return False
         n = 2 * len(self.layers)  # the U and V statistics come first, the gates' last
@@ -124,6 +165,23 @@ class SingularGroupScores:
         element = torch._foreach_mul(self._sensitivity, self._uncertainty)
         n = len(self.layers)
         U_scores, V_scores, gate_scores = element[:n], element[n : 2 * n], element[2 * n :]
+        if self.sharded:
+            factor_means = self._sharded_factor_means(U_scores, V_scores)
+        else:
+            factor_means = [u.mean(dim=0) + v.mean(dim=1) for u, v in zip(U_scores, V_scores)]
         # Frozen groups (beyond a layer's trainable_rank) have no factor statistics: their score is the gate's.
-        return [g + F.pad(u.mean(dim=0) + v.mean(dim=1), (0, g.numel() - u.shape[1]))
-                for u, v, g in zip(U_scores, V_scores, gate_scores)]
+        return [g + F.pad(m, (0, g.numel() - m.numel())) for m, g in zip(factor_means, gate_scores)]
+
+    def _sharded_factor_means(self, U_scores: list[torch.Tensor], V_scores: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-group means of the element scores from this rank's shards: U's column sums are partial (rows are
+        sharded), V's row sums are this rank's rows; one all-reduce of all of them for every layer."""
+        import torch.distributed as dist
+
+        U_sums = [u.sum(dim=0) for u in U_scores]
+        V_sums = [u_sum.new_zeros(u_sum.shape).index_copy_(0, rows, v.sum(dim=1))
+                  for u_sum, v, rows in zip(U_sums, V_scores, self._V_rows)]
+        flat = torch.cat(U_sums + V_sums)
+        dist.all_reduce(flat, group=self._shard_group)
+        sums = flat.split([s.numel() for s in U_sums + V_sums])
+        n = len(self.layers)
+        return [u / l.out_features + v / l.in_features for u, v, l in zip(sums[:n], sums[n:], self.layers)]

@@ -37,6 +37,7 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
     wrapper, model = model, unwrap_model(model)
     if gated_layers(model):
         raise ValueError("The model already holds RankDyna layers; prepare_model must be called once per model.")
+    _refuse_sharded(model)
     targets = find_target_linears(model, config.target_modules)
     channel_ffns = _channel_ffns(model, targets, config)
     if config.ffn_groups == "auto":
@@ -72,6 +73,19 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
     model.rankdyna_config = config
     _keep_buffers_out_of_ddp(model)
     return wrapper
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    """Factorizing needs each full weight, and layers swapped in after ``fully_shard`` would not be sharded."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"prepare_model got a model whose parameters are already sharded (DTensor: {sharded[0]!r}, ...), e.g. by "
+            "from_pretrained(..., distributed_config=...) or fully_shard. Factorize before sharding: load the model "
+            "without distributed_config, call prepare_model, then "
+            "rankdyna_trainer.methods.rankdyna.shard_model(model, DistributedConfig(fsdp_size=N)).")
 
 
 def _channel_ffns(model: nn.Module, targets: dict[str, nn.Module], config: RankDynaConfig) -> dict[str, list[str]]:
