@@ -30,6 +30,7 @@ from .quantizer import read_compression_config
 RANK_PATTERN_FILE = "rank_pattern.json"  # written by RankDynaCallback into the Trainer's output folder
 HEATMAP_FILE = "rank_heatmap.png"  # written by scripts/run_glue.py beside the model
 MODEL_CARD_FILE = "README.md"
+COMPRESSION_HEADING = "## Compression"
 
 
 # -- ONNX ------------------------------------------------------------------------------------------------------
@@ -169,15 +170,23 @@ def write_model_card(folder: str | os.PathLike, trainer=None, *, metric_name: st
     parameters kept, the dev metric beside the dense model's and the constant-prediction floor (each when known),
     the rank heat map when ``rank_heatmap.png`` is in the folder, and how to load the model. With ``trainer``, the
     card starts from the Trainer's own (``TrainingSummary.from_trainer``: metadata, hyperparameters, training
-    results). Returns the card's path."""
+    results); without it, a card this function wrote before keeps everything above its compression section (so
+    a later call can add the dense model's metric). Metrics are fractions (0.857, not 85.7). Returns the card's
+    path."""
     folder = Path(folder)
     facts = compression_facts(folder)
     for name, value in (("metric", metric), ("dense_metric", dense_metric), ("floor", floor)):
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be a fraction in [0, 1] (e.g. 0.857 for 85.7 %), got {value!r}.")
-    head = _trainer_card(trainer, dataset, base_model) if trainer is not None else _plain_header(base_model)
-    card = head.rstrip() + "\n\n" + _compression_section(folder, facts, metric_name, metric, dense_metric, floor)
+        if value is not None and not -1.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be a fraction in [-1, 1] (e.g. 0.857 for 85.7 %; Matthews correlation may "
+                             f"be negative), got {value!r}.")
     path = folder / MODEL_CARD_FILE
+    if trainer is not None:
+        head = _trainer_card(trainer, dataset, base_model)
+    elif path.is_file() and COMPRESSION_HEADING in path.read_text(encoding="utf-8"):
+        head = path.read_text(encoding="utf-8").split(COMPRESSION_HEADING)[0]  # keep the Trainer's part of the card
+    else:
+        head = _plain_header(base_model)
+    card = head.rstrip() + "\n\n" + _compression_section(folder, facts, metric_name, metric, dense_metric, floor)
     path.write_text(card, encoding="utf-8")
     return path
 
@@ -211,7 +220,7 @@ def _compression_section(folder: Path, facts: dict, metric_name, metric, dense_m
         label = metric_name or "dev metric"
         rows.append((label, f"{_pct(metric)} (dense model: {_pct(dense_metric)}; constant-prediction floor: "
                             f"{_pct(floor)})"))
-    lines = ["## Compression", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    lines = [COMPRESSION_HEADING, "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     if (folder / HEATMAP_FILE).is_file():
         lines += ["", "Kept rank per layer and matrix type:", "", f"![kept rank per matrix]({HEATMAP_FILE})"]
     lines += ["", "## Loading", "", "The layers are `Linear(n, r)` then `Linear(r, m)` where that is smaller, so "

@@ -137,9 +137,14 @@ def test_model_card_states_the_compression_from_the_trainer(tmp_path):
     assert "learning_rate" in text  # the Trainer's hyperparameters section
     assert AutoModelForSequenceClassification.from_pretrained(str(out)) is not None  # the card leaves loading alone
 
+    write_model_card(out, metric_name="accuracy", metric=0.857, dense_metric=0.87, floor=0.509)  # update, no trainer
+    updated = path.read_text()
+    assert "| accuracy | 85.7 (dense model: 87.0; constant-prediction floor: 50.9) |" in updated
+    assert "learning_rate" in updated and updated.count("## Compression") == 1
+
 
 def test_model_card_rejects_a_percentage_given_as_metric(tmp_path):
     model = _compressed(tiny_bert())
     model.save_pretrained(str(tmp_path))
-    with pytest.raises(ValueError, match="fraction in \\[0, 1\\].*85.7"):
+    with pytest.raises(ValueError, match="fraction in \\[-1, 1\\].*got 85.7"):
         write_model_card(tmp_path, metric=85.7)
