@@ -59,6 +59,7 @@ from rankdyna_trainer import (  # noqa: E402
     save_compressed_model,
 )
 from rankdyna_trainer.calibration import first_batches  # noqa: E402
+from rankdyna_trainer.deploy import write_model_card  # noqa: E402
 from rankdyna_trainer.experiment.glue_data import GLUE_TASKS, get_task, load_glue, load_glue_files  # noqa: E402
 from rankdyna_trainer.experiment.glue_metrics import (  # noqa: E402
     constant_prediction_floor,
@@ -66,7 +67,6 @@ from rankdyna_trainer.experiment.glue_metrics import (  # noqa: E402
     main_metric,
     prediction_spread,
 )
-from rankdyna_trainer.deploy import write_model_card  # noqa: E402
 from rankdyna_trainer.experiment.rank_plots import save_rank_heatmap  # noqa: E402
 from rankdyna_trainer.experiment.sweep import optuna_space, read_sweep_config  # noqa: E402
 from rankdyna_trainer.experiment.wandb_logging import (  # noqa: E402

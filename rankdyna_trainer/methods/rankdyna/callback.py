@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
-from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ...budget import ParameterBudget, allocate_by_cost
@@ -181,6 +180,8 @@ class RankDynaCallback(TrainerCallback):
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         self._write_rank_pattern(model, checkpoint, state)
         if self._forget_best_before_target(args, state) and state.is_world_process_zero:
+            from transformers.trainer import TRAINER_STATE_NAME
+
             # The Trainer wrote trainer_state.json before this hook: rewrite it so a resumed run agrees.
             state.save_to_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
 
