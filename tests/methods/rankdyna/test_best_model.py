@@ -30,8 +30,9 @@ def _best_model_trainer(tmp_path, metric, greater_is_better, **overrides):
                 disable_tqdm=True, seed=0)
     args.update(overrides)
     data = random_classification_dataset(64)
-    trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=data, eval_dataset=data.select(range(16)),
-                      compute_metrics=compute_metrics, callbacks=[RankDynaCallback(config)])
+    trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=data,
+                      eval_dataset=data.select(range(16)), compute_metrics=compute_metrics,
+                      callbacks=[RankDynaCallback(config)])
     return trainer, model, layers
 
 
