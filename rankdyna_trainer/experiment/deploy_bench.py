@@ -85,7 +85,6 @@ def onnx_predictor(path: Path, threads: int) -> Callable[[dict], np.ndarray]:
 def build_variants(name: str, folder: str, example: dict, workdir: Path, threads: int,
                    runtimes: tuple[str, ...] = RUNTIMES) -> list[Variant]:
     """The model saved in ``folder`` in each runtime: fp32 PyTorch, torch int8, ONNX, ONNX Runtime int8."""
-    import rankdyna_trainer  # noqa: F401  (the loader of compressed folders)
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()

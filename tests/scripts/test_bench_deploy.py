@@ -62,7 +62,8 @@ def test_table_has_every_model_in_every_runtime(two_models, glue_dir, tmp_path):
                                     "--timing_batch", "4", "--timing_length", "24", "--output_json", str(out),
                                     "--update_cards"])
     rows = {(r["model"], r["runtime"]): r for r in result["rows"]}
-    assert set(rows) == {(m, r) for m in ("dense", "rankdyna 0.5") for r in ("torch", "torch-int8", "onnx", "onnx-int8")}
+    runtimes = ("torch", "torch-int8", "onnx", "onnx-int8")
+    assert set(rows) == {(m, r) for m in ("dense", "rankdyna 0.5") for r in runtimes}
     saved = json.loads(out.read_text())
     assert saved["dev_examples"] == 40 and saved["timing_shape"] == [4, 24]
 
@@ -72,7 +73,7 @@ def test_table_has_every_model_in_every_runtime(two_models, glue_dir, tmp_path):
     for model in ("dense", "rankdyna 0.5"):
         assert rows[(model, "onnx")]["metric"] == rows[(model, "torch")]["metric"]
         assert rows[(model, "onnx-int8")]["bytes"] < rows[(model, "onnx")]["bytes"]
-        assert all(rows[(model, r)]["ms"] > 0 for r in ("torch", "torch-int8", "onnx", "onnx-int8"))
+        assert all(rows[(model, r)]["ms"] > 0 for r in runtimes)
     assert rows[("rankdyna 0.5", "torch")]["bytes"] < rows[("dense", "torch")]["bytes"]
 
     card = (Path(compressed) / "README.md").read_text()
