@@ -3,16 +3,24 @@
 import json
 import logging
 
+import pytest
 from transformers import Trainer, TrainingArguments
 
 from rankdyna_trainer import RankDynaCallback, RankDynaConfig, export_model, prepare_model
 from rankdyna_trainer.methods.rankdyna import gated_layers
 from rankdyna_trainer.methods.rankdyna.model import kept_params
 from tests.conftest import random_classification_dataset, tiny_bert
+from tests.round_trip import single_thread
 
 # 24 optimizer steps; the last allocation (at the target) is made on the step that starts at global step 18, so
 # checkpoints 4..16 are denser than the target and 20, 24 are at it.
 STEPS, TARGET = 24, 0.4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
 
 
 def _best_model_trainer(tmp_path, metric, greater_is_better, **overrides):
@@ -84,3 +92,18 @@ def test_train_end_warns_when_the_model_is_over_the_target(tmp_path, caplog):
         trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
     assert "above the target budget" in caplog.text
     assert "export_model would save a model larger than the target" in caplog.text
+
+
+def test_resumed_state_naming_a_checkpoint_before_the_target_is_not_kept(tmp_path):
+    trainer, _, _ = _best_model_trainer(tmp_path, "kept", greater_is_better=True)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-8"
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())  # as an older version (or another callback) would have left it
+    state.update(best_global_step=8, best_model_checkpoint=str(checkpoint), best_metric=1e12)
+    state_file.write_text(json.dumps(state))
+
+    resumed, _, layers = _best_model_trainer(tmp_path, "kept", greater_is_better=True)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.best_model_checkpoint.endswith("checkpoint-20")
+    assert kept_params(layers) <= _target_params(layers)
