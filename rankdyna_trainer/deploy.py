@@ -185,7 +185,7 @@ def write_model_card(folder: str | os.PathLike, trainer=None, *, metric_name: st
     elif path.is_file() and COMPRESSION_HEADING in path.read_text(encoding="utf-8"):
         head = path.read_text(encoding="utf-8").split(COMPRESSION_HEADING)[0]  # keep the Trainer's part of the card
     else:
-        head = _plain_header(base_model)
+        head = _plain_header(base_model, folder.resolve().name)
     card = head.rstrip() + "\n\n" + _compression_section(folder, facts, metric_name, metric, dense_metric, floor)
     path.write_text(card, encoding="utf-8")
     return path
@@ -199,11 +199,11 @@ def _trainer_card(trainer, dataset: str | None, base_model: str | None) -> str:
     return summary.to_model_card()
 
 
-def _plain_header(base_model: str | None) -> str:
+def _plain_header(base_model: str | None, title: str) -> str:
     meta = ["---", "library_name: transformers", "tags:", "- rankdyna", "- low-rank", "- compressed"]
     if base_model:
         meta.append(f"base_model: {base_model}")
-    return "\n".join(meta + ["---", ""])
+    return "\n".join(meta + ["---", "", f"# {title}", ""])
 
 
 def _compression_section(folder: Path, facts: dict, metric_name, metric, dense_metric, floor) -> str:
