@@ -125,3 +125,31 @@ def test_lora_on_an_exported_model_trains_saves_and_reloads(tmp_path):
                                base_weight)  # the compressed base stayed frozen
     with pytest.raises(ValueError, match="cannot be merged into a compressed low-rank layer"):
         reloaded.merge_and_unload()
+
+
+@pytest.mark.slow  # SVD of SmolLM2-135M's 120 matrices: about 10 s
+def test_compressed_smollm2_generates_the_same_greedy_tokens_after_reloading(tmp_path):
+    from transformers import AutoTokenizer
+
+    from .test_packaged_models import _require_smollm2
+
+    _require_smollm2()
+    from rankdyna_trainer.packaged_models import smollm2_path
+
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prepare_model(model, RankDynaConfig())
+    for layer in gated_layers(model).values():  # the leading 40 % of groups (below break-even) and FFN channels
+        layer.gate[int(0.4 * layer.gate.numel()):] = 0
+    export_model(model)
+    model.eval()
+    prompt = tokenizer(["The capital of France is"], return_tensors="pt")
+    greedy = dict(max_new_tokens=8, do_sample=False)
+    in_memory = model.generate(**prompt, use_cache=True, **greedy)
+    assert torch.equal(in_memory, model.generate(**prompt, use_cache=False, **greedy))
+
+    model.save_pretrained(str(tmp_path))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert isinstance(reloaded.model.layers[0].self_attn.q_proj, LowRankLinear)
+    assert torch.equal(reloaded.generate(**prompt, use_cache=True, **greedy), in_memory)
