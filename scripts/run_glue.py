@@ -59,6 +59,7 @@ from rankdyna_trainer import (  # noqa: E402
     save_compressed_model,
 )
 from rankdyna_trainer.calibration import first_batches  # noqa: E402
+from rankdyna_trainer.deploy import write_model_card  # noqa: E402
 from rankdyna_trainer.experiment.glue_data import GLUE_TASKS, get_task, load_glue, load_glue_files  # noqa: E402
 from rankdyna_trainer.experiment.glue_metrics import (  # noqa: E402
     constant_prediction_floor,
@@ -636,6 +637,10 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         results["eval"] = eval_metrics
         first = validation_splits[0]
         results["quality"] = quality_check(task, eval_metrics, predictions[first], encoded[first]["label"])
+        if (results.get("compression") or {}).get("compressed_params") is not None:
+            quality = results["quality"]
+            write_model_card(training_args.output_dir, trainer, metric_name=f"dev {quality['metric']}",
+                             metric=quality["value"], floor=quality["floor"], dataset=f"glue/{task.name}")
 
     finish_wandb()
     results["model_params"] = {"before": sizes.get("model_params_before"), "after": count_parameters(trainer.model)}
@@ -763,7 +768,8 @@ def print_summary(summary: dict) -> None:
                      f"{summary['output_dir']}/ (import rankdyna_trainer, then "
                      "AutoModelForSequenceClassification.from_pretrained)")
     files = [("eval_results.json", "dev-set metrics"), (SUMMARY_FILE, "this summary"),
-             (HEATMAP_FILE, "kept rank per layer and matrix type"), ("rank_pattern.json", "final ranks")]
+             (HEATMAP_FILE, "kept rank per layer and matrix type"), ("rank_pattern.json", "final ranks"),
+             ("README.md", "model card (what push_to_hub publishes)")]
     present = [(name, what) for name, what in files if os.path.isfile(os.path.join(summary["output_dir"], name))]
     lines += [f"  {summary['output_dir']}/{name:<24} {what}" for name, what in present]
     lines.append("=" * 100)

@@ -92,6 +92,11 @@ def test_rankdyna_on_pair_task_trains_compresses_saves_and_evaluates(glue_dir, m
     png = out / "rank_heatmap.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
+    card = (out / "README.md").read_text()  # the model card: method, budget, kept, metric beside the floor
+    assert "| target budget | 0.5 of the targeted weights |" in card
+    assert f"{stored:,} of {MINILM_TARGET_PARAMS:,}" in card and "![kept rank per matrix](rank_heatmap.png)" in card
+    assert f"| dev accuracy | {100 * evals['eval_accuracy']:.1f} (dense model: —; constant-prediction floor:" in card
+
     rows = _history(tmp_path)
     logged = {key for row in rows for key in row}
     for key in ("train/rankdyna/budget_params", "train/rankdyna/params", "train/rankdyna/params_fraction",

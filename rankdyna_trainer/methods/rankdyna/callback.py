@@ -76,6 +76,7 @@ class RankDynaCallback(TrainerCallback):
         self._group_costs = [l.group_cost for l in self._layers]
         self.scores.zero_gate_grads()
         self.kept_compute = KeptCompute(model, self._layers)  # gates as loaded (a resumed run's included)
+        self._forget_best_before_target(args, state)  # a resumed state may name a checkpoint from before the target
 
     def _run_first_among_callbacks(self) -> None:
         # Reporting callbacks (W&B, TensorBoard) are registered before user callbacks, so values added to
@@ -196,6 +197,35 @@ class RankDynaCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         self._write_rank_pattern(model, checkpoint, state)
+        if self._forget_best_before_target(args, state) and state.is_world_process_zero:
+            from transformers.trainer import TRAINER_STATE_NAME
+
+            # The Trainer wrote trainer_state.json before this hook: rewrite it so a resumed run agrees.
+            state.save_to_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+
+    # -- the best checkpoint ----------------------------------------------------------------------
+    def on_evaluate(self, args, state, control, **kwargs):
+        # Runs inside `Trainer.evaluate`, before the Trainer compares this evaluation with the best so far: an
+        # evaluation at the target then competes only with other evaluations at the target.
+        self._forget_best_before_target(args, state)
+
+    def _at_target(self, step: int) -> bool:
+        """Whether the model after ``step`` optimizer steps holds the final allocation: the last one is made on the
+        optimizer step that starts at ``global_step == final_start``, so a checkpoint at ``final_start + 1`` or later
+        has it."""
+        return step > self.budget.final_start
+
+    def _forget_best_before_target(self, args, state) -> bool:
+        """Drop a "best" evaluation or checkpoint from before the target budget, so that
+        ``load_best_model_at_end`` can only reload a model at the target (never a denser one). Returns whether
+        anything was dropped."""
+        if self.budget is None or state.best_global_step is None or self._at_target(state.best_global_step):
+            return False
+        logger.info("RankDyna: the best %s so far (step %d) is from before the target budget (reached after step "
+                    "%d); only evaluations at the target can be the best model.", args.metric_for_best_model,
+                    state.best_global_step, self.budget.final_start)
+        state.best_metric = state.best_global_step = state.best_model_checkpoint = None
+        return True
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.budget is not None:
@@ -203,7 +233,24 @@ class RankDynaCallback(TrainerCallback):
         if self._layers:
             final_ranks = dict(zip(self._names, layer_ranks(self._layers)))
             self._warn_new_zero_ranks(*pruned_away(final_ranks), state.global_step)
+            self._warn_if_over_target(args, state)
         self._write_rank_pattern(model, args.output_dir, state)
+
+    def _warn_if_over_target(self, args, state) -> None:
+        """Say loudly when the model the Trainer ends with keeps more than the target budget (exporting it would give
+        a model larger than asked for)."""
+        kept = kept_params(self._layers)
+        target = self.budget.params_at(self.budget.total_steps)
+        if kept <= target:
+            return
+        reloaded = (f" The Trainer reloaded {state.best_model_checkpoint} (load_best_model_at_end=True): that "
+                    "checkpoint holds an allocation from before the target.") if (
+            args.load_best_model_at_end and state.best_model_checkpoint) else ""
+        logger.warning(
+            "RankDyna: the model at the end of training keeps %d of %d targeted parameters (%.1f %%), above the target "
+            "budget of %d (%.1f %%); export_model would save a model larger than the target.%s", kept,
+            self.budget.dense_params, 100 * kept / self.budget.dense_params, target,
+            100 * target / self.budget.dense_params, reloaded)
 
     def _write_rank_pattern(self, model, directory: str, state) -> None:
         if not state.is_world_process_zero:
