@@ -8,6 +8,7 @@ a subset of tasks. Reads run files only (scripts/benchmark_glue.py writes them);
         --variant "final 0.5=benchmarks/glue_schedule_control"
     python scripts/glue_controls.py --retention_seed 42
     python scripts/glue_controls.py --retention_tasks sst2 mrpc cola
+    python scripts/glue_controls.py --headline          # the README's table: floor, dense, RankDyna and FWSVD
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def parse_args(argv=None):
     parser.add_argument("--retention_seed", type=int, default=None, help="average retention from this seed's runs")
     parser.add_argument("--retention_tasks", nargs="+", default=None, choices=glue_report.TASK_ORDER,
                         help="average retention over these tasks only (means over seeds)")
+    parser.add_argument("--headline", action="store_true",
+                        help="the README's table: per task the floor, dense, RankDyna and FWSVD at each budget")
     args = parser.parse_args(argv)
     for variant in args.variant:
         if "=" not in variant or not variant.partition("=")[0]:
@@ -37,14 +40,16 @@ def parse_args(argv=None):
     for folder in [args.campaign] + [v.partition("=")[2] for v in args.variant]:
         if not os.path.isdir(folder):
             parser.error(f"no run folder {folder!r}")
-    if not args.variant and args.retention_seed is None and args.retention_tasks is None:
-        parser.error("nothing to print: give --variant, --retention_seed or --retention_tasks")
+    if not args.variant and args.retention_seed is None and args.retention_tasks is None and not args.headline:
+        parser.error("nothing to print: give --variant, --retention_seed, --retention_tasks or --headline")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     campaign = glue_report.read_run_files(args.campaign)
+    if args.headline:
+        print("\n".join(glue_report.headline_table(glue_report.summarize(campaign))) + "\n")
     if args.variant:
         variants = {name: glue_report.read_run_files(folder)
                     for name, _, folder in (v.partition("=") for v in args.variant)}

@@ -426,6 +426,28 @@ def _score_table(summary: dict, tasks: list[str]) -> list[str]:
     return lines
 
 
+def headline_table(summary: dict, methods: tuple[str, ...] = ("rankdyna", "fwsvd"),
+                   budgets: tuple[float, ...] = (0.5, 0.33, 0.2)) -> list[str]:
+    """A short table for the README: per task the floor, dense and each method's mean score at each budget, then the
+    average retention against dense per method and budget."""
+    tasks = _ordered_tasks(summary["majority"])
+    columns = [(m, b) for m in methods for b in budgets]
+    names = {"rankdyna": "RankDyna", "fwsvd": "FWSVD"}
+    lines = ["| task | floor | dense | " + " | ".join(f"{names.get(m, m)} {b:g}" for m, b in columns) + " |",
+             "|" + "---|" * (3 + len(columns))]
+    runs, kept = summary["runs"], retention(summary)
+    for task in tasks:
+        cells = [runs.get(f"{m}@{b:g}", {}).get(task) for m, b in columns]
+        dense = runs.get("dense@1.0", {}).get(task)
+        lines.append(f"| {task.upper()} | {summary['majority'][task]:.1f} | {dense['mean']:.1f} | " if dense else
+                     f"| {task.upper()} | {summary['majority'][task]:.1f} | — | ")
+        lines[-1] += " | ".join(f"{c['mean']:.1f}" if c else "—" for c in cells) + " |"
+    averages = [kept.get(f"{m}@{b:g}", {}).get("average") for m, b in columns]
+    lines.append("| kept of dense (average) | | 100 % | "
+                 + " | ".join(f"{100 * a:.1f} %" if a is not None else "—" for a in averages) + " |")
+    return lines
+
+
 def _retention_table(summary: dict, tasks: list[str]) -> list[str]:
     kept = retention(summary)
     header = "| method | budget | " + " | ".join(t.upper() for t in tasks) + " | average |"

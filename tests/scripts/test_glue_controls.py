@@ -29,3 +29,17 @@ def test_bad_input_is_one_line_naming_what_is_wrong(argv, named, tmp_path, capsy
         controls.main(["--campaign", str(tmp_path)] + argv)
     assert stopped.value.code == 2
     assert named in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_headline_table_has_floor_dense_and_both_methods(tmp_path, capsys):
+    from tests.experiment.test_glue_report import run_record
+
+    controls = _load_script("glue_controls")
+    records = campaign() + [run_record(t, "fwsvd", 0.5, 42, score) for t, score in
+                            [("sst2", 84.0), ("mrpc", 85.0), ("cola", 25.0), ("rte", 56.0)]]
+    write_runs(tmp_path, records)
+    controls.main(["--campaign", str(tmp_path), "--headline"])
+    out = capsys.readouterr().out
+    assert out.startswith("| task | floor | dense | RankDyna 0.5 | RankDyna 0.33 |")
+    assert "| COLA | " in out and "| 25.0 |" in out
+    assert "| kept of dense (average) | | 100 % |" in out
