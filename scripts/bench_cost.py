@@ -93,9 +93,10 @@ def measure_minilm(args, budget: float | None, memory: bool) -> dict:
         start = time.perf_counter()
         results = run_glue.main(argv, extra_callbacks=[cost])
         wall = time.perf_counter() - start
+        disk = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors"))
     return {**cost.summary(), "wall_seconds": wall, "command": "python scripts/run_glue.py " + shlex.join(argv[:-2]),
             "metric": results["eval"].get("eval_accuracy"), "quality": results.get("quality"),
-            "compression": results.get("compression")}
+            "compression": results.get("compression"), "model_bytes_on_disk": disk}
 
 
 def lm_blocks(args, tokenizer, steps: int):
