@@ -204,7 +204,8 @@ def report(args) -> None:
     with open(args.json, "w") as f:
         json.dump(summary, f, indent=1)
     rows = ["| model | run | whole run (s) | of dense | training (s) | step start / middle / end (s) | peak memory "
-            "(MiB) | of dense | dev accuracy or train loss |", "|---|---|---|---|---|---|---|---|---|"]
+            "(MiB) | of dense | dev accuracy or train loss | peak RSS of the timed run (MiB) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for model in ("minilm", "smollm2"):
         dense, dense_memory = runs.get(run_name(model, None)), runs.get(run_name(model, None, "memory"))
         budgets = sorted({r["budget"] for r in runs.values() if r["model"] == model and r["budget"]}, reverse=True)
@@ -221,7 +222,7 @@ def report(args) -> None:
             name = "dense" if budget is None else f"RankDyna {budget:g}"
             rows.append(f"| {model} | {name} | {run['wall_seconds']:.0f} | {wall_ratio} | {run['train_seconds']:.0f} "
                         f"| {steps['start']:.3f} / {steps['middle']:.3f} / {steps['end']:.3f} "
-                        f"| {peak} | {memory_ratio} | {quality} |")
+                        f"| {peak} | {memory_ratio} | {quality} | {run['peak_bytes'] / 2**20:.0f} |")
     with open(args.out) as f:
         page = f.read()
     begin, end = "<!-- bench_cost:begin -->", "<!-- bench_cost:end -->"
