@@ -1,0 +1,94 @@
+"""One training step of the packaged MiniLM, dense against RankDyna with hand-set kept fractions, split into forward,
+backward and optimizer time (medians; the settings take turns step by step in one process).
+
+    python scripts/bench_step_profile.py --kept 1,1 0.25,0.5 0.1,0.2
+
+Each ``--kept S,C`` keeps the leading fraction ``S`` of every factorized matrix's singular groups and ``C`` of every
+FFN's channels (the kept-groups compute path, as training at that allocation runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def kept_fractions(text: str) -> tuple[float, float]:
+    try:
+        singular, channels = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--kept takes S,C (two fractions), got {text!r}") from None
+    if not (0 < singular <= 1 and 0 < channels <= 1):
+        raise argparse.ArgumentTypeError(f"--kept fractions must be in (0, 1], got {text!r}")
+    return singular, channels
+
+
+def build(kept: tuple[float, float] | None):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rankdyna_trainer import RankDynaConfig, prepare_model
+    from rankdyna_trainer.methods.rankdyna import SVDLinear, gated_layers
+    from rankdyna_trainer.methods.rankdyna.kept_compute import KeptCompute
+    from rankdyna_trainer.packaged_models import minilm_path
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).train()
+    if kept is not None:
+        prepare_model(model, RankDynaConfig())
+        layers = list(gated_layers(model).values())
+        with torch.no_grad():
+            for layer in layers:
+                fraction = kept[0] if isinstance(layer, SVDLinear) else kept[1]
+                layer.gate.zero_()
+                layer.gate[:max(1, int(fraction * layer.gate.numel()))] = 1
+        KeptCompute(model, layers).use_kept(True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    return model, optimizer
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kept", nargs="+", type=kept_fractions, default=[(1.0, 1.0), (0.25, 0.5), (0.1, 0.2)])
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seq_len", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=8, help="steps per setting; the first two are not timed")
+    args = parser.parse_args(argv)
+    if args.steps < 3:
+        parser.error(f"--steps must be at least 3 (two warm-up steps), got {args.steps}")
+
+    import torch
+
+    ids = torch.randint(1000, 20000, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 2, (args.batch_size,), generator=torch.Generator().manual_seed(1))
+    settings = {"dense": build(None)} | {f"kept {s:g} / {c:g}": build((s, c)) for s, c in args.kept}
+    times = {name: [] for name in settings}
+    for step in range(args.steps):
+        for name, (model, optimizer) in settings.items():
+            start = time.perf_counter()
+            loss = model(input_ids=ids, labels=labels).loss
+            forward = time.perf_counter()
+            loss.backward()
+            backward = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad()
+            if step >= 2:
+                times[name].append((forward - start, backward - forward, time.perf_counter() - backward))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} x {args.seq_len}")
+    print("| step (s) | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings))
+    medians = {n: [statistics.median(t[i] for t in ts) for i in range(3)] for n, ts in times.items()}
+    for i, part in enumerate(("forward", "backward", "optimizer (AdamW)")):
+        print(f"| {part} | " + " | ".join(f"{m[i]:.3f}" for m in medians.values()) + " |")
+    dense = sum(medians["dense"])
+    print("| total, of dense | " + " | ".join(f"{sum(m) / dense:.2f}" for m in medians.values()) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
