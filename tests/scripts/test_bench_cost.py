@@ -48,3 +48,13 @@ def test_ratios_and_page_are_rebuilt_from_the_run_files(tmp_path):
     assert "old" not in text and text.endswith("after\n")
     assert "| minilm | RankDyna 0.2 | 300 | 0.50 |" in text and "| smollm2 | RankDyna 0.5 | 90 | 0.90 |" in text
     assert "| 1040 | 1.04 | 84.0 |" in text  # peak memory from the memory run, quality from the timed one
+
+
+@pytest.mark.parametrize("argv, named", [(["--kept", "0.5"], "--kept"), (["--kept", "2,1"], "--kept"),
+                                         (["--steps", "2"], "--steps")])
+def test_step_profile_bad_flags_are_one_line(argv, named, capsys):
+    profile = _load_script("bench_step_profile")
+    with pytest.raises(SystemExit) as stopped:
+        profile.main(argv)
+    assert stopped.value.code == 2
+    assert named in capsys.readouterr().err.strip().splitlines()[-1]
