@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -40,31 +39,6 @@ args = parser.parse_args()
 CONFIG = dict(target_budget=0.5, warmup_fraction=0.25, final_fraction=0.25, reallocation_interval=1)
 
 
-def rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
-
-
-def release_free_heap() -> None:
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 def local_state_bytes(model) -> int:
     """fp32 training state this process holds: its shard of each trainable parameter x 4 (weight, gradient,
     Adam m and v), of each frozen parameter, and of each buffer."""
@@ -82,6 +56,7 @@ def measure() -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
     from transformers.distributed import DistributedConfig
 
+    from rankdyna_trainer.experiment.run_cost import release_free_heap, reset_peak_rss, rss_bytes
     from rankdyna_trainer.methods.rankdyna import RankDynaCallback, RankDynaConfig, prepare_model, shard_model
     from rankdyna_trainer.packaged_models import smollm2_path
 
