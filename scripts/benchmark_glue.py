@@ -4,7 +4,9 @@ Every (task, method, budget, seed) run writes one JSON under --results_dir and i
 the campaign resumes where it stopped, can be split (per task, seed or method) across processes and machines, and
 each file can be committed as it lands (--git_commit). Post-hoc methods (svd, fwsvd, tfwsvd, ars) compress the dense
 model fine-tuned with the same task and seed (kept under --models_dir; trained again if the folder is gone) and
-their wall time counts that dense round too. Runs go to CUDA when a GPU is visible, else the CPU.
+their wall time counts that dense round too. rankdyna_equal is the rankdyna run given FWSVD's two rounds of
+optimizer steps in one run (twice the round's epochs; rankdyna_trainer/experiment/glue_plan.py). Runs go to CUDA
+when a GPU is visible, else the CPU.
 
 After the runs (or with --report_only) the summary docs/results_glue.json and the page docs/RESULTS.md with its
 plot are regenerated from every run file found. --latency_rounds times every exported layout against dense side
@@ -12,6 +14,7 @@ by side; --measure_cost times a training step per padded length and thread count
 
     python scripts/benchmark_glue.py                                   # the whole campaign (PROTOCOL below)
     python scripts/benchmark_glue.py --methods dense --seeds 42        # one slice
+    python scripts/benchmark_glue.py --methods rankdyna_equal          # the equal-steps rows
     python scripts/benchmark_glue.py --latency_rounds 7 --no_runs      # exported speed against dense
     python scripts/benchmark_glue.py --measure_cost --no_runs          # CPU cost per step and epoch
     python scripts/benchmark_glue.py --report_only                     # summary + page from the files
@@ -37,7 +40,13 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from rankdyna_trainer.experiment import glue_report  # noqa: E402
+from rankdyna_trainer.experiment import glue_plan, glue_report  # noqa: E402
+from rankdyna_trainer.experiment.glue_plan import (  # noqa: E402  (the plan lives in the package; named here too)
+    TAKES_RANK_MULTIPLE,
+    UNCOMPRESSED,
+    method_tag,
+    run_path,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # The protocol: one fine-tuning round per task, the same for every method and round. Chosen so that dense is
@@ -59,14 +68,11 @@ SHARED = {
     "fisher_batches": 32, "ars_steps": 80, "ars_learning_rate": 1e-2, "als_iterations": 5, "rankdyna_interval": 10,
 }
 PRIMARY_METRIC = {"sst2": "accuracy", "mrpc": "f1", "cola": "mcc", "rte": "accuracy"}
-IN_TRAINING_ORDER = ["rankdyna", "fwsvd", "svd", "tfwsvd", "ars"]  # per budget, after dense
-UNCOMPRESSED = ("dense", "adalora")
 CAMPAIGN_RESULTS = os.path.join(REPO, "benchmarks", "glue_protocol")
 CAMPAIGN_SUMMARY = os.path.join(REPO, "docs", "results_glue.json")
 CAMPAIGN_PAGE = os.path.join(REPO, "docs", "RESULTS.md")
 PROTOCOL_OVERRIDES = ("epochs", "learning_rate", "max_seq_length", "train_rows", "sampling")
 RANKDYNA_SCHEDULE_FLAGS = ("rankdyna_warmup_fraction", "rankdyna_final_fraction")
-TAKES_RANK_MULTIPLE = ("rankdyna", "svd", "fwsvd", "tfwsvd", "ars")
 
 
 def parse_args(argv=None):
@@ -75,7 +81,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(PROTOCOL), choices=sorted(PROTOCOL))
     parser.add_argument("--methods", nargs="+", default=glue_report.METHOD_ORDER,
-                        choices=sorted(set(METHODS) - {"lorap", "mpo"}))
+                        choices=sorted(set(METHODS) - {"lorap", "mpo"} | set(glue_plan.EQUAL_WORK)),
+                        help="rankdyna_equal: the rankdyna run with FWSVD's two rounds of steps in one run (twice the "
+                        "round's epochs, --epochs included; rankdyna_trainer/experiment/glue_plan.py)")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.33, 0.2])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     parser.add_argument("--rank_multiple", type=int, default=1,
@@ -89,7 +97,9 @@ def parse_args(argv=None):
     parser.add_argument("--rankdyna_final_fraction", type=float, default=None,
                         help="RankDyna's RankDynaConfig.final_fraction (share of steps trained at the final budget); "
                         "default: the config's. A control, not the protocol: needs its own --results_dir")
-    parser.add_argument("--epochs", type=float, default=None, help="override PROTOCOL's epochs for every task")
+    parser.add_argument("--epochs", type=float, default=None,
+                        help="override PROTOCOL's epochs for every task (the round of every method: rankdyna_equal "
+                        "trains twice it, FWSVD it twice; a whole number with rankdyna_equal)")
     parser.add_argument("--learning_rate", type=float, default=None, help="override PROTOCOL's rate for every task")
     parser.add_argument("--max_seq_length", type=int, default=None, help="override PROTOCOL's length for every task")
     parser.add_argument("--train_rows", type=int, default=None, help="override PROTOCOL's training rows")
@@ -125,6 +135,10 @@ def parse_args(argv=None):
     for budget in args.budgets:
         if not 0 < budget < 1:
             parser.error(f"--budgets takes fractions in (0, 1), got {budget}")
+    try:
+        glue_plan.check_whole_epochs(args.methods, args.epochs)
+    except ValueError as error:
+        parser.error(str(error))
     overrides = [f"--{name}" for name in PROTOCOL_OVERRIDES + RANKDYNA_SCHEDULE_FLAGS
                  if getattr(args, name) is not None]
     if overrides and os.path.abspath(args.results_dir) == CAMPAIGN_RESULTS and not (args.report_only or args.no_runs):
@@ -196,31 +210,8 @@ def task_protocol(args, task: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------
 # one run = one JSON
-def method_tag(method: str, rank_multiple: int, ffn_groups: str = "channels") -> str:
-    """The method as runs and the summary name it: ``+m8`` for ranks in multiples of 8, ``+singular`` for RankDyna
-    with singular groups in the FFNs too (glue_report.run_key reads the same from the run record)."""
-    tag = f"{method}+m{rank_multiple}" if rank_multiple > 1 and method in TAKES_RANK_MULTIPLE else method
-    return f"{tag}+singular" if method == "rankdyna" and ffn_groups == "singular" else tag
-
-
-def run_path(results_dir, task, method, budget, seed, rank_multiple=1, ffn_groups="channels"):
-    budget_tag = "na" if method in UNCOMPRESSED else f"{budget:g}"
-    tag = method_tag(method, rank_multiple, ffn_groups)
-    return os.path.join(results_dir, task, f"{tag}_b{budget_tag}_seed{seed}.json")
-
-
 def run_plan(args) -> list[tuple[str, str, float | None, int]]:
-    """Seed by seed and task by task: dense first (the post-hoc methods start from it), then every budget, AdaLoRA
-    last, so each (task, seed) group is complete before the next begins."""
-    plan = []
-    for seed in args.seeds:
-        for task in args.tasks:
-            if "dense" in args.methods:
-                plan.append((task, "dense", None, seed))
-            plan += [(task, m, b, seed) for b in args.budgets for m in IN_TRAINING_ORDER if m in args.methods]
-            if "adalora" in args.methods:
-                plan.append((task, "adalora", None, seed))
-    return plan
+    return glue_plan.run_plan(args.tasks, args.methods, args.budgets, args.seeds)
 
 
 def compute_metrics(eval_pred):
@@ -367,11 +358,18 @@ class Runner:
         args, device = self.args, self.device
         multiple = args.rank_multiple if method in TAKES_RANK_MULTIPLE else 1
         set_seed(seed)
-        spec = get_method(method)
+        trained = glue_plan.trained_method(method)  # rankdyna_equal runs rankdyna with its config
+        spec = get_method(trained)
+        # The protocol stays the task's round (the page checks all of a task's files share one); a row with more
+        # rounds of work trains them in one run of more epochs.
+        run_protocol = {**protocol, "epochs": glue_plan.run_epochs(method, protocol["epochs"])}
         work_dir = tempfile.mkdtemp(prefix=f"bench_{task}_{method}_")
         record = {"task": task, "method": method, "budget": None if method in UNCOMPRESSED else budget,
                   "rank_multiple": multiple, "seed": seed, "protocol": protocol,
                   "rounds": spec.fine_tuning_rounds, "command": self.command}
+        if method in glue_plan.EQUAL_WORK:
+            record["equal_work"] = {"runs": trained, "protocol_rounds": glue_plan.rounds_of_work(method),
+                                    "fwsvd_steps": glue_plan.fwsvd_steps(protocol)}
         try:
             if spec.post_hoc:
                 first_round_s, origin = self.dense_round_for_post_hoc(task, seed)
@@ -394,12 +392,15 @@ class Runner:
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(
                     self.model_dir, num_labels=get_task(task).num_labels)
-                config = method_config_for(method, budget, protocol, multiple, optimizer_steps(data, protocol), model,
-                                           rankdyna_options(args))
+                config = method_config_for(trained, budget, run_protocol, multiple,
+                                           optimizer_steps(data, run_protocol), model, rankdyna_options(args))
                 lr = protocol["adalora_learning_rate"] if method == "adalora" else protocol["learning_rate"]
                 model, callbacks = spec.prepare(model, config)
-                tune_s, loss = fine_tune(model, data, self.collator, seed, protocol, device, work_dir, callbacks, lr)
-                record["ranks"] = self.trained_ranks(method, model)
+                counter = glue_plan.step_counter()
+                tune_s, loss = fine_tune(model, data, self.collator, seed, run_protocol, device, work_dir,
+                                         [*callbacks, counter], lr)
+                record["epochs"], record["optimizer_steps"] = run_protocol["epochs"], counter.steps
+                record["ranks"] = self.trained_ranks(trained, model)
                 start = time.perf_counter()
                 model, modules = spec.export(model)
                 export_s = time.perf_counter() - start
@@ -407,7 +408,7 @@ class Runner:
                 if method == "dense":
                     model.save_pretrained(self.dense_model_dir(task, seed))
             record["train_loss"] = loss
-            record.update(self.export_and_score(model, modules, method, config, data, protocol, work_dir))
+            record.update(self.export_and_score(model, modules, trained, config, data, protocol, work_dir))
             record["config"] = config_dict(config)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)

@@ -25,7 +25,7 @@ def run_record(task, method, budget, seed, score, total_s=100.0, rank_multiple=1
             "floor": {"metric": protocol["metric"], "score": FLOORS[task]},
             "device": {"type": "cpu", "name": "test CPU", "threads": 2},
             "versions": {"torch": "x"}, "command": "python scripts/benchmark_glue.py --seeds 42 1 2",
-            "config": {"ffn_groups": "channels"} if method == "rankdyna" else {}}
+            "config": {"ffn_groups": "channels"} if method in ("rankdyna", "rankdyna_equal") else {}}
 
 
 def write_runs(folder, records):

@@ -175,3 +175,38 @@ def test_report_only_regenerates_summary_and_page_from_the_files(tmp_path):
     page_file.unlink()
     bench.main(["--report_only"] + _paths(tmp_path))
     assert summary_file.read_text() == first_summary and page_file.read_text() == first_page
+
+
+def test_rankdyna_equal_is_the_rankdyna_run_with_fwsvds_two_rounds_of_steps(tmp_path, glue_dir, small_model, capsys):
+    bench = _load_script("benchmark_glue")
+    argv = ["--tasks", "cola", "--methods", "rankdyna", "rankdyna_equal", "--budgets", "0.5", "--seeds", "7",
+            "--limit", "48", "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model,
+            "--device", "cpu"] + _paths(tmp_path)
+    bench.main(argv)
+    runs = tmp_path / "runs" / "cola"
+    one = json.loads((runs / "rankdyna_b0.5_seed7.json").read_text())
+    equal = json.loads((runs / "rankdyna_equal_b0.5_seed7.json").read_text())
+    # 48 rows in batches of 32: 2 steps an epoch. --epochs 1 is the round of every method: FWSVD trains 1 + 1
+    # epochs (its dense round, then its own), rankdyna_equal 2 in its one run.
+    assert (one["epochs"], one["optimizer_steps"]) == (1.0, 2)
+    assert (equal["epochs"], equal["optimizer_steps"]) == (2.0, 4)
+    assert equal["equal_work"] == {"runs": "rankdyna", "protocol_rounds": 2, "fwsvd_steps": 4}
+    assert equal["protocol"] == one["protocol"] and equal["protocol"]["epochs"] == 1.0  # the task's round
+    assert equal["config"] == one["config"] and equal["rounds"] == 1  # the same RankDyna run, one run
+    assert equal["targeted_params"] <= 0.5 * equal["targeted_dense_params"]  # exported and reloaded as RankDyna
+    assert set(equal["wall_time"]) == {"fine_tune_s", "export_s", "total_s"}
+    summary = json.loads((tmp_path / "docs" / "results_glue.json").read_text())
+    assert {"rankdyna@0.5", "rankdyna_equal@0.5"} <= set(summary["runs"])
+    assert "| COLA | 1 | 2 | 2 + 2 = 4 | 4 |" in (tmp_path / "docs" / "R.md").read_text()
+    capsys.readouterr()
+    bench.main(argv + ["--no_report"])  # resumes: both files exist
+    assert capsys.readouterr().out.count("[skip]") == 2
+
+
+def test_rankdyna_equal_refuses_a_fractional_round(capsys):
+    bench = _load_script("benchmark_glue")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "rankdyna_equal", "--epochs", "1.5", "--results_dir", "x", "--no_report"])
+    assert "--epochs 1.5 with rankdyna_equal" in capsys.readouterr().err
+    assert bench.parse_args(["--methods", "rankdyna", "--epochs", "1.5", "--results_dir", "x", "--no_report"])
+    assert "rankdyna_equal" in bench.parse_args([]).methods  # the whole campaign has the equal-steps rows
