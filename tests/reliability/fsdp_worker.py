@@ -207,6 +207,8 @@ def resume(out: Path) -> None:
                         resume_from=folder / "resumed" / f"checkpoint-{RESUME_AT}")
         dump_run(folder, "resumed_", rank, dump)
         save_gathered(model, folder, "resumed_", arch, export=False)
+    (out / f"resume_refusals_rank{rank}.json").write_text(json.dumps(
+        {"other_world_size": refusal_of_another_world_size(out / "llama_channels_fisher")}))
 
 
 def save_gathered(model, folder: Path, prefix: str, arch: str, export: bool) -> None:
@@ -263,6 +265,20 @@ def refusal_of_full_trainer_checkpoint(model, folder: Path) -> str:
                              ddp_backend="gloo")
     try:
         Trainer(model=model, args=args)
+    except ValueError as error:
+        return str(error)
+    return "not refused"
+
+
+def refusal_of_another_world_size(folder: Path) -> str:
+    """load_resume_state on a checkpoint whose resume state says it was written by 3 processes."""
+    from rankdyna_trainer.methods.rankdyna.sharded_checkpoint import RESUME_FILE, load_resume_state
+
+    checkpoint = folder / f"written_by_3_rank{dist.get_rank()}"
+    checkpoint.mkdir()
+    (checkpoint / RESUME_FILE).write_text(json.dumps({"state_dict_type": "sharded", "world_size": 3}))
+    try:
+        load_resume_state(str(checkpoint), None, None, None, step=RESUME_AT)
     except ValueError as error:
         return str(error)
     return "not refused"

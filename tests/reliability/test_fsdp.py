@@ -24,7 +24,7 @@ from tests.tiny_models import ARCHITECTURES, example_inputs
 
 from .fsdp_worker import CASES, GLOBAL_BATCH, RESUME_AT, STATE_DICT_TYPES, STEPS, load_prepared, save_base_model, train
 
-# Two torchruns (the runs, then the resumes) and the single-process reference: ~70-110 s on the shared 2 cores.
+# Two torchruns (the runs, then the resumes) and the single-process reference: 2-2.5 min on the shared 2 cores.
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -254,6 +254,12 @@ def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one(resumed_run, ca
         assert list(rest["rng"]) == [str(s) for s in range(RESUME_AT, STEPS)]
         assert rest["rng"] == {step: whole["rng"][step] for step in rest["rng"]}
     assert _load(folder / "resumed" / RANK_PATTERN_FILE) == _load(folder / "trainer" / RANK_PATTERN_FILE)
+
+
+def test_resuming_on_another_number_of_processes_is_refused(resumed_run):
+    for rank in (0, 1):
+        message = _load(resumed_run / f"resume_refusals_rank{rank}.json")["other_world_size"]
+        assert "was written by 3 processes and is resumed with 2" in message
 
 
 def test_resuming_without_the_resume_state_is_refused(tmp_path):
