@@ -207,6 +207,10 @@ def test_shard_model_refuses_what_it_cannot_shard_before_any_collective():
     with pytest.raises(ValueError, match="RankDyna's sharded path is FSDP2 data parallelism only"):
         shard_model(prepare_model(ARCHITECTURES["llama"].build(), RankDynaConfig()),
                     DistributedConfig(fsdp_size=2, tp_size=2))
+    tied = prepare_model(ARCHITECTURES["llama-tied"].build(), RankDynaConfig())
+    tied.all_tied_weights_keys = {}  # a tie that transformers does not know of could not be restored
+    with pytest.raises(ValueError, match="transformers lists no tied weights for it"):
+        shard_model(tied, DistributedConfig(fsdp_size=2))
 
 
 # -- resuming a sharded run ---------------------------------------------------------------------------------------

@@ -66,12 +66,14 @@ def shard_model(model: nn.Module, distributed_config) -> nn.Module:
     if unsupported:
         raise ValueError(f"RankDyna's sharded path is FSDP2 data parallelism only (DistributedConfig(fsdp_size=N)); "
                          f"got {unsupported}, which was never run with RankDyna layers.")
+    tied = _has_tied_embeddings(model)
     distributed_config, _, mesh_manager = type(model).prepare_distribute_model(distributed_config)
     if mesh_manager is None:  # fsdp_size 1: nothing to shard
         return model
     _broadcast_state_from_rank0(model)
     frozen_factors_as_parameters(model)
-    tied = _untie_embeddings(model)
+    if tied:
+        _untie_embeddings(model)
     model = type(model).maybe_distribute_model(model, distributed_config, mesh_manager)
     if tied:
         model.tie_weights(recompute_mapping=False)
@@ -92,17 +94,15 @@ def _broadcast_state_from_rank0(model: nn.Module) -> None:
         torch._foreach_copy_(group, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in group]), group)])
 
 
-def _untie_embeddings(model: nn.Module) -> bool:
-    """Give a tied output layer its own parameter (a copy of the embedding) while ``fully_shard`` runs, and return
-    whether the model was tied.
-
-    ``fully_shard`` on a tied model puts the one weight into two FSDP groups, and FSDP2 refuses that at the first
-    forward ("shared with a parameter already managed by another FSDP group"). ``from_pretrained`` never meets this:
-    it builds the model untied (``no_tie_weights``), shards it with a plan that gives the pair one rule
-    (``_resolve_tied_embed_lm_head_plan``), loads, then ties. :func:`shard_model` does the same, so the output layer
-    uses the sharded embedding again afterwards, and its gradient adds to the embedding's, as in one process."""
+def _embeddings_and_head(model: nn.Module):
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    embeddings, head = (get_in() if get_in else None), (get_out() if get_out else None)
+    return (get_in() if get_in else None), (get_out() if get_out else None)
+
+
+def _has_tied_embeddings(model: nn.Module) -> bool:
+    """Whether the output layer shares the input embeddings' weight (refused, before any collective, when
+    transformers does not list the tie: it could not be restored after sharding)."""
+    embeddings, head = _embeddings_and_head(model)
     if embeddings is None or head is None or head.weight is not embeddings.weight:
         return False
     if not getattr(model, "all_tied_weights_keys", None):
@@ -110,8 +110,20 @@ def _untie_embeddings(model: nn.Module) -> bool:
                          "transformers lists no tied weights for it (all_tied_weights_keys is empty), so the tie "
                          "could not be restored after sharding. Untie the model (model.config.tie_word_embeddings = "
                          "False and a separate output weight) before shard_model.")
-    head.weight = nn.Parameter(embeddings.weight.detach().clone(), requires_grad=embeddings.weight.requires_grad)
     return True
+
+
+def _untie_embeddings(model: nn.Module) -> None:
+    """Give a tied output layer its own parameter (a copy of the embedding) while ``fully_shard`` runs.
+
+    ``fully_shard`` on a tied model puts the one weight into two FSDP groups, and FSDP2 refuses that at the first
+    forward ("shared with a parameter already managed by another FSDP group"). ``from_pretrained`` never meets this:
+    it builds the model untied (``no_tie_weights``), shards it with a plan that gives the pair one rule
+    (``_resolve_tied_embed_lm_head_plan``), loads, then ties. :func:`shard_model` does the same (``tie_weights`` after
+    ``fully_shard``), so the output layer uses the sharded embedding again, and its gradient adds to the
+    embedding's, as in one process."""
+    embeddings, head = _embeddings_and_head(model)
+    head.weight = nn.Parameter(embeddings.weight.detach().clone(), requires_grad=embeddings.weight.requires_grad)
 
 
 def _full_tensors_into_shards(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
