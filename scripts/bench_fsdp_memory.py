@@ -63,8 +63,8 @@ def measure() -> dict:
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     torch.set_num_threads(max(1, 2 // world))
     model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
-    # SmolLM2 ties its output layer to the embeddings, which shard_model refuses: untie (a separate copy) in every
-    # run, N = 1 included, so the runs compare like with like.
+    # SmolLM2 ties its output layer to the embeddings. These figures were measured untied (a separate copy, in every
+    # run, N = 1 included, so the runs compare like with like), from when shard_model refused tied embeddings.
     model.config.tie_word_embeddings = False
     model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
     config = RankDynaConfig(**CONFIG)
@@ -138,8 +138,8 @@ def write_report(records: list[dict]) -> None:
         "",
         f"- Command: `{command}` (under `flock /tmp/heavy.lock`), Python {platform.python_version()}, CPU, gloo, "
         "2 shared cores.",
-        "- SmolLM2's output layer is untied from its embeddings (a separate copy, in every run), since `shard_model` "
-        "refuses tied embeddings.",
+        "- SmolLM2's output layer is untied from its embeddings (a separate copy, in every run), as when `shard_model` "
+        "refused tied embeddings (it shards them now, docs/reliability.md).",
         f"- RankDyna defaults (FFN channels, attention singular groups, `factor_budget=1.0`, `fisher`), target 0.5; "
         f"{args.steps} AdamW steps (fp32) of a global batch of {args.global_batch} x {args.seq_len} random tokens "
         "through the real `Trainer`. N = 1: the unsharded model; N > 1: `shard_model(model, "

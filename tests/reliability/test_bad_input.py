@@ -10,6 +10,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from rankdyna_trainer.budget import ParameterBudget
 from rankdyna_trainer.methods.rankdyna import RankDynaCallback, RankDynaConfig, prepare_model
+from rankdyna_trainer.methods.rankdyna.sharded_checkpoint import load_resume_state
 from rankdyna_trainer.targets import find_target_linears
 from tests.conftest import tiny_bert
 
@@ -89,6 +90,8 @@ CASES = {
     "fsdp_from_accelerate_launch": _launched_with_fsdp,
     "fsdp1": lambda: _callback_begin(prepare_model(tiny_bert(), RankDynaConfig()), args=_with_fsdp1()),
     "deepspeed": lambda: _callback_begin(prepare_model(tiny_bert(), RankDynaConfig()), args=_with_deepspeed()),
+    "sharded_checkpoint": lambda: RankDynaCallback(RankDynaConfig(), sharded_checkpoint="dcp"),
+    "sharded_resume_without_state": lambda: load_resume_state("out/checkpoint-5", None, None, None, step=5),
     "unknown_steps": lambda: ParameterBudget.from_fractions(1000, 1.0, 0.5, None, 0.1, 0.2),
     "no_step_to_prune": lambda: build_trainer(
         "unused", config=small_config(warmup_fraction=0.5, final_fraction=0.4), max_steps=2).train(),

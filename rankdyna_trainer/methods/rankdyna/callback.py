@@ -17,6 +17,7 @@ from .importance import SingularGroupScores
 from .kept_compute import KeptCompute
 from .layer import SVDLinear
 from .model import dense_params, gated_layers, kept_params, layer_ranks, pruned_away, rank_pattern
+from .sharded_checkpoint import check_state_dict_type, load_resume_state, save_resume_state
 from .sharding import is_sharded, shard_statistics_like_parameters
 
 logger = logging.getLogger(__name__)
@@ -31,10 +32,17 @@ class RankDynaCallback(TrainerCallback):
 
         model = prepare_model(model, config)
         trainer = Trainer(model=model, args=args, ..., callbacks=[RankDynaCallback(config)])
+
+    ``sharded_checkpoint`` only matters for a sharded (FSDP2) model, whose optimizer the Trainer does not checkpoint:
+    ``"sharded"`` (DCP, each rank its shards) or ``"full"`` (gathered on rank 0) writes the optimizer, scheduler and
+    RNG state into each checkpoint so that ``trainer.train(resume_from_checkpoint=...)`` resumes exactly; ``None``
+    writes none (see :mod:`.sharded_checkpoint`).
     """
 
-    def __init__(self, config: RankDynaConfig | None = None):
+    def __init__(self, config: RankDynaConfig | None = None, sharded_checkpoint: str | None = "sharded"):
+        check_state_dict_type(sharded_checkpoint)
         self.config = config
+        self.sharded_checkpoint = sharded_checkpoint
         self.budget: ParameterBudget | None = None
         self.scores: SingularGroupScores | None = None
         self._layers = []
@@ -61,6 +69,7 @@ class RankDynaCallback(TrainerCallback):
         if is_sharded(model):
             _check_sharded_run(config)
             shard_statistics_like_parameters(model)
+        resumed = self._load_sharded_resume_state(args, state, model, **kwargs)
         self._names, self._layers = list(layers), list(layers.values())
         self.budget = ParameterBudget.from_fractions(
             dense_params=dense_params(self._layers),
@@ -73,10 +82,21 @@ class RankDynaCallback(TrainerCallback):
         )
         self.scores = SingularGroupScores(self._layers, config.beta1, config.beta2,
                                           config.singular_value_signal, config.importance)
+        if resumed:
+            self.scores.skipped_steps = self._reported_skips = resumed["skipped_steps"]
+            self._warned_zero = set(resumed["warned_zero"])
         self._group_costs = [l.group_cost for l in self._layers]
         self.scores.zero_gate_grads()
         self.kept_compute = KeptCompute(model, self._layers)  # gates as loaded (a resumed run's included)
         self._forget_best_before_target(args, state)  # a resumed state may name a checkpoint from before the target
+
+    def _load_sharded_resume_state(self, args, state, model, optimizer=None, lr_scheduler=None, **kwargs):
+        # A resumed run starts with state.global_step > 0 (the Trainer loaded trainer_state.json and, through
+        # shard_model's load hook, model.safetensors); the optimizer and scheduler exist by now, before any step.
+        if not is_sharded(model) or state.global_step == 0:
+            return None
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        return load_resume_state(checkpoint, model, optimizer, lr_scheduler, state.global_step)
 
     def _run_first_among_callbacks(self) -> None:
         # Reporting callbacks (W&B, TensorBoard) are registered before user callbacks, so values added to
@@ -194,9 +214,12 @@ class RankDynaCallback(TrainerCallback):
                            len(new_matrices), ", ".join(new_matrices))
         self._warned_zero.update(new_matrices + new_blocks)
 
-    def on_save(self, args, state, control, model=None, **kwargs):
+    def on_save(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        self._write_rank_pattern(model, checkpoint, state)
+        if is_sharded(model) and self.sharded_checkpoint is not None:
+            extra = {"skipped_steps": self.scores.skipped_steps, "warned_zero": sorted(self._warned_zero)}
+            save_resume_state(checkpoint, model, optimizer, lr_scheduler, args, self.sharded_checkpoint, extra)
+        self._write_rank_pattern(model, checkpoint, state)  # last: its presence marks a complete checkpoint
         if self._forget_best_before_target(args, state) and state.is_world_process_zero:
             from transformers.trainer import TRAINER_STATE_NAME
 

@@ -11,6 +11,14 @@ Under FSDP2 the parameters (``U``, ``s``, ``V``, a gated FFN's weights) and thei
 sharded on dim 0; buffers are not sharded. The gates and the gate-based statistics (``fisher``, the gate part of
 ``sensitivity``) are small and stay replicated; the element-wise ``sensitivity`` statistics of ``U`` and ``V``
 are as large as the factors, so :func:`shard_statistics_like_parameters` shards them like their parameter.
+
+Tied input/output embeddings are sharded the way ``from_pretrained`` shards them: untied while ``fully_shard``
+runs (it builds the model under ``no_tie_weights``), one FSDP rule for the pair (transformers'
+``_resolve_tied_embed_lm_head_plan``), tied again afterwards (``tie_weights``).
+
+A sharded model's ``load_state_dict`` also takes a full (plain-tensor) state dict, each rank keeping its own chunk
+(:func:`_full_tensors_into_shards`): that is how ``Trainer.train(resume_from_checkpoint=...)`` reloads the
+``model.safetensors`` it wrote.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .dtensors import is_dtensor
+from .dtensors import is_dtensor, local
 from .model import gated_layers, svd_layers
 
 ELEMENT_STATISTICS = ("sensitivity_U", "uncertainty_U", "sensitivity_V", "uncertainty_V")
@@ -58,14 +66,19 @@ def shard_model(model: nn.Module, distributed_config) -> nn.Module:
     if unsupported:
         raise ValueError(f"RankDyna's sharded path is FSDP2 data parallelism only (DistributedConfig(fsdp_size=N)); "
                          f"got {unsupported}, which was never run with RankDyna layers.")
-    _refuse_tied_embeddings(model)
+    tied = _has_tied_embeddings(model)
     distributed_config, _, mesh_manager = type(model).prepare_distribute_model(distributed_config)
     if mesh_manager is None:  # fsdp_size 1: nothing to shard
         return model
     _broadcast_state_from_rank0(model)
     frozen_factors_as_parameters(model)
+    if tied:
+        _untie_embeddings(model)
     model = type(model).maybe_distribute_model(model, distributed_config, mesh_manager)
+    if tied:
+        model.tie_weights(recompute_mapping=False)
     shard_statistics_like_parameters(model)
+    model.register_load_state_dict_pre_hook(_full_tensors_into_shards)
     return model
 
 
@@ -81,18 +94,52 @@ def _broadcast_state_from_rank0(model: nn.Module) -> None:
         torch._foreach_copy_(group, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in group]), group)])
 
 
-def _refuse_tied_embeddings(model: nn.Module) -> None:
-    """from_pretrained shards a model before tying its embeddings (tie_weights runs after loading); fully_shard on
-    an already tied model puts the one weight into two FSDP groups and fails at the first forward, and re-tying
-    after sharding was not verified, so a tied model is refused."""
+def _embeddings_and_head(model: nn.Module):
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    embeddings, head = (get_in() if get_in else None), (get_out() if get_out else None)
-    if embeddings is not None and head is not None and head.weight is embeddings.weight:
-        raise ValueError(
-            f"shard_model does not support tied input/output embeddings ({type(model).__name__} with "
-            "tie_word_embeddings=True): sharding a tied model was not verified. Untie first (the output layer "
-            "then trains its own copy): model.config.tie_word_embeddings = False; "
-            "model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.clone()).")
+    return (get_in() if get_in else None), (get_out() if get_out else None)
+
+
+def _has_tied_embeddings(model: nn.Module) -> bool:
+    """Whether the output layer shares the input embeddings' weight (refused, before any collective, when
+    transformers does not list the tie: it could not be restored after sharding)."""
+    embeddings, head = _embeddings_and_head(model)
+    if embeddings is None or head is None or head.weight is not embeddings.weight:
+        return False
+    if not getattr(model, "all_tied_weights_keys", None):
+        raise ValueError(f"{type(model).__name__} shares its output layer's weight with its input embeddings, but "
+                         "transformers lists no tied weights for it (all_tied_weights_keys is empty), so the tie "
+                         "could not be restored after sharding. Untie the model (model.config.tie_word_embeddings = "
+                         "False and a separate output weight) before shard_model.")
+    return True
+
+
+def _untie_embeddings(model: nn.Module) -> None:
+    """Give a tied output layer its own parameter (a copy of the embedding) while ``fully_shard`` runs.
+
+    ``fully_shard`` on a tied model puts the one weight into two FSDP groups, and FSDP2 refuses that at the first
+    forward ("shared with a parameter already managed by another FSDP group"). ``from_pretrained`` never meets this:
+    it builds the model untied (``no_tie_weights``), shards it with a plan that gives the pair one rule
+    (``_resolve_tied_embed_lm_head_plan``), loads, then ties. :func:`shard_model` does the same (``tie_weights`` after
+    ``fully_shard``), so the output layer uses the sharded embedding again, and its gradient adds to the
+    embedding's, as in one process."""
+    embeddings, head = _embeddings_and_head(model)
+    head.weight = nn.Parameter(embeddings.weight.detach().clone(), requires_grad=embeddings.weight.requires_grad)
+
+
+def _full_tensors_into_shards(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook of a sharded model: each plain tensor of ``state_dict`` whose target is a DTensor
+    becomes a DTensor placed like the target, from this rank's chunk (every rank holds the full tensor: it read the
+    same file). Without it, ``load_state_dict`` fails with "aten.copy_.default got mixed torch.Tensor and DTensor",
+    which is where ``Trainer._load_from_checkpoint`` stops when it resumes a model sharded at load time.
+    Shapes are left to ``load_state_dict``'s own check."""
+    owner = prefix[:-1] if prefix else ""
+    targets = list(module.named_parameters(prefix=owner, remove_duplicate=False)) + list(
+        module.named_buffers(prefix=owner, remove_duplicate=False))
+    for name, target in targets:
+        incoming = state_dict.get(name)
+        if (is_dtensor(target) and isinstance(incoming, torch.Tensor) and not is_dtensor(incoming)
+                and incoming.shape == target.shape):
+            state_dict[name] = _shard_like(incoming.to(local(target).device), target)
 
 
 def frozen_factors_as_parameters(model: nn.Module) -> None:
@@ -157,11 +204,11 @@ def gather_unsharded_model(model: nn.Module) -> nn.Module | None:
             source = live_buffers[name]
             copy_.get_submodule(owner)._buffers[attr] = (source.full_tensor() if is_dtensor(source) else source
                                                          ).detach().to("cpu").clone()
+    if hasattr(copy_, "tie_weights"):  # before the check: a tied output weight is not in the state dict
+        copy_.tie_weights()
     left_on_meta = [n for n, t in list(copy_.named_parameters()) + list(copy_.named_buffers()) if t.is_meta]
     if left_on_meta:
         raise RuntimeError(f"gather_unsharded_model could not fill {left_on_meta[:5]} from the full state dict.")
-    if hasattr(copy_, "tie_weights"):
-        copy_.tie_weights()
     return copy_
 
 
@@ -207,9 +254,12 @@ def _meta_clone(module: nn.Module, memo: dict | None = None) -> nn.Module:
 
 def _is_fsdp_hook(hook) -> bool:
     """A hook that fully_shard registered (a bound method of its state, or a wrapper function defined in
-    torch.distributed); any other hook (transformers' own) is kept."""
+    torch.distributed), or :func:`shard_model`'s own (it holds a reference to the sharded model); any other hook
+    (transformers' own) is kept."""
     while isinstance(hook, functools.partial):
         hook = hook.func
+    if getattr(hook, "__wrapped__", hook) is _full_tensors_into_shards:
+        return True
     owner = getattr(hook, "__self__", None)
     module = type(owner).__module__ if owner is not None else getattr(hook, "__module__", "") or ""
     return module.startswith("torch.distributed")
