@@ -14,6 +14,8 @@ import time
 import torch
 from transformers import TrainerCallback
 
+from ..host_memory import trim_freed_heap
+
 
 def rss_bytes(field: str = "VmRSS") -> int:
     """``VmRSS`` (current) or ``VmHWM`` (peak) resident set size of this process, from /proc."""
@@ -27,14 +29,10 @@ def release_free_heap() -> None:
     Preparing RankDyna (factorization, calibration) frees large temporaries that glibc may keep mapped; without
     this the training peak would count them although training never uses them.
     """
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_freed_heap()
 
 
 def reset_peak_rss() -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...host_memory import trim_freed_heap
 from .layer import ChannelGatedLinear, SVDLinear
 
 
@@ -59,6 +60,8 @@ class KeptCompute:
             self._indices.append(None if all(whole[i:i + width]) else index)
             i += width
         self.use_kept(self._kept_only)
+        if parts[0].device.type == "cpu":
+            trim_freed_heap()  # the previous allocation's gathered shapes (host_memory explains)
 
     def use_kept(self, kept_only: bool) -> None:
         """Kept groups only (``True``) or every group, gated (``False``, needed for masked groups' scores)."""
