@@ -57,9 +57,20 @@ def dense_teacher(model: nn.Module) -> nn.Module:
         # deepcopy takes a module found in its memo as already copied: the gated layers (and their statistics) are
         # never copied, only their dense replacements are placed.
         teacher = copy.deepcopy(model, memo=replacements)
+    _drop_top_level_hooks(teacher)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
+
+
+def _drop_top_level_hooks(teacher: nn.Module) -> None:
+    """The copy carries the model's hooks: keep the submodules' (transformers records outputs with them) and drop the
+    top-level ones, where this module's own hook and a user's instrumentation of the training forward live."""
+    for name in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                 "_forward_pre_hooks_with_kwargs"):
+        hooks = getattr(teacher, name, None)
+        if hooks is not None:
+            setattr(teacher, name, type(hooks)())  # a new dict: the model's own must not be emptied
 
 
 def _dense_layer(layer: SVDLinear | ChannelGatedLinear) -> nn.Linear:

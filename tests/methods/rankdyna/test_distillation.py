@@ -4,7 +4,6 @@ Real Trainer runs on tiny random BERT and LLaMA models without dropout, so that 
 
 import pytest
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
