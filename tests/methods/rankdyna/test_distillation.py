@@ -248,8 +248,14 @@ def test_bad_distillation_values_are_refused_by_name(field, value, message):
         RankDynaConfig(**{field: value})
 
 
-def test_label_smoothing_is_refused_before_training(tmp_path):
+def test_label_smoothing_and_multi_label_heads_are_refused_before_training(tmp_path):
     trainer = trainer_for(bert(), random_classification_dataset(48), tmp_path, config(), label_smoothing_factor=0.1)
     with pytest.raises(ValueError, match="label_smoothing_factor=0.1"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    multi_label = bert(num_labels=3)
+    multi_label.config.problem_type = "multi_label_classification"
+    trainer = trainer_for(multi_label, random_classification_dataset(48), tmp_path, config())
+    with pytest.raises(ValueError, match="does not support multi-label"):
         trainer.train()
     assert trainer.state.global_step == 0
