@@ -2,6 +2,8 @@
 
 Real Trainer runs on tiny random BERT and LLaMA models without dropout, so that forwards repeat exactly."""
 
+import shutil
+
 import pytest
 import torch
 from datasets import Dataset
@@ -217,8 +219,12 @@ def test_resume_after_the_snapshot_continues_with_the_saved_teacher(tmp_path):
     checkpoint = tmp_path / "run" / f"checkpoint-{crash}"
     assert (checkpoint / TEACHER_FILE).is_file()
 
-    resumed = build(tmp_path / "run")  # fresh model, fresh Trainer
-    resumed.train(resume_from_checkpoint=str(checkpoint))
+    # Fresh model, fresh Trainer, from a copy of the checkpoint outside output_dir: the teacher is read from the
+    # folder the Trainer resumes from.
+    copied = tmp_path / "copied" / "step"
+    shutil.copytree(checkpoint, copied)
+    resumed = build(tmp_path / "elsewhere")
+    resumed.train(resume_from_checkpoint=str(copied))
     a, b = full.model.state_dict(), resumed.model.state_dict()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
