@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
 
 from ...targets import unwrap_model
@@ -120,6 +121,16 @@ def distillation_sum(student: torch.Tensor, teacher: torch.Tensor, labels: torch
     return temperature ** 2 * kl, items.sum()
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model``'s loss shifts its labels (a decoder-only LM). Its ``loss_type`` says so when the class name
+    ends like one of transformers' loss types (``LlamaForCausalLM``); older class names such as ``GPT2LMHeadModel``
+    have none (their loss falls back to the causal LM one) and are found in the causal LM auto mapping."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss or \
+        type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
 class SelfDistillation:
     """The teacher (once taken) and the forward hook that adds its term to the model's loss while training."""
 
@@ -128,8 +139,7 @@ class SelfDistillation:
         self.weight, self.temperature = float(weight), float(temperature)
         self.teacher: nn.Module | None = None
         self._hook = None
-        self._shift_labels = LOSS_MAPPING.get(getattr(self.model, "loss_type", None)) is ForCausalLMLoss and not \
-            getattr(self.model.config, "is_encoder_decoder", False)
+        self._shift_labels = is_causal_lm(self.model)
         self._reset_logged()
 
     # -- the teacher ------------------------------------------------------------------------------

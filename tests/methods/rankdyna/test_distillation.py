@@ -10,9 +10,9 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from rankdyna_trainer.methods.rankdyna import RankDynaCallback, RankDynaConfig, prepare_model
-from rankdyna_trainer.methods.rankdyna.distillation import TEACHER_FILE
+from rankdyna_trainer.methods.rankdyna.distillation import TEACHER_FILE, distillation_sum, is_causal_lm
 from tests.conftest import random_classification_dataset, tiny_bert
-from tests.tiny_models import ARCHITECTURES
+from tests.tiny_models import ARCHITECTURES, training_dataset
 
 WEIGHT, TEMPERATURE = 0.6, 2.0
 STEPS, WARMUP = 12, 3  # warmup_fraction 0.25 of 12 steps: the teacher is taken at global_step 3
@@ -69,7 +69,7 @@ def rankdyna_of(trainer) -> RankDynaCallback:
     return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RankDynaCallback))
 
 
-def hand_loss(student, teacher, labels, task: str, num_items=None) -> torch.Tensor:
+def hand_loss(student, teacher, labels, task: str, num_items=None, weight=WEIGHT) -> torch.Tensor:
     """(1 - w) * task loss + w * the distillation term, written out from the definitions."""
     if task == "causal_lm":
         student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]
@@ -85,7 +85,7 @@ def hand_loss(student, teacher, labels, task: str, num_items=None) -> torch.Tens
         kl = (p_teacher * (p_teacher.log() - (s / TEMPERATURE).log_softmax(-1))).sum()
         term_sum, items = TEMPERATURE ** 2 * kl, keep.sum()
     divisor = items if num_items is None else num_items
-    return (1 - WEIGHT) * task_sum / divisor + WEIGHT * term_sum / divisor
+    return (1 - weight) * task_sum / divisor + weight * term_sum / divisor
 
 
 class CheckDistillation(TrainerCallback):
@@ -134,14 +134,31 @@ class CheckDistillation(TrainerCallback):
         self.checked = True
 
     def _inputs(self):
-        return {k: v for k, v in self.batch.items() if k != "labels"}
+        # The teacher's inputs as the hook gives them: an encoder-decoder keeps its labels (its decoder inputs).
+        return self.batch if self.task == "seq2seq" else {k: v for k, v in self.batch.items() if k != "labels"}
 
 
-@pytest.mark.parametrize("task", ["classification", "regression", "causal_lm"])
+def seq2seq_dataset(n: int = 16) -> Dataset:
+    data = training_dataset("seq2seq", n=n)
+    return data.map(lambda row, i: {"labels": [-100] * (i % 3) + row["labels"][i % 3:]}, with_indices=True)
+
+
+# GPT-2: Conv1D layers (its FFN input becomes a Conv1D channel producer); T5: an encoder-decoder, whose decoder
+# inputs come from the labels, which its teacher therefore keeps.
+@pytest.mark.parametrize("task", ["classification", "regression", "causal_lm", "gpt2", "seq2seq"])
 def test_loss_is_task_loss_plus_weighted_kl_to_the_frozen_teacher(tmp_path, task):
     model, data = {"classification": (bert(), random_classification_dataset(48)),
                    "regression": (bert(num_labels=1), regression_dataset()),
-                   "causal_lm": (llama(), lm_dataset())}[task]
+                   "causal_lm": (llama(), lm_dataset()),
+                   "gpt2": (ARCHITECTURES["gpt2"].build(), lm_dataset()),
+                   "seq2seq": (ARCHITECTURES["t5"].build(), seq2seq_dataset())}[task]
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    # The Trainer counts GPT-2's items over all its labels (its loss_type is None, so the Trainer does not know the
+    # loss shifts them): its loss, task and distillation parts alike, is then a per-item mean times items / count.
+    per_item_loss = task != "gpt2"
+    task = "causal_lm" if task == "gpt2" else task
     batch = {k: torch.tensor(v) for k, v in data[:4].items()}
     check = CheckDistillation(batch, task)
     trainer = trainer_for(model, data, tmp_path, config(), callbacks=[check])
@@ -153,7 +170,7 @@ def test_loss_is_task_loss_plus_weighted_kl_to_the_frozen_teacher(tmp_path, task
     # The two parts are logged after the snapshot; the Trainer's loss is their weighted sum.
     logged = [h for h in trainer.state.log_history if "rankdyna/distillation_loss" in h]
     assert [h["step"] for h in logged] == list(range(WARMUP + 1, STEPS + 1))
-    for h in logged:
+    for h in logged if per_item_loss else []:
         mixed = (1 - WEIGHT) * h["rankdyna/task_loss"] + WEIGHT * h["rankdyna/distillation_loss"]
         assert h["loss"] == pytest.approx(mixed, rel=1e-4)
     assert logged[-1]["rankdyna/distillation_loss"] > 0
@@ -161,11 +178,47 @@ def test_loss_is_task_loss_plus_weighted_kl_to_the_frozen_teacher(tmp_path, task
     assert not model._forward_hooks and rankdyna_of(trainer).distillation.teacher is None
 
 
-def test_before_the_snapshot_the_loss_is_the_task_loss_exactly(tmp_path):
+@pytest.mark.parametrize("task", ["classification", "regression", "causal_lm", "seq2seq"])
+def test_distillation_term_against_its_definition_on_logits_far_from_the_teacher(task):
+    # The Trainer runs above use tiny random models, whose near-uniform logits give a KL near 0; here the two sides
+    # differ widely, so the sum and the item count are checked tightly.
+    g = torch.Generator().manual_seed(0)
+    shape = {"classification": (6, 3), "regression": (6, 1)}.get(task, (3, 7, 11))
+    student, teacher = 3 * torch.randn(shape, generator=g), 3 * torch.randn(shape, generator=g)
+    if task == "regression":
+        labels = torch.randn(6, generator=g)
+    else:
+        labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
+        labels.view(-1)[::4] = -100
+    term_sum, items = distillation_sum(student, teacher, labels, TEMPERATURE, task == "regression",
+                                       shift_labels=task == "causal_lm")
+    # hand_loss at weight 1 with num_items 1 is the term's sum, written out.
+    expected = hand_loss(student, teacher, labels, task, num_items=1, weight=1.0)
+    torch.testing.assert_close(term_sum, expected, rtol=1e-5, atol=1e-6)
+    shifted = labels[:, 1:] if task == "causal_lm" else labels
+    assert int(items) == (labels.numel() if task == "regression" else int((shifted != -100).sum()))
+
+
+def test_causal_lms_are_told_apart_from_other_heads():
+    # GPT-2's class name matches no transformers loss type (loss_type None), yet its loss shifts the labels.
+    causal = {name for name, arch in ARCHITECTURES.items() if arch.task == "causal_lm"}
+    assert "gpt2" in causal
+    for name, arch in ARCHITECTURES.items():
+        assert is_causal_lm(arch.build()) == (name in causal), name
+
+
+@pytest.fixture(scope="module")
+def distilled_bert(tmp_path_factory):
+    """An uninterrupted distilled BERT run (compared with a plain run and with an interrupted one)."""
+    trainer = trainer_for(bert(), random_classification_dataset(48), tmp_path_factory.mktemp("kd"), config())
+    trainer.train()
+    return trainer
+
+
+def test_before_the_snapshot_the_loss_is_the_task_loss_exactly(tmp_path, distilled_bert):
     plain = trainer_for(bert(), random_classification_dataset(48), tmp_path / "plain", config(distillation_weight=0))
-    distilled = trainer_for(bert(), random_classification_dataset(48), tmp_path / "kd", config())
     plain.train()
-    distilled.train()
+    distilled = distilled_bert
     losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (plain, distilled)]
     assert losses[0][:WARMUP] == losses[1][:WARMUP]  # steps 1..3 ran before the teacher was taken
     assert losses[0][WARMUP + 1:] != losses[1][WARMUP + 1:]
@@ -207,12 +260,11 @@ class CrashAfterSave(TrainerCallback):
             raise KeyboardInterrupt(f"simulated crash after checkpoint-{self.step}")
 
 
-def test_resume_after_the_snapshot_continues_with_the_saved_teacher(tmp_path):
+def test_resume_after_the_snapshot_continues_with_the_saved_teacher(tmp_path, distilled_bert):
     def build(out, callbacks=(), **overrides):
         return trainer_for(bert(), random_classification_dataset(48), out, config(), callbacks, **overrides)
 
-    full = build(tmp_path / "full")
-    full.train()
+    full = distilled_bert
     crash = WARMUP + 3
     with pytest.raises(KeyboardInterrupt):
         build(tmp_path / "run", [CrashAfterSave(crash)], save_strategy="steps", save_steps=crash).train()
