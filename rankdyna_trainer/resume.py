@@ -19,7 +19,8 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     The Trainer writes a checkpoint in place, so a crash during a save leaves a partial folder, and
     ``transformers.trainer_utils.get_last_checkpoint`` (what ``resume_from_checkpoint=True`` uses) returns it
     anyway. ``trainer_state.json`` is the Trainer's last file and ``rank_pattern.json`` is written after it
-    by RankDynaCallback's ``on_save``, so a folder holding both is complete.
+    by RankDynaCallback's ``on_save`` (after the distillation teacher, when there is one), so a folder holding both
+    is complete.
     """
     if not os.path.isdir(output_dir):
         raise FileNotFoundError(f"output_dir {output_dir!r} does not exist.")

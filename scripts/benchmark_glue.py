@@ -73,6 +73,7 @@ CAMPAIGN_SUMMARY = os.path.join(REPO, "docs", "results_glue.json")
 CAMPAIGN_PAGE = os.path.join(REPO, "docs", "RESULTS.md")
 PROTOCOL_OVERRIDES = ("epochs", "learning_rate", "max_seq_length", "train_rows", "sampling")
 RANKDYNA_SCHEDULE_FLAGS = ("rankdyna_warmup_fraction", "rankdyna_final_fraction")
+RANKDYNA_DISTILLATION_FLAGS = ("rankdyna_distillation_weight", "rankdyna_distillation_temperature")
 
 
 def parse_args(argv=None):
@@ -97,6 +98,11 @@ def parse_args(argv=None):
     parser.add_argument("--rankdyna_final_fraction", type=float, default=None,
                         help="RankDyna's RankDynaConfig.final_fraction (share of steps trained at the final budget); "
                         "default: the config's. A control, not the protocol: needs its own --results_dir")
+    parser.add_argument("--rankdyna_distillation_weight", type=float, default=None,
+                        help="RankDyna's RankDynaConfig.distillation_weight (self-distillation from the model when "
+                        "pruning starts; 0: off); default: the config's. A control: needs its own --results_dir")
+    parser.add_argument("--rankdyna_distillation_temperature", type=float, default=None,
+                        help="RankDyna's RankDynaConfig.distillation_temperature; default: the config's")
     parser.add_argument("--epochs", type=float, default=None,
                         help="override PROTOCOL's epochs for every task (the round of every method: rankdyna_equal "
                         "trains twice it, FWSVD it twice; a whole number with rankdyna_equal)")
@@ -139,7 +145,7 @@ def parse_args(argv=None):
         glue_plan.check_whole_epochs(args.methods, args.epochs)
     except ValueError as error:
         parser.error(str(error))
-    overrides = [f"--{name}" for name in PROTOCOL_OVERRIDES + RANKDYNA_SCHEDULE_FLAGS
+    overrides = [f"--{name}" for name in PROTOCOL_OVERRIDES + RANKDYNA_SCHEDULE_FLAGS + RANKDYNA_DISTILLATION_FLAGS
                  if getattr(args, name) is not None]
     if overrides and os.path.abspath(args.results_dir) == CAMPAIGN_RESULTS and not (args.report_only or args.no_runs):
         parser.error(f"{' '.join(overrides)}: a protocol override; its runs must not land among the campaign's: "
@@ -289,7 +295,7 @@ def method_config_for(method, budget, protocol, rank_multiple, total_steps=None,
 
 def rankdyna_options(args) -> dict:
     options = {"ffn_groups": args.rankdyna_ffn_groups}
-    for flag in RANKDYNA_SCHEDULE_FLAGS:
+    for flag in RANKDYNA_SCHEDULE_FLAGS + RANKDYNA_DISTILLATION_FLAGS:
         if getattr(args, flag) is not None:
             options[flag.removeprefix("rankdyna_")] = getattr(args, flag)
     return options

@@ -236,6 +236,13 @@ class RankDynaArguments:
         default=None,
         metadata={"help": "Comma-separated module-name suffixes to factorize (default: every linear layer of the "
                   "model's repeated blocks)."})
+    rankdyna_distillation_weight: float = field(
+        default=_RANKDYNA_DEFAULTS["distillation_weight"],
+        metadata={"help": "Self-distillation weight in [0, 1] (0: off): the model when pruning starts is the "
+                  "teacher of the rest of the run (docs/method.md#self-distillation)."})
+    rankdyna_distillation_temperature: float = field(
+        default=_RANKDYNA_DEFAULTS["distillation_temperature"],
+        metadata={"help": "Softmax temperature of the distillation term (> 0)."})
 
     def given_options(self) -> dict:
         """The options set to something other than their default (what would change the run)."""

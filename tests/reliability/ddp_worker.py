@@ -8,6 +8,9 @@ the test's own instrumentation, written by every process):
   allocations_rank{r}.json   masks and group scores after every reallocation
   microbatches_rank{r}.json  gate_grad at the end of each micro-batch's backward and at the next forward
   final_rank{r}.safetensors  the final state dict
+
+The run distils (distillation_weight 0.5, teacher taken at step 2): each process runs its own copy of the teacher
+beside DDP, with no collective, and process 0 alone saves it in the checkpoints.
 """
 
 import json
@@ -21,7 +24,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repository root, for `tests.*` and the package
 
 from rankdyna_trainer.methods.rankdyna import RankDynaCallback, svd_layers  # noqa: E402
-from tests.reliability.helpers import build_trainer  # noqa: E402
+from tests.reliability.helpers import build_trainer, small_config  # noqa: E402
 
 
 class DumpAllocations(TrainerCallback):
@@ -57,7 +60,8 @@ class WatchGateGrads(TrainerCallback):
 
 def main(out: Path) -> None:
     rank = int(os.environ["RANK"])
-    trainer = build_trainer(out / f"trainer_rank{rank}", n_examples=64, gradient_accumulation_steps=2,
+    trainer = build_trainer(out / f"trainer_rank{rank}", small_config(distillation_weight=0.5), n_examples=64,
+                            gradient_accumulation_steps=2,
                             save_strategy="steps", save_steps=10, ddp_backend="gloo",
                             # DDP then syncs (and would broadcast buffers) on every micro-batch, the setting
                             # in which a broadcast gate_grad would be overwritten between micro-batches.

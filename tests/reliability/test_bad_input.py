@@ -54,6 +54,12 @@ def _launched_with_fsdp():
         del os.environ["ACCELERATE_USE_FSDP"]
 
 
+def _multi_label_bert():
+    model = tiny_bert(num_labels=3)
+    model.config.problem_type = "multi_label_classification"
+    return model
+
+
 class _OtherModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -92,6 +98,13 @@ CASES = {
     "deepspeed": lambda: _callback_begin(prepare_model(tiny_bert(), RankDynaConfig()), args=_with_deepspeed()),
     "sharded_checkpoint": lambda: RankDynaCallback(RankDynaConfig(), sharded_checkpoint="dcp"),
     "sharded_resume_without_state": lambda: load_resume_state("out/checkpoint-5", None, None, None, step=5),
+    "distillation_weight": lambda: RankDynaConfig(distillation_weight=1.5),
+    "distillation_temperature": lambda: RankDynaConfig(distillation_temperature=0),
+    "distillation_label_smoothing": lambda: _callback_begin(
+        prepare_model(tiny_bert(), RankDynaConfig(distillation_weight=0.5)),
+        args=TrainingArguments("unused", use_cpu=True, report_to=[], label_smoothing_factor=0.1)),
+    "distillation_multi_label": lambda: _callback_begin(
+        prepare_model(_multi_label_bert(), RankDynaConfig(distillation_weight=0.5))),
     "unknown_steps": lambda: ParameterBudget.from_fractions(1000, 1.0, 0.5, None, 0.1, 0.2),
     "no_step_to_prune": lambda: build_trainer(
         "unused", config=small_config(warmup_fraction=0.5, final_fraction=0.4), max_steps=2).train(),

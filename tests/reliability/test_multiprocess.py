@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from rankdyna_trainer.methods.rankdyna import RANK_PATTERN_FILE
+from rankdyna_trainer.methods.rankdyna.distillation import TEACHER_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -79,7 +80,8 @@ def test_only_process_0_writes_files(two_process_run):
     rank0 = {p.relative_to(two_process_run / "trainer_rank0").as_posix()
              for p in (two_process_run / "trainer_rank0").rglob("*") if p.is_file()}
     assert {"model.safetensors", RANK_PATTERN_FILE, "checkpoint-10/rank_pattern.json",
-            "checkpoint-20/model.safetensors"} <= rank0
+            "checkpoint-20/model.safetensors", f"checkpoint-10/{TEACHER_FILE}",
+            f"checkpoint-20/{TEACHER_FILE}"} <= rank0
     rank1_dir = two_process_run / "trainer_rank1"
     rank1 = [p.relative_to(rank1_dir).as_posix() for p in rank1_dir.rglob("*") if p.is_file()]
     # The Trainer saves every process's RNG state into the checkpoint (needed to resume); nothing else.

@@ -58,3 +58,13 @@ def test_step_profile_bad_flags_are_one_line(argv, named, capsys):
         profile.main(argv)
     assert stopped.value.code == 2
     assert named in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, named", [(["--weights", "0", "1.5"], "--weights"), (["--steps", "4"], "--steps"),
+                                         (["--repeats", "0"], "--repeats")])
+def test_distillation_bench_bad_flags_are_one_line(argv, named, capsys):
+    bench = _load_script("bench_distillation")
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(argv)
+    assert stopped.value.code == 2
+    assert named in capsys.readouterr().err.strip().splitlines()[-1]

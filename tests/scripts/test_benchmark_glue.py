@@ -126,7 +126,7 @@ def test_rankdyna_runs_ffn_channels_and_singular_groups_as_separate_rows(tmp_pat
 
 
 @pytest.mark.parametrize("override", [["--epochs", "6"], ["--rankdyna_final_fraction", "0.5"],
-                                      ["--rankdyna_warmup_fraction", "0.3"]])
+                                      ["--rankdyna_warmup_fraction", "0.3"], ["--rankdyna_distillation_weight", "0.5"]])
 def test_a_protocol_override_is_refused_in_the_campaigns_folder(override, capsys):
     bench = _load_script("benchmark_glue")
     with pytest.raises(SystemExit) as stopped:
@@ -161,6 +161,20 @@ def test_a_final_fraction_that_leaves_no_steps_to_prune_names_the_flag(capsys):
     args = bench.parse_args(["--rankdyna_warmup_fraction", "0.3", "--results_dir", "x", "--no_report"])
     options = bench.rankdyna_options(args)
     assert options == {"ffn_groups": "channels", "warmup_fraction": 0.3}
+
+
+def test_distillation_options_reach_the_rankdyna_config_and_bad_ones_name_the_flag(capsys):
+    bench = _load_script("benchmark_glue")
+    control = ["--results_dir", "x", "--no_report"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rankdyna_distillation_weight", "1.5"] + control)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--rankdyna_distillation_weight 1.5" in err and "must be a number in [0, 1]" in err
+    args = bench.parse_args(["--rankdyna_distillation_weight", "0.5", "--rankdyna_distillation_temperature", "2",
+                             "--rankdyna_warmup_fraction", "0.3"] + control)
+    options = bench.rankdyna_options(args)
+    assert options == {"ffn_groups": "channels", "warmup_fraction": 0.3, "distillation_weight": 0.5,
+                       "distillation_temperature": 2.0}
 
 
 def test_report_only_regenerates_summary_and_page_from_the_files(tmp_path):

@@ -242,6 +242,23 @@ def test_invalid_rank_multiple_names_the_flag(tmp_path):
         run_glue.main(_argv(tmp_path, "--task_name", "rte", "--rankdyna", "--rankdyna_rank_multiple", "0"))
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--rankdyna_distillation_weight", "1.5", r"^--rankdyna_distillation_weight must be a number in \[0, 1\].*1\.5"),
+    ("--rankdyna_distillation_temperature", "0", r"^--rankdyna_distillation_temperature must be a finite number > 0"),
+])
+def test_invalid_distillation_values_name_the_flag(tmp_path, flag, value, message):
+    with pytest.raises(UsageError, match=message):
+        run_glue.main(_argv(tmp_path, "--task_name", "rte", "--rankdyna", flag, value))
+
+
+def test_distillation_flags_reach_the_rankdyna_config(tmp_path):
+    _, _, rankdyna_args, _, _ = run_glue.parse_args(_argv(tmp_path, "--task_name", "rte", "--rankdyna",
+                                                          "--rankdyna_distillation_weight", "0.5",
+                                                          "--rankdyna_distillation_temperature", "3"))
+    config = rankdyna_args.to_config()
+    assert (config.distillation_weight, config.distillation_temperature) == (0.5, 3.0)
+
+
 def test_rank_multiple_for_a_method_without_ranks(tmp_path):
     with pytest.raises(UsageError, match=r"^--compression_rank_multiple applies to rankdyna, svd, fwsvd, tfwsvd and "
                        r"ars, not to --compression_method lorap; drop it\."):

@@ -13,6 +13,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ...budget import ParameterBudget, allocate_by_cost
 from .config import RankDynaConfig
+from .distillation import TEACHER_FILE, SelfDistillation
 from .importance import SingularGroupScores
 from .kept_compute import KeptCompute
 from .layer import SVDLinear
@@ -49,6 +50,7 @@ class RankDynaCallback(TrainerCallback):
         self._names = []
         self._reported_skips = 0
         self._warned_zero: set[str] = set()
+        self.distillation: SelfDistillation | None = None
 
     # -- set-up -----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -89,6 +91,35 @@ class RankDynaCallback(TrainerCallback):
         self.scores.zero_gate_grads()
         self.kept_compute = KeptCompute(model, self._layers)  # gates as loaded (a resumed run's included)
         self._forget_best_before_target(args, state)  # a resumed state may name a checkpoint from before the target
+        self._start_distillation(args, state, model)
+
+    def _start_distillation(self, args, state, model) -> None:
+        """Set up ``distillation_weight > 0``: the teacher is taken when pruning starts (:meth:`on_step_begin`), or,
+        for a run resumed after that, read from the checkpoint it resumes from."""
+        if self.distillation is not None:
+            self.distillation.close()
+        self.distillation = None
+        if self.config.distillation_weight <= 0:
+            return
+        if is_sharded(model):
+            raise ValueError("RankDynaConfig(distillation_weight>0) does not support sharded (FSDP) models: the "
+                             "teacher would be a second sharded model; set distillation_weight=0.")
+        if args.label_smoothing_factor > 0:
+            raise ValueError(f"RankDynaConfig(distillation_weight>0) distils on the model's own loss; the Trainer's "
+                             f"label smoothing (label_smoothing_factor={args.label_smoothing_factor}) replaces it: "
+                             "set one of them to 0.")
+        self.distillation = SelfDistillation(model, self.config.distillation_weight,
+                                             self.config.distillation_temperature)
+        self.distillation._is_regression()  # a multi-label head fails here, not when pruning starts
+        if state.global_step > self.budget.warmup_steps:
+            checkpoint = _resumed_checkpoint(args, state)
+            if not os.path.isfile(os.path.join(checkpoint, TEACHER_FILE)):
+                raise ValueError(
+                    f"RankDyna resumes at step {state.global_step}, after its distillation teacher was taken (step "
+                    f"{self.budget.warmup_steps}, when pruning started), but {checkpoint} holds no {TEACHER_FILE}: "
+                    "the teacher cannot be rebuilt. Resume from a checkpoint of this run saved with distillation on, "
+                    "or from one at or before that step.")
+            self.distillation.load_teacher(checkpoint)
 
     def _load_sharded_resume_state(self, args, state, model, optimizer=None, lr_scheduler=None, **kwargs):
         # A resumed run starts with state.global_step > 0 (the Trainer loaded trainer_state.json and, through
@@ -117,6 +148,9 @@ class RankDynaCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.budget is not None:
             self.kept_compute.use_kept(not self.scores_masked_groups(state.global_step))
+        if self.distillation is not None and self.distillation.teacher is None \
+                and state.global_step >= self.budget.warmup_steps:
+            self.distillation.take_teacher()  # the dense, task-tuned model, before the first reallocation
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         step = state.global_step
@@ -189,6 +223,8 @@ class RankDynaCallback(TrainerCallback):
             "rankdyna/zero_rank_matrices": len(zero_matrices),
             "rankdyna/zero_rank_blocks": len(zero_blocks),
         }
+        if self.distillation is not None:
+            values.update(self.distillation.logged_values())
         self._warn_new_zero_ranks(zero_matrices, zero_blocks, step)
         logs.update(values)
         if state.log_history:
@@ -219,6 +255,8 @@ class RankDynaCallback(TrainerCallback):
         if is_sharded(model) and self.sharded_checkpoint is not None:
             extra = {"skipped_steps": self.scores.skipped_steps, "warned_zero": sorted(self._warned_zero)}
             save_resume_state(checkpoint, model, optimizer, lr_scheduler, args, self.sharded_checkpoint, extra)
+        if self.distillation is not None and self.distillation.teacher is not None and state.is_world_process_zero:
+            self.distillation.save_teacher(checkpoint)
         self._write_rank_pattern(model, checkpoint, state)  # last: its presence marks a complete checkpoint
         if self._forget_best_before_target(args, state) and state.is_world_process_zero:
             from transformers.trainer import TRAINER_STATE_NAME
@@ -253,6 +291,8 @@ class RankDynaCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.budget is not None:
             self.kept_compute.clear()  # the gates are the user's from here (and load_best_model_at_end's)
+        if self.distillation is not None:
+            self.distillation.close()  # the model's forward and loss are the user's again; the teacher is freed
         if self._layers:
             final_ranks = dict(zip(self._names, layer_ranks(self._layers)))
             self._warn_new_zero_ranks(*pruned_away(final_ranks), state.global_step)
@@ -356,3 +396,18 @@ def _unscale_parameter_grads(optimizer) -> torch.Tensor | float:
     except RuntimeError:
         pass  # "unscale_() has already been called on this optimizer since the last update()"
     return scaler.get_scale()
+
+
+def _resumed_checkpoint(args, state) -> str:
+    """The folder ``Trainer.train(resume_from_checkpoint=...)`` resumes from. Callbacks are not told it, so it is read
+    from the Trainer's training loop up the stack; ``output_dir/checkpoint-<global_step>`` (the Trainer's own naming)
+    if that loop is not found."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        local = frame.f_locals
+        if isinstance(local.get("self"), Trainer) and isinstance(local.get("resume_from_checkpoint"), str):
+            return local["resume_from_checkpoint"]
+        frame = frame.f_back
+    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

@@ -155,6 +155,18 @@ class RankDynaConfig(PeftConfigMixin):
         default=0.0,
         metadata={"help": "Weight of the orthogonality regularizer ||U^T U - I|| + ||V V^T - I|| (0 disables it)."},
     )
+    distillation_weight: float = field(
+        default=0.0,
+        metadata={"help": "Self-distillation, in [0, 1] (0 disables it): when pruning starts (end of the warm-up) the "
+                  "model, then dense and tuned on the task, is kept as a frozen teacher, and from there on the loss is "
+                  "(1 - w) * task loss + w * T^2 * KL(teacher || student) of the softmaxed logits at temperature T "
+                  "(a regression head: the squared error to the teacher's output). Costs one dense model copy and one "
+                  "forward per step (rankdyna.distillation, docs/method.md)."},
+    )
+    distillation_temperature: float = field(
+        default=2.0,
+        metadata={"help": "Softmax temperature T of the distillation term (> 0; the term is scaled by T^2)."},
+    )
 
     def __post_init__(self):
         check_budget_fraction(self.target_budget)
@@ -221,6 +233,7 @@ class RankDynaConfig(PeftConfigMixin):
         check_rank_multiple(self.rank_multiple)
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}.")
+        _check_distillation(self.distillation_weight, self.distillation_temperature)
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise ValueError("target_modules is an empty list; pass None for the architecture's defaults.")
 
@@ -246,3 +259,13 @@ class RankDynaConfig(PeftConfigMixin):
         config = super().to_dict()
         config.pop("peft_type", None)
         return config
+
+
+def _check_distillation(weight, temperature) -> None:
+    def is_number(value) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float))
+
+    if not is_number(weight) or not 0.0 <= weight <= 1.0:
+        raise ValueError(f"distillation_weight must be a number in [0, 1] (0 disables distillation), got {weight!r}.")
+    if not is_number(temperature) or not 0.0 < temperature < float("inf"):
+        raise ValueError(f"distillation_temperature must be a finite number > 0, got {temperature!r}.")
