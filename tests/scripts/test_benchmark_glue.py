@@ -160,7 +160,7 @@ def test_a_final_fraction_that_leaves_no_steps_to_prune_names_the_flag(capsys):
     assert "--rankdyna_warmup_fraction 0.5 --rankdyna_final_fraction 0.5" in capsys.readouterr().err
     args = bench.parse_args(["--rankdyna_warmup_fraction", "0.3", "--results_dir", "x", "--no_report"])
     options = bench.rankdyna_options(args)
-    assert options == {"ffn_groups": "channels", "warmup_fraction": 0.3}
+    assert options == {"warmup_fraction": 0.3}  # ffn_groups: the default gives channels on MiniLM
 
 
 def test_report_only_regenerates_summary_and_page_from_the_files(tmp_path):
@@ -175,3 +175,37 @@ def test_report_only_regenerates_summary_and_page_from_the_files(tmp_path):
     page_file.unlink()
     bench.main(["--report_only"] + _paths(tmp_path))
     assert summary_file.read_text() == first_summary and page_file.read_text() == first_page
+
+
+def test_the_default_reallocation_interval_is_10_on_every_protocol_task(glue_dir):
+    """The campaign's rankdyna rows pass no interval: RankDynaConfig's 'auto' gives the protocol's 10 on every task."""
+    from rankdyna_trainer import RankDynaConfig
+    from rankdyna_trainer.budget import ParameterBudget
+    from rankdyna_trainer.experiment.glue_data import load_glue
+    from rankdyna_trainer.methods.rankdyna.defaults import ENCODER, kind_defaults, reallocation_interval_for
+
+    bench = _load_script("benchmark_glue")
+    warmup, final = kind_defaults(ENCODER, 0.5)["warmup_fraction"], RankDynaConfig().final_fraction
+    for task in bench.PROTOCOL:
+        protocol = bench.task_protocol(bench.parse_args([]), task)
+        rows = len(load_glue(task, glue_dir)["train"])
+        rows = min(rows, protocol["train_rows"] or rows)
+        steps = bench.optimizer_steps({"train": range(rows)}, protocol)
+        budget = ParameterBudget.from_fractions(1000, 1.0, 0.5, steps, warmup, final)
+        assert reallocation_interval_for(budget.final_start - budget.warmup_steps) == 10, (task, steps)
+    assert bench.SHARED["rankdyna_interval"] == 10
+
+
+def test_the_rankdyna_row_is_the_library_default_plus_the_command_lines_options():
+    from rankdyna_trainer import RankDynaConfig
+
+    bench = _load_script("benchmark_glue")
+    protocol = bench.task_protocol(bench.parse_args([]), "cola")
+    default = bench.method_config_for("rankdyna", 0.33, protocol, 1, 100, None, bench.rankdyna_options(
+        bench.parse_args([])))
+    assert default.to_dict() == RankDynaConfig(target_budget=0.33).to_dict()
+    args = bench.parse_args(["--rankdyna_warmup_fraction", "0.1", "--rankdyna_ffn_groups", "singular",
+                             "--results_dir", "x", "--no_report"])
+    control = bench.method_config_for("rankdyna", 0.33, protocol, 8, 100, None, bench.rankdyna_options(args))
+    assert control.to_dict() == RankDynaConfig(target_budget=0.33, warmup_fraction=0.1, ffn_groups="singular",
+                                               rank_multiple=8).to_dict()
