@@ -43,10 +43,12 @@ def model_kind(model: nn.Module) -> str:
     return DECODER if generates and not encoder_decoder else ENCODER
 
 
-def kind_defaults(kind: str, target_budget: float) -> dict:
+def kind_defaults(kind: str, target_budget: float, factor_budget: float | None = 1.0) -> dict:
     """The measured recipe of ``kind`` for the fields in MODEL_KIND_FIELDS."""
     if kind == DECODER:  # scripts/benchmark_lm.py's `rankdyna` row, docs/DECODER.md
-        exact = target_budget > DECODER_EXACT_START_ABOVE
+        # A factor_budget below the target cannot reach it from a truncated start: the exact start then.
+        truncatable = factor_budget is None or factor_budget >= target_budget
+        exact = target_budget > DECODER_EXACT_START_ABOVE or not truncatable
         return {"init": "whitened", "factor_scaling": "none", "rank_by": "score",
                 "untrained_groups": "frozen" if exact else "dropped", "warmup_fraction": 0.1}
     # The GLUE campaign (issue 9's fixes), with issue 28's warm-up 0.3 (docs/method.md, schedule control).
@@ -63,7 +65,7 @@ def needs_calibration(config, model: nn.Module) -> bool:
     """Whether ``prepare_model(model, config, ...)`` would start from the whitened SVD, i.e. wants calibration
     batches (``init='whitened'``, or ``'auto'`` on a decoder)."""
     if config.init == AUTO:
-        return kind_defaults(model_kind(model), config.target_budget)["init"] == "whitened"
+        return kind_defaults(model_kind(model), config.target_budget, config.factor_budget)["init"] == "whitened"
     return config.init == "whitened"
 
 
@@ -83,7 +85,7 @@ def resolve_for_kind(config, kind: str, has_calibration: bool = True):
     names = auto_fields(config)
     if not names:
         return config, {}
-    recipe = kind_defaults(kind, config.target_budget)
+    recipe = kind_defaults(kind, config.target_budget, config.factor_budget)
     resolved = {name: recipe[name] for name in names}
     if resolved.get("init") == "whitened" and not has_calibration:
         logger.warning(

@@ -91,8 +91,12 @@ def _log_defaults(model: nn.Module, resolved: dict, config: RankDynaConfig, chan
     notes = {"ffn_groups": f"{channel_ffn_count} FFNs pruned by intermediate channels" if channel_ffn_count
              else "singular groups in every matrix: channels need importance='fisher' and known FFN roles"}
     if "untrained_groups" in resolved and kind == "decoder":
-        above = resolved["untrained_groups"] == "frozen"
-        notes["untrained_groups"] = f"target_budget {config.target_budget} {'>' if above else '<='} 0.5"
+        if resolved["untrained_groups"] == "dropped":
+            notes["untrained_groups"] = f"target_budget {config.target_budget} <= 0.5"
+        elif config.target_budget > 0.5:
+            notes["untrained_groups"] = f"target_budget {config.target_budget} > 0.5"
+        else:
+            notes["untrained_groups"] = f"factor_budget {config.factor_budget} < target_budget {config.target_budget}"
     later = ("; reallocation_interval is set from the run's length when training starts"
              if config.reallocation_interval == AUTO else "")
     logger.info("RankDyna defaults for %s %s (%s): %s%s (docs/method.md#defaults).", article(kind), kind,

@@ -188,3 +188,12 @@ def test_a_default_that_does_not_fit_an_explicit_value_says_so():
     assert "RankDyna defaults for an encoder (" in message and "warmup_fraction='auto' -> 0.3" in message
     assert "must be below 1" in message and "Set these fields explicitly" in message
     prepare_model(ARCHITECTURES["llama"].build(), RankDynaConfig(final_fraction=0.75))  # 0.1 fits a decoder
+
+
+def test_a_decoder_with_a_factor_budget_below_the_target_keeps_the_exact_start(caplog):
+    """The truncated start could not reach the target with fewer trainable groups than it keeps: 'frozen'."""
+    model = ARCHITECTURES["llama"].build()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        prepare_model(model, RankDynaConfig(target_budget=0.5, factor_budget=0.25, init="svd"))
+    assert model.rankdyna_config.untrained_groups == "frozen"
+    assert "untrained_groups=frozen (factor_budget 0.25 < target_budget 0.5)" in caplog.text
