@@ -86,11 +86,15 @@ def test_a_real_run_writes_its_file_and_the_post_hoc_run_reuses_the_dense_round(
 
 def test_rankdyna_runs_ffn_channels_and_singular_groups_as_separate_rows(tmp_path, glue_dir, small_model):
     bench = _load_script("benchmark_glue")
-    argv = ["--tasks", "cola", "--methods", "rankdyna", "--budgets", "0.5", "--seeds", "7", "--limit", "48",
+    # 128 rows: 4 steps, so that the default warm-up (0.3) and the control's final 0.5 leave a step to prune in.
+    argv = ["--tasks", "cola", "--methods", "rankdyna", "--budgets", "0.5", "--seeds", "7", "--limit", "128",
             "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model, "--device", "cpu"] + _paths(tmp_path)
     bench.main(argv)
     run = json.loads((tmp_path / "runs" / "cola" / "rankdyna_b0.5_seed7.json").read_text())
     assert run["config"]["ffn_groups"] == "channels"  # the campaign's recipe by default
+    # The run file records the config resolved for this model and run: no 'auto' left.
+    assert run["config"]["warmup_fraction"] == 0.3 and run["config"]["reallocation_interval"] == 1
+    assert run["config"]["factor_scaling"] == "group" and "auto" not in run["config"].values()
     assert 0 <= run["ranks"]["bert.encoder.layer.0.output.dense"] <= 64  # kept intermediate channels
     assert "bert.encoder.layer.0.intermediate.dense" not in run["ranks"]  # sliced with its reader, not factorized
     assert run["targeted_params"] <= 0.5 * run["targeted_dense_params"]
