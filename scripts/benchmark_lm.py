@@ -84,6 +84,7 @@ V0 = {"importance": "sensitivity", "factor_scaling": "none", "rank_by": "score",
 TRUNCATED = {"untrained_groups": "dropped"}  # groups beyond factor_budget dropped at factorization time
 RANKDYNA_VARIANTS = {
     "rankdyna": None,  # RankDynaConfig(target_budget=budget): the library default
+    "rankdyna_every_step_scoring": None,  # the default with masked_group_scoring='every_step' (before issue 25)
     "rankdyna_singular_ffn": SINGULAR_DECODER_RECIPE,  # + decoder_start(budget): the recipe before issue 11
     "rankdyna_defaults": {},  # the library defaults before issue 28: group factor scaling, per-parameter ranking,
     # frozen start
@@ -125,6 +126,8 @@ METHODS = {
     "rankdyna": ("RankDyna, library defaults (RankDynaConfig(target_budget=b): on a decoder the whitened start, plain "
                  "factor steps, raw Fisher score, FFN channels as groups; attention's exact start above 0.5, truncated "
                  "at break-even at 0.5 and below)", True, True),
+    "rankdyna_every_step_scoring": ("ablation: RankDyna library defaults, masked groups scored on every pruning step "
+                                    "(masked_group_scoring='every_step', the scoring before issue 25)", True, True),
     "rankdyna_singular_ffn": ("ablation: RankDyna decoder recipe with the FFNs as singular groups (the recipe before "
                               "issue 11)", True, True),
     "rankdyna_defaults": ("ablation: RankDyna library defaults before issue 28, GLUE's (group factor scaling, score "
@@ -254,9 +257,14 @@ def finetune(model, data: RunData, callbacks=()) -> float:
     return losses[-1] if losses else float("nan")
 
 
+# Rows on top of the library defaults (RANKDYNA_VARIANTS None): the masked groups scored on every pruning step, as
+# every run before issue 25's kept-groups path did (the `rankdyna` rows measured before issue 28 among them).
+ON_DEFAULTS = {"rankdyna": {}, "rankdyna_every_step_scoring": {"masked_group_scoring": "every_step"}}
+
+
 def rankdyna_config(method: str, budget: float) -> RankDynaConfig:
     if RANKDYNA_VARIANTS[method] is None:
-        return RankDynaConfig(target_budget=budget)
+        return RankDynaConfig(target_budget=budget, **ON_DEFAULTS[method])
     start = decoder_start(budget) if method in DECODER_START_METHODS else {}
     return RankDynaConfig(target_budget=budget, **{**DEFAULTS_BEFORE_28, **RANKDYNA_RECIPE, **RANKDYNA_VARIANTS[method],
                                                    **start})
@@ -417,6 +425,7 @@ def write_report(runs: list[dict], stale: list[str]) -> None:
             "runs_dir": os.path.relpath(args.runs_dir, REPO),
             "rankdyna": "RankDynaConfig(target_budget=budget): the library defaults; each run file's method_config "
                         "holds them resolved",
+            "rankdyna_on_defaults": ON_DEFAULTS,
             "rankdyna_ablation_shared": {**DEFAULTS_BEFORE_28, **RANKDYNA_RECIPE},
             "rankdyna_variants": {k: v for k, v in RANKDYNA_VARIANTS.items() if v is not None},
             "dense_target_params": DENSE_TARGET_PARAMS,
