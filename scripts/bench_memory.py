@@ -46,6 +46,9 @@ SETTINGS = {
     "rankdyna_v0_full_rank": ("RankDyna, every group's factors trained, with the element-wise 'sensitivity' "
                               "statistics", {"init": "whitened", "factor_budget": None, "importance": "sensitivity"}),
 }
+# What every RankDyna row was measured with beyond its own values: the library defaults before issue 28 (since then
+# a decoder's 'auto' defaults differ: docs/method.md#defaults), pinned so a row's name keeps saying what ran.
+MEASURED_DEFAULTS = {"factor_scaling": "group", "rank_by": "score_per_param", "untrained_groups": "frozen"}
 # Variants whose training state the arithmetic section counts from shapes alone.
 ESTIMATED = ("rankdyna", "rankdyna_truncated", "rankdyna_ffn_channels", "rankdyna_ffn_channels_truncated",
              "rankdyna_full_rank", "rankdyna_v0_full_rank")
@@ -82,7 +85,7 @@ def measure(setting: str) -> dict:
     overrides = SETTINGS[setting][1]
     if overrides is not None:
         config = RankDynaConfig(target_budget=0.5, warmup_fraction=0.25, final_fraction=0.25,
-                                reallocation_interval=1, **overrides)
+                                reallocation_interval=1, **{**MEASURED_DEFAULTS, **overrides})
         calib = torch.randint(0, vocab, (args.calib_sequences, args.seq_len), generator=g).to(device)
         prepare_model(model, config, [{"input_ids": calib[i : i + 4]} for i in range(0, len(calib), 4)])
         callbacks = [RankDynaCallback(config)]
@@ -129,7 +132,8 @@ def state_bytes_estimate(model, variant: dict) -> tuple[int, int]:
     from rankdyna_trainer.methods.rankdyna.model import initial_rank, trainable_rank
     from rankdyna_trainer.targets import ffn_channel_layers, find_target_linears, linear_shape
 
-    config = RankDynaConfig(target_budget=0.5, **{k: v for k, v in variant.items() if k != "init"})
+    config = RankDynaConfig(target_budget=0.5, **{**MEASURED_DEFAULTS, **{k: v for k, v in variant.items()
+                                                                          if k != "init"}})
     element_stats = 8 if config.importance == "sensitivity" else 0
     linears = find_target_linears(model)
     channel_ffns = ffn_channel_layers(model, config.ffn_roles(model)) if config.ffn_groups == "channels" else {}

@@ -65,7 +65,10 @@ SHARED = {
     "batch_size": 32, "warmup_ratio": 0.06, "weight_decay": 0.01,
     "sampling": "group_by_length",  # measured fastest on the CPU with the same scores (docs/RESULTS.md, cost)
     "adalora_learning_rate": 1e-3,  # adapters train at a higher rate
-    "fisher_batches": 32, "ars_steps": 80, "ars_learning_rate": 1e-2, "als_iterations": 5, "rankdyna_interval": 10,
+    "fisher_batches": 32, "ars_steps": 80, "ars_learning_rate": 1e-2, "als_iterations": 5,
+    # Not passed: RankDynaConfig's reallocation_interval='auto' gives 10 on every task of this protocol
+    # (tests/scripts/test_benchmark_glue.py checks it); kept so the protocol records stay comparable.
+    "rankdyna_interval": 10,
 }
 PRIMARY_METRIC = {"sst2": "accuracy", "mrpc": "f1", "cola": "mcc", "rte": "accuracy"}
 CAMPAIGN_RESULTS = os.path.join(REPO, "benchmarks", "glue_protocol")
@@ -90,8 +93,8 @@ def parse_args(argv=None):
     parser.add_argument("--rank_multiple", type=int, default=1,
                         help="keep ranks in multiples of this (rankdyna and the SVD baselines; counted in the budget)")
     parser.add_argument("--rankdyna_ffn_groups", default="channels", choices=["channels", "singular"],
-                        help="RankDyna's FFN groups (RankDynaConfig.ffn_groups; its default 'auto' is 'channels' on "
-                        "MiniLM); 'singular' runs are named rankdyna+singular")
+                        help="RankDyna's FFN groups (RankDynaConfig.ffn_groups): 'channels' is what its default "
+                        "'auto' gives on MiniLM, so it is not passed; 'singular' runs are named rankdyna+singular")
     parser.add_argument("--rankdyna_warmup_fraction", type=float, default=None,
                         help="RankDyna's RankDynaConfig.warmup_fraction (share of steps before pruning starts); "
                         "default: the config's. A control, not the protocol: needs its own --results_dir")
@@ -155,12 +158,13 @@ def parse_args(argv=None):
         parser.error(f"--results_dir {args.results_dir}: the campaign's page (docs/RESULTS.md, docs/results_glue.json) "
                      f"is made from benchmarks/glue_protocol only; add --no_report, or give --summary and --report")
     schedule = rankdyna_options(args)
-    schedule.pop("ffn_groups")
+    schedule.pop("ffn_groups", None)
     if schedule:
         from rankdyna_trainer.methods.rankdyna import RankDynaConfig
+        from rankdyna_trainer.methods.rankdyna.defaults import ENCODER, resolve_for_kind
 
         try:
-            RankDynaConfig(**schedule)
+            resolve_for_kind(RankDynaConfig(**schedule), ENCODER)  # with the defaults MiniLM gets
         except ValueError as error:
             given = " ".join(f"--rankdyna_{name} {value}" for name, value in schedule.items())
             parser.error(f"{given}: {error}")
@@ -280,8 +284,7 @@ def method_config_for(method, budget, protocol, rank_multiple, total_steps=None,
     if method == "adalora":
         return get_method("adalora").make_config(model=model, total_steps=total_steps)
     extra = {"rank_multiple": rank_multiple}
-    if method == "rankdyna":
-        extra["reallocation_interval"] = protocol["rankdyna_interval"]
+    if method == "rankdyna":  # RankDynaConfig's defaults, and only the command line's RankDyna options
         extra.update(rankdyna_options or {})
     if method in ("fwsvd", "tfwsvd", "ars"):
         extra["max_fisher_batches"] = protocol["fisher_batches"]
@@ -294,7 +297,7 @@ def method_config_for(method, budget, protocol, rank_multiple, total_steps=None,
 
 
 def rankdyna_options(args) -> dict:
-    options = {"ffn_groups": args.rankdyna_ffn_groups}
+    options = {"ffn_groups": "singular"} if args.rankdyna_ffn_groups == "singular" else {}
     for flag in RANKDYNA_SCHEDULE_FLAGS + RANKDYNA_DISTILLATION_FLAGS:
         if getattr(args, flag) is not None:
             options[flag.removeprefix("rankdyna_")] = getattr(args, flag)
@@ -405,6 +408,7 @@ class Runner:
                 counter = glue_plan.step_counter()
                 tune_s, loss = fine_tune(model, data, self.collator, seed, run_protocol, device, work_dir,
                                          [*callbacks, counter], lr)
+                config = getattr(model, "rankdyna_config", config)  # RankDyna's, resolved for this model and run
                 record["epochs"], record["optimizer_steps"] = run_protocol["epochs"], counter.steps
                 record["ranks"] = self.trained_ranks(trained, model)
                 start = time.perf_counter()

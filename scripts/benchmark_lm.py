@@ -50,23 +50,29 @@ from rankdyna_trainer.packaged_models import smollm2_path  # noqa: E402
 from rankdyna_trainer.quantizer import load_compressed_model, save_compressed_model  # noqa: E402
 from rankdyna_trainer.targets import find_target_linears  # noqa: E402
 
-# Every RankDyna row shares these settings (whitened start, schedule fitted to a 30-step fine-tune, singular groups in
-# every matrix as when the rows were measured: the library's default became ffn_groups='auto' later); each row adds
-# its own config values on top of RankDynaConfig's defaults, so a row's name says exactly what ran.
+# The `rankdyna` row is the library default, `RankDynaConfig(target_budget=b)` and the calibration blocks, nothing
+# else: on a causal LM its 'auto' fields resolve to the decoder recipe chosen from the ablation rows below
+# (docs/DECODER.md; rankdyna_trainer.methods.rankdyna.defaults), and the run file records the resolved config.
+#
+# The ablation rows pin the settings they were measured with, so a row's name says exactly what ran whatever the
+# defaults become: the library defaults before issue 28 (GLUE's: one setting for every model kind) ...
+DEFAULTS_BEFORE_28 = {"factor_scaling": "group", "rank_by": "score_per_param", "untrained_groups": "frozen"}
+# ... and the shared settings of every ablation row (whitened start, schedule fitted to a 30-step fine-tune, singular
+# groups in every matrix as when the rows were measured); each row adds its own config values on top.
 RANKDYNA_RECIPE = {"init": "whitened", "warmup_fraction": 0.1, "final_fraction": 0.2, "reallocation_interval": 2,
                    "ffn_groups": "singular"}
 # The decoder recipe, chosen from the seed-0 ablation rows below (docs/DECODER.md): plain factor steps (on a
 # 30-step fine-tune at lr 5e-5 the per-group step scaling of issue 9 makes steps too small), groups ranked by
-# their raw Fisher score, and the start picked by how far the budget goes (`decoder_start`).
+# their raw Fisher score, and the start picked by how far the budget goes (`decoder_start`). With FFN channels as
+# groups (issue 11: 206.6 vs 256.2 at 50 %, 86.4 vs 92.9 at 80 %, seed 0, lr 5e-5) it is the library's decoder
+# default since issue 28.
 SINGULAR_DECODER_RECIPE = {"factor_scaling": "none", "rank_by": "score"}
-# Issue 11: the FFNs pruned by intermediate channels instead of singular groups (ffn_groups='channels'), in the same
-# allocation as the attention's singular groups: 206.6 vs 256.2 at 50 %, 86.4 vs 92.9 at 80 % (seed 0, lr 5e-5).
-DECODER_RECIPE = {**SINGULAR_DECODER_RECIPE, "ffn_groups": "channels"}
-DECODER_START_METHODS = ("rankdyna", "rankdyna_singular_ffn")
+DECODER_START_METHODS = ("rankdyna_singular_ffn",)
 
 
 def decoder_start(budget: float) -> dict:
-    """Frozen exact start above half the weights; at 0.5 and below, start truncated at break-even.
+    """Frozen exact start above half the weights; at 0.5 and below, start truncated at break-even (the library's
+    decoder default, ``defaults.kind_defaults``).
 
     Measured at seed 0: the exact start wins at 0.8 (92.9 vs 119.4 truncated), the truncated one at 0.5
     (250 vs 297): with half the weights gone, every kept group needs trainable factors."""
@@ -77,9 +83,11 @@ def decoder_start(budget: float) -> dict:
 V0 = {"importance": "sensitivity", "factor_scaling": "none", "rank_by": "score", "min_rank": 0}
 TRUNCATED = {"untrained_groups": "dropped"}  # groups beyond factor_budget dropped at factorization time
 RANKDYNA_VARIANTS = {
-    "rankdyna": DECODER_RECIPE,  # + decoder_start(budget)
+    "rankdyna": None,  # RankDynaConfig(target_budget=budget): the library default
+    "rankdyna_every_step_scoring": None,  # the default with masked_group_scoring='every_step' (before issue 25)
     "rankdyna_singular_ffn": SINGULAR_DECODER_RECIPE,  # + decoder_start(budget): the recipe before issue 11
-    "rankdyna_defaults": {},  # the library defaults: group factor scaling, per-parameter ranking, frozen start
+    "rankdyna_defaults": {},  # the library defaults before issue 28: group factor scaling, per-parameter ranking,
+    # frozen start
     "rankdyna_full_rank": {"factor_budget": None},
     "rankdyna_truncated": {"factor_budget": 1.0, **TRUNCATED},
     "rankdyna_unscaled": {"factor_scaling": "none"},
@@ -115,12 +123,15 @@ METHODS = {
     "svdllm_global_ft": ("whitened SVD (global) + same fine-tune", True, True),
     "lorap_ft": ("LoRAP + same fine-tune", True, True),
     "mpo_ft": ("MPO + same fine-tune (auxiliary tensors)", True, True),
-    "rankdyna": ("RankDyna, decoder recipe (whitened start, plain factor steps, raw Fisher score, FFN channels as "
-                 "groups; attention's exact start above 0.5, truncated at break-even at 0.5 and below)", True, True),
+    "rankdyna": ("RankDyna, library defaults (RankDynaConfig(target_budget=b): on a decoder the whitened start, plain "
+                 "factor steps, raw Fisher score, FFN channels as groups; attention's exact start above 0.5, truncated "
+                 "at break-even at 0.5 and below)", True, True),
+    "rankdyna_every_step_scoring": ("ablation: RankDyna library defaults, masked groups scored on every pruning step "
+                                    "(masked_group_scoring='every_step', the scoring before issue 25)", True, True),
     "rankdyna_singular_ffn": ("ablation: RankDyna decoder recipe with the FFNs as singular groups (the recipe before "
                               "issue 11)", True, True),
-    "rankdyna_defaults": ("ablation: RankDyna library defaults (group factor scaling, score per parameter, exact "
-                          "start)", True, True),
+    "rankdyna_defaults": ("ablation: RankDyna library defaults before issue 28, GLUE's (group factor scaling, score "
+                          "per parameter, exact start)", True, True),
     "rankdyna_full_rank": ("RankDyna, every group's factors trained (factor_budget None, ~2x memory)", True, True),
     "rankdyna_truncated": ("ablation: RankDyna, start truncated at break-even (groups beyond dropped)", True, True),
     "rankdyna_unscaled": ("ablation: RankDyna defaults, plain factor steps (factor_scaling none)", True, True),
@@ -246,9 +257,17 @@ def finetune(model, data: RunData, callbacks=()) -> float:
     return losses[-1] if losses else float("nan")
 
 
+# Rows on top of the library defaults (RANKDYNA_VARIANTS None): the masked groups scored on every pruning step, as
+# every run before issue 25's kept-groups path did (the `rankdyna` rows measured before issue 28 among them).
+ON_DEFAULTS = {"rankdyna": {}, "rankdyna_every_step_scoring": {"masked_group_scoring": "every_step"}}
+
+
 def rankdyna_config(method: str, budget: float) -> RankDynaConfig:
+    if RANKDYNA_VARIANTS[method] is None:
+        return RankDynaConfig(target_budget=budget, **ON_DEFAULTS[method])
     start = decoder_start(budget) if method in DECODER_START_METHODS else {}
-    return RankDynaConfig(target_budget=budget, **{**RANKDYNA_RECIPE, **RANKDYNA_VARIANTS[method], **start})
+    return RankDynaConfig(target_budget=budget, **{**DEFAULTS_BEFORE_28, **RANKDYNA_RECIPE, **RANKDYNA_VARIANTS[method],
+                                                   **start})
 
 
 def compress(method: str, model, budget: float, data: RunData):
@@ -256,10 +275,11 @@ def compress(method: str, model, budget: float, data: RunData):
     base = method.removesuffix("_ft")
     extra = {}
     if method in RANKDYNA_VARIANTS:
-        config = rankdyna_config(method, budget)
-        prepare_model(model, config, data.calibration)
-        extra["final_train_loss"] = finetune(model, data, [RankDynaCallback(config)])
-        return export_model(model), config.to_dict(), extra
+        callback = RankDynaCallback(rankdyna_config(method, budget))
+        prepare_model(model, callback.config, data.calibration)
+        extra["final_train_loss"] = finetune(model, data, [callback])
+        # The config the run trained with: every 'auto' field resolved (for this model kind and run length).
+        return export_model(model), callback.config.to_dict(), extra
     if base == "dense":
         modules, config = {}, {}
     elif base == "svd":
@@ -402,10 +422,13 @@ def write_report(runs: list[dict], stale: list[str]) -> None:
     commands = sorted({r["command"] for r in runs})
     dates = sorted(r["date"] for r in runs)
     meta = {"settings": SETTING_VALUES, "commands": commands, "dates": [dates[0], dates[-1]] if dates else [],
-            "runs_dir": os.path.relpath(args.runs_dir, REPO), "rankdyna_shared": RANKDYNA_RECIPE,
-            "rankdyna_recipe": {**RANKDYNA_RECIPE, **DECODER_RECIPE,
-                                "untrained_groups": "frozen above 0.5, dropped at 0.5 and below"},
-            "rankdyna_variants": RANKDYNA_VARIANTS, "dense_target_params": DENSE_TARGET_PARAMS,
+            "runs_dir": os.path.relpath(args.runs_dir, REPO),
+            "rankdyna": "RankDynaConfig(target_budget=budget): the library defaults; each run file's method_config "
+                        "holds them resolved",
+            "rankdyna_on_defaults": ON_DEFAULTS,
+            "rankdyna_ablation_shared": {**DEFAULTS_BEFORE_28, **RANKDYNA_RECIPE},
+            "rankdyna_variants": {k: v for k, v in RANKDYNA_VARIANTS.items() if v is not None},
+            "dense_target_params": DENSE_TARGET_PARAMS,
             "dense_total_params": DENSE_TOTAL_PARAMS}
     with open(args.results_json, "w") as f:
         json.dump({"_meta": meta, **dict(sorted(results.items()))}, f, indent=2)
@@ -432,10 +455,13 @@ def write_report(runs: list[dict], stale: list[str]) -> None:
         f"{s['lr']} linear decay. The seed draws the calibration and fine-tune blocks and the data order. "
         f"Held-out: {s['eval_sequences']} fixed blocks of dev sentences "
         f"({s['eval_sequences'] * (s['seq_len'] - 1):,} predicted tokens).",
-        f"- RankDyna rows (`RankDynaConfig` values on top of its defaults): all share `{RANKDYNA_RECIPE}`; "
-        f"`rankdyna` adds `{DECODER_RECIPE}` and `untrained_groups` 'frozen' above budget 0.5, 'dropped' at 0.5 "
-        "and below; the ablation rows add: "
-        + ", ".join(f"`{k}` {v}" for k, v in RANKDYNA_VARIANTS.items() if v and k != "rankdyna") + ".",
+        "- RankDyna rows: `rankdyna` is `RankDynaConfig(target_budget=b)`, the library defaults, which on this "
+        "decoder resolve to the decoder recipe (docs/method.md#defaults; the run files' `method_config`). The ablation "
+        f"rows share `{ {**DEFAULTS_BEFORE_28, **RANKDYNA_RECIPE} }` (the library defaults before issue 28 and the "
+        "30-step schedule); `rankdyna_singular_ffn` adds "
+        f"`{SINGULAR_DECODER_RECIPE}` and `untrained_groups` 'frozen' above budget 0.5, 'dropped' at 0.5 and below; "
+        "the others add: "
+        + ", ".join(f"`{k}` {v}" for k, v in RANKDYNA_VARIANTS.items() if v) + ".",
         "- Every compressed model was exported, saved, reloaded with `load_compressed_model` and evaluated after "
         "reload. Time: wall-clock seconds of compression (+ calibration, + fine-tune), mean over seeds.",
         "",

@@ -76,6 +76,7 @@ from rankdyna_trainer.experiment.wandb_logging import (  # noqa: E402
     log_exported_model,
 )
 from rankdyna_trainer.methods import METHODS, get_method  # noqa: E402
+from rankdyna_trainer.methods.rankdyna.defaults import needs_calibration  # noqa: E402
 from rankdyna_trainer.packaged_models import minilm_path  # noqa: E402
 from rankdyna_trainer.quantizer import is_compressed_model_dir, read_compression_config  # noqa: E402
 from rankdyna_trainer.targets import TARGET_TYPES, linear_shape  # noqa: E402
@@ -174,14 +175,16 @@ class RankDynaArguments:
         metadata={"help": "Final parameter budget, fraction of the targeted matrices' dense weights, in (0, 1]."})
     rankdyna_initial_budget: float = field(
         default=_RANKDYNA_DEFAULTS["initial_budget"], metadata={"help": "Budget when pruning starts."})
-    rankdyna_warmup_fraction: float = field(
-        default=_RANKDYNA_DEFAULTS["warmup_fraction"], metadata={"help": "Fraction of steps before pruning starts."})
+    # 'auto' or a number: typed str so that argparse takes both (to_config converts the number).
+    rankdyna_warmup_fraction: str = field(
+        default=_RANKDYNA_DEFAULTS["warmup_fraction"],
+        metadata={"help": "Fraction of steps before pruning starts, or 'auto' (0.3 on encoders, 0.1 on decoders)."})
     rankdyna_final_fraction: float = field(
         default=_RANKDYNA_DEFAULTS["final_fraction"],
         metadata={"help": "Fraction of steps at the end with the allocation frozen."})
-    rankdyna_reallocation_interval: int = field(
+    rankdyna_reallocation_interval: str = field(
         default=_RANKDYNA_DEFAULTS["reallocation_interval"],
-        metadata={"help": "Optimizer steps between reallocations."})
+        metadata={"help": "Optimizer steps between reallocations, or 'auto' (clamp(pruning steps // 10, 1, 10))."})
     rankdyna_beta1: float = field(
         default=_RANKDYNA_DEFAULTS["beta1"], metadata={"help": "EMA coefficient of the sensitivity."})
     rankdyna_beta2: float = field(
@@ -195,11 +198,13 @@ class RankDynaArguments:
         metadata={"choices": ["sensitivity", "fisher"],
                   "help": "Group score: 'fisher' (s^2 E[(dL/ds)^2]) or 'sensitivity' (AdaLoRA's); docs/method.md."})
     rankdyna_factor_scaling: str = field(
-        default=_RANKDYNA_DEFAULTS["factor_scaling"], metadata={"choices": ["none", "matrix", "group"],
-                                                               "help": "Step size of the factors (docs/method.md)."})
+        default=_RANKDYNA_DEFAULTS["factor_scaling"], metadata={"choices": ["auto", "none", "matrix", "group"],
+                                                               "help": "Step size of the factors ('auto': 'group' "
+                                                               "on encoders, 'none' on decoders; docs/method.md)."})
     rankdyna_rank_by: str = field(
-        default=_RANKDYNA_DEFAULTS["rank_by"], metadata={"choices": ["score", "score_per_param"],
-                                                        "help": "'score_per_param' divides by the group's m+n."})
+        default=_RANKDYNA_DEFAULTS["rank_by"], metadata={"choices": ["auto", "score", "score_per_param"],
+                                                        "help": "'score_per_param' divides by the group's m+n ("
+                                                        "'auto': per parameter on encoders, 'score' on decoders)."})
     rankdyna_min_rank: int = field(
         default=_RANKDYNA_DEFAULTS["min_rank"],
         metadata={"help": "Groups every targeted matrix keeps (0: a matrix may reach rank 0)."})
@@ -217,8 +222,9 @@ class RankDynaArguments:
                   "are frozen (2 or more: every group trains; see docs/method.md)."})
     rankdyna_untrained_groups: str = field(
         default=_RANKDYNA_DEFAULTS["untrained_groups"],
-        metadata={"choices": ["frozen", "dropped"],
-                  "help": "Groups beyond --rankdyna_factor_budget: kept with frozen factors, or dropped at the start."})
+        metadata={"choices": ["auto", "frozen", "dropped"],
+                  "help": "Groups beyond --rankdyna_factor_budget: kept with frozen factors, or dropped at the start "
+                  "('auto': frozen on encoders; on decoders frozen above a budget of 0.5, dropped at or below)."})
     rankdyna_ffn_groups: str = field(
         default=_RANKDYNA_DEFAULTS["ffn_groups"],
         metadata={"choices": ["auto", "singular", "channels"],
@@ -227,8 +233,9 @@ class RankDynaArguments:
                   "and the importance is 'fisher' (docs/method.md)."})
     rankdyna_init: str = field(
         default=_RANKDYNA_DEFAULTS["init"],
-        metadata={"choices": ["svd", "whitened"],
-                  "help": "'svd' or 'whitened' (calibrated on --compression_calibration_batches training batches)."})
+        metadata={"choices": ["auto", "svd", "whitened"],
+                  "help": "'svd' or 'whitened' (calibrated on --compression_calibration_batches training batches); "
+                  "'auto': 'svd' on encoders, 'whitened' on decoders."})
     rankdyna_whitening_damping: float = field(
         default=_RANKDYNA_DEFAULTS["whitening_damping"],
         metadata={"help": "Ridge of the whitened start, relative to the inputs' mean square."})
@@ -254,10 +261,27 @@ class RankDynaArguments:
         options = {**self.given_options(), **(overrides or {})}
         if "rankdyna_target_modules" in options:
             options["rankdyna_target_modules"] = [t.strip() for t in options["rankdyna_target_modules"].split(",")]
+        for name, number in _NUMBER_OR_AUTO.items():
+            if name in options:
+                options[name] = _number_or_auto(name, options[name], number)
         try:
             return RankDynaConfig(**{_config_field(k): v for k, v in options.items()})
         except ValueError as err:  # the config names its fields; the user typed flags
             raise UsageError(_fields_as_flags(str(err))) from err
+
+
+_NUMBER_OR_AUTO = {"rankdyna_warmup_fraction": float, "rankdyna_reallocation_interval": int}
+
+
+def _number_or_auto(argument: str, value, number: type):
+    """A flag that takes a number or 'auto', as given on the command line (a string) or by a search trial."""
+    if not isinstance(value, str) or value == "auto":
+        return value
+    try:
+        return number(value)
+    except ValueError:
+        kind = "an integer" if number is int else "a number"
+        raise UsageError(f"--{argument} takes {kind} or 'auto', got {value!r}.") from None
 
 
 def _config_field(argument: str) -> str:
@@ -467,7 +491,7 @@ def rankdyna_compression(rankdyna_args: RankDynaArguments, model_args: ModelArgu
         config = rankdyna_args.to_config(overrides)
         callback.config = config  # a search trial's config replaces the previous trial's
         calibration = (first_batches(compression.train_loader, calibration_count, "--rankdyna_init whitened")
-                       if config.init == "whitened" else None)
+                       if needs_calibration(config, model) else None)
         return prepare_model(model, config, calibration)
 
     def export(model):

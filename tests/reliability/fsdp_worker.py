@@ -63,8 +63,9 @@ AUTO = {"AutoModelForCausalLM": AutoModelForCausalLM,
 
 
 def rankdyna_config(case: str) -> RankDynaConfig:
+    # The exact start (untrained groups frozen) on every model kind: the frozen factors' sharding is under test.
     return RankDynaConfig(target_budget=0.4, warmup_fraction=0.2, final_fraction=0.2, reallocation_interval=2,
-                          **CASES[case][1])
+                          init="svd", untrained_groups="frozen", **CASES[case][1])
 
 
 def save_base_model(case: str, directory: Path) -> None:

@@ -86,11 +86,15 @@ def test_a_real_run_writes_its_file_and_the_post_hoc_run_reuses_the_dense_round(
 
 def test_rankdyna_runs_ffn_channels_and_singular_groups_as_separate_rows(tmp_path, glue_dir, small_model):
     bench = _load_script("benchmark_glue")
-    argv = ["--tasks", "cola", "--methods", "rankdyna", "--budgets", "0.5", "--seeds", "7", "--limit", "48",
+    # 128 rows: 4 steps, so that the default warm-up (0.3) and the control's final 0.5 leave a step to prune in.
+    argv = ["--tasks", "cola", "--methods", "rankdyna", "--budgets", "0.5", "--seeds", "7", "--limit", "128",
             "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model, "--device", "cpu"] + _paths(tmp_path)
     bench.main(argv)
     run = json.loads((tmp_path / "runs" / "cola" / "rankdyna_b0.5_seed7.json").read_text())
     assert run["config"]["ffn_groups"] == "channels"  # the campaign's recipe by default
+    # The run file records the config resolved for this model and run: no 'auto' left.
+    assert run["config"]["warmup_fraction"] == 0.3 and run["config"]["reallocation_interval"] == 1
+    assert run["config"]["factor_scaling"] == "group" and "auto" not in run["config"].values()
     assert 0 <= run["ranks"]["bert.encoder.layer.0.output.dense"] <= 64  # kept intermediate channels
     assert "bert.encoder.layer.0.intermediate.dense" not in run["ranks"]  # sliced with its reader, not factorized
     assert run["targeted_params"] <= 0.5 * run["targeted_dense_params"]
@@ -160,7 +164,7 @@ def test_a_final_fraction_that_leaves_no_steps_to_prune_names_the_flag(capsys):
     assert "--rankdyna_warmup_fraction 0.5 --rankdyna_final_fraction 0.5" in capsys.readouterr().err
     args = bench.parse_args(["--rankdyna_warmup_fraction", "0.3", "--results_dir", "x", "--no_report"])
     options = bench.rankdyna_options(args)
-    assert options == {"ffn_groups": "channels", "warmup_fraction": 0.3}
+    assert options == {"warmup_fraction": 0.3}  # ffn_groups: the default gives channels on MiniLM
 
 
 def test_distillation_options_reach_the_rankdyna_config_and_bad_ones_name_the_flag(capsys):
@@ -224,3 +228,37 @@ def test_rankdyna_equal_refuses_a_fractional_round(capsys):
     assert "--epochs 1.5 with rankdyna_equal" in capsys.readouterr().err
     assert bench.parse_args(["--methods", "rankdyna", "--epochs", "1.5", "--results_dir", "x", "--no_report"])
     assert "rankdyna_equal" in bench.parse_args([]).methods  # the whole campaign has the equal-steps rows
+
+
+def test_the_default_reallocation_interval_is_10_on_every_protocol_task(glue_dir):
+    """The campaign's rankdyna rows pass no interval: RankDynaConfig's 'auto' gives the protocol's 10 on every task."""
+    from rankdyna_trainer import RankDynaConfig
+    from rankdyna_trainer.budget import ParameterBudget
+    from rankdyna_trainer.experiment.glue_data import load_glue
+    from rankdyna_trainer.methods.rankdyna.defaults import ENCODER, kind_defaults, reallocation_interval_for
+
+    bench = _load_script("benchmark_glue")
+    warmup, final = kind_defaults(ENCODER, 0.5)["warmup_fraction"], RankDynaConfig().final_fraction
+    for task in bench.PROTOCOL:
+        protocol = bench.task_protocol(bench.parse_args([]), task)
+        rows = len(load_glue(task, glue_dir)["train"])
+        rows = min(rows, protocol["train_rows"] or rows)
+        steps = bench.optimizer_steps({"train": range(rows)}, protocol)
+        budget = ParameterBudget.from_fractions(1000, 1.0, 0.5, steps, warmup, final)
+        assert reallocation_interval_for(budget.final_start - budget.warmup_steps) == 10, (task, steps)
+    assert bench.SHARED["rankdyna_interval"] == 10
+
+
+def test_the_rankdyna_row_is_the_library_default_plus_the_command_lines_options():
+    from rankdyna_trainer import RankDynaConfig
+
+    bench = _load_script("benchmark_glue")
+    protocol = bench.task_protocol(bench.parse_args([]), "cola")
+    default = bench.method_config_for("rankdyna", 0.33, protocol, 1, 100, None, bench.rankdyna_options(
+        bench.parse_args([])))
+    assert default.to_dict() == RankDynaConfig(target_budget=0.33).to_dict()
+    args = bench.parse_args(["--rankdyna_warmup_fraction", "0.1", "--rankdyna_ffn_groups", "singular",
+                             "--results_dir", "x", "--no_report"])
+    control = bench.method_config_for("rankdyna", 0.33, protocol, 8, 100, None, bench.rankdyna_options(args))
+    assert control.to_dict() == RankDynaConfig(target_budget=0.33, warmup_fraction=0.1, ffn_groups="singular",
+                                               rank_multiple=8).to_dict()

@@ -272,6 +272,23 @@ def test_compression_rank_multiple_reaches_the_rankdyna_config(tmp_path):
     assert rankdyna_args.to_config().rank_multiple == 8
 
 
+def test_rankdyna_flags_default_to_auto_and_take_numbers(tmp_path):
+    from rankdyna_trainer import RankDynaConfig
+
+    _, _, defaults, _, _ = run_glue.parse_args(_argv(tmp_path, "--task_name", "rte", "--rankdyna"))
+    assert defaults.to_config().to_dict() == RankDynaConfig().to_dict()
+    _, _, given, _, _ = run_glue.parse_args(_argv(
+        tmp_path, "--task_name", "rte", "--rankdyna", "--rankdyna_warmup_fraction", "0.3",
+        "--rankdyna_reallocation_interval", "4", "--rankdyna_init", "whitened", "--rankdyna_factor_scaling", "none",
+        "--rankdyna_rank_by", "score", "--rankdyna_untrained_groups", "dropped"))
+    config = given.to_config()
+    assert (config.warmup_fraction, config.reallocation_interval) == (0.3, 4)
+    assert isinstance(config.reallocation_interval, int)
+    assert (config.init, config.factor_scaling, config.rank_by, config.untrained_groups) == (
+        "whitened", "none", "score", "dropped")
+    assert given.to_config({"rankdyna_warmup_fraction": 0.2}).warmup_fraction == 0.2  # a search trial's value
+
+
 def test_missing_data_file(tmp_path):
     missing = tmp_path / "nope" / "train.tsv"
     with pytest.raises(UsageError, match="^--train_file/--validation_file: GLUE rte file not found: .*nope/train.tsv"):
@@ -323,6 +340,14 @@ def test_model_folder_that_does_not_exist(tmp_path, glue_dir):
      "--rankdyna_budget must be in (0, 1], got 1.5."),
     (["--task_name", "rte", "--rankdyna_singular_value_signal", "hessian"],
      "argument --rankdyna_singular_value_signal/--rankdyna-singular-value-signal: invalid choice: 'hessian'"),
+    (["--task_name", "rte", "--rankdyna", "--rankdyna_warmup_fraction", "lots", "--do_train"],
+     "--rankdyna_warmup_fraction takes a number or 'auto', got 'lots'."),
+    (["--task_name", "rte", "--rankdyna", "--rankdyna_warmup_fraction", "1.5", "--do_train"],
+     "--rankdyna_warmup_fraction must be in [0, 1) or 'auto', got 1.5."),
+    (["--task_name", "rte", "--rankdyna", "--rankdyna_reallocation_interval", "2.5", "--do_train"],
+     "--rankdyna_reallocation_interval takes an integer or 'auto', got '2.5'."),
+    (["--task_name", "rte", "--rankdyna", "--rankdyna_init", "random", "--do_train"],
+     "argument --rankdyna_init/--rankdyna-init: invalid choice: 'random' (choose from 'auto', 'svd', 'whitened')"),
 ])
 def test_usage_errors_print_one_line_and_exit_2(argv, message, tmp_path, capsys):
     code = run_glue.cli(["--model_name_or_path", "minilm", "--output_dir", str(tmp_path), *argv])
@@ -350,7 +375,7 @@ def test_help_shows_the_real_defaults():
                for action in parser._actions if action.option_strings and action.help}
     ours = [f.name for cls in (run_glue.ModelArguments, run_glue.RankDynaArguments) for f in dataclasses.fields(cls)]
     assert not [name for name in ours if "(default: None)" in help_of[f"--{name}"]]
-    for flag, default in (("--rankdyna_budget", "0.5"), ("--rankdyna_reallocation_interval", "10"),
+    for flag, default in (("--rankdyna_budget", "0.5"), ("--rankdyna_reallocation_interval", "auto"),
                           ("--rankdyna_singular_value_signal", "gate"), ("--compression_method", "dense")):
         assert help_of[flag].endswith(f"(default: {default})"), help_of[flag]
     assert "every linear layer of the model's repeated blocks" in help_of["--rankdyna_target_modules"]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -12,7 +13,18 @@ from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ...budget import ParameterBudget, allocate_by_cost
+from ...targets import unwrap_model
 from .config import RankDynaConfig
+from .defaults import (
+    AUTO,
+    MAX_REALLOCATION_INTERVAL,
+    MODEL_KIND_FIELDS,
+    REALLOCATIONS_PER_PHASE,
+    auto_fields,
+    reallocation_interval_for,
+    resolve_model_kind,
+    with_values,
+)
 from .distillation import TEACHER_FILE, SelfDistillation
 from .importance import SingularGroupScores
 from .kept_compute import KeptCompute
@@ -61,10 +73,7 @@ class RankDynaCallback(TrainerCallback):
                 "RankDynaCallback found no RankDyna layer (SVDLinear, ChannelGatedLinear) in the model: call "
                 "`rankdyna_trainer.prepare_model(model, config)` before building the Trainer."
             )
-        config = self.config or getattr(model, "rankdyna_config", None)
-        if config is None:
-            raise ValueError("RankDynaCallback needs a RankDynaConfig: pass it to the callback or to prepare_model.")
-        self.config = config
+        config = self._config_of_model(model)
         refusal = _unsupported_backend(args)
         if refusal is not None:
             raise ValueError(refusal)
@@ -80,8 +89,12 @@ class RankDynaCallback(TrainerCallback):
             total_steps=state.max_steps,
             warmup_fraction=config.warmup_fraction,
             final_fraction=config.final_fraction,
-            interval=config.reallocation_interval,
+            interval=1 if config.reallocation_interval == AUTO else config.reallocation_interval,
         )
+        if config.reallocation_interval == AUTO:
+            config = self._resolve_reallocation_interval(config)
+        self.config = config
+        unwrap_model(model).rankdyna_config = config  # the config this run trains with, for its record and export
         self.scores = SingularGroupScores(self._layers, config.beta1, config.beta2,
                                           config.singular_value_signal, config.importance)
         if resumed:
@@ -128,6 +141,31 @@ class RankDynaCallback(TrainerCallback):
             return None
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         return load_resume_state(checkpoint, model, optimizer, lr_scheduler, state.global_step)
+
+    def _config_of_model(self, model) -> RankDynaConfig:
+        """The callback's config, or prepare_model's, with the model-kind 'auto' fields as prepare_model resolved
+        them (explicit values of the callback's config win)."""
+        prepared = getattr(unwrap_model(model), "rankdyna_config", None)
+        config = self.config or prepared
+        if config is None:
+            raise ValueError("RankDynaCallback needs a RankDynaConfig: pass it to the callback or to prepare_model.")
+        if prepared is not None and config is not prepared:
+            from_prepared = {name: getattr(prepared, name) for name in (*MODEL_KIND_FIELDS, "ffn_groups")
+                             if getattr(config, name) == AUTO and getattr(prepared, name) != AUTO}
+            config = with_values(config, from_prepared, "The model-kind defaults prepare_model resolved")
+        if auto_fields(config):  # a model prepared without a config of its own (not through prepare_model)
+            config, _ = resolve_model_kind(config, model, has_calibration=True)
+        return config
+
+    def _resolve_reallocation_interval(self, config: RankDynaConfig) -> RankDynaConfig:
+        """``reallocation_interval='auto'`` from the pruning phase's length in this run (``max_steps`` known)."""
+        pruning_steps = self.budget.final_start - self.budget.warmup_steps
+        interval = reallocation_interval_for(pruning_steps)
+        self.budget = dataclasses.replace(self.budget, interval=interval)
+        logger.info("RankDyna defaults for a run of %d optimizer steps: reallocation_interval=%d (%d pruning steps "
+                    "// %d, within [1, %d]; docs/method.md#defaults).", self.budget.total_steps, interval,
+                    pruning_steps, REALLOCATIONS_PER_PHASE, MAX_REALLOCATION_INTERVAL)
+        return dataclasses.replace(config, reallocation_interval=interval)
 
     def _run_first_among_callbacks(self) -> None:
         # Reporting callbacks (W&B, TensorBoard) are registered before user callbacks, so values added to

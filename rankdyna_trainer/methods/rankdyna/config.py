@@ -7,20 +7,28 @@ from peft.config import PeftConfigMixin
 
 from ...budget import check_budget_fraction, check_rank_multiple
 from ...targets import has_table_roles, table_roles
+from .defaults import AUTO
 from .importance import IMPORTANCE_SCORES, SINGULAR_VALUE_SIGNALS
 from .layer import FACTOR_SCALINGS
 
 RANK_ORDERS = ("score", "score_per_param")
 MASKED_GROUP_SCORINGS = ("every_step", "reallocation")
 
-INITS = ("svd", "whitened")
-FFN_GROUPS = ("auto", "singular", "channels")
-UNTRAINED_GROUPS = ("frozen", "dropped")
+INITS = (AUTO, "svd", "whitened")
+FFN_GROUPS = (AUTO, "singular", "channels")
+UNTRAINED_GROUPS = (AUTO, "frozen", "dropped")
+FACTOR_SCALING_CHOICES = (AUTO, *FACTOR_SCALINGS)
+RANK_ORDER_CHOICES = (AUTO, *RANK_ORDERS)
 
 
 @dataclass
 class RankDynaConfig(PeftConfigMixin):
     """Settings of a RankDyna run: what to factorize, the parameter budget and its schedule.
+
+    Fields defaulting to ``'auto'`` take the best measured value for the model's kind (encoder or decoder, decided
+    in ``prepare_model``) or the run's length (``reallocation_interval``, decided when training starts): see
+    :mod:`rankdyna_trainer.methods.rankdyna.defaults` and docs/method.md#defaults. The config is not changed; the
+    resolved copy is ``model.rankdyna_config`` (and the callback's ``config``), which has no ``'auto'`` left.
 
     Saved and loaded as JSON with ``save_pretrained``/``from_pretrained`` (peft's config mechanism).
     RankDyna is not registered as a peft tuner: it rewrites and trains the base weights, while a
@@ -60,9 +68,11 @@ class RankDynaConfig(PeftConfigMixin):
                   "square matrix's factors then hold twice its weights, each with gradient and Adam state)."},
     )
     untrained_groups: str = field(
-        default="frozen",
+        default=AUTO,
         metadata={"help": "The groups beyond factor_budget: 'frozen' (kept, factors frozen: an exact start) or "
-                  "'dropped' at factorization time (a truncated start, less memory)."},
+                  "'dropped' at factorization time (a truncated start, less memory). 'auto' (default): 'frozen' on "
+                  "encoders; on decoders 'frozen' above a target_budget of 0.5, 'dropped' at 0.5 and below "
+                  "(docs/DECODER.md)."},
     )
     ffn_groups: str = field(
         default="auto",
@@ -87,26 +97,32 @@ class RankDynaConfig(PeftConfigMixin):
                   "['down_proj'])."},
     )
     init: str = field(
-        default="svd",
+        default=AUTO,
         metadata={"help": "How the factors start: 'svd' (SVD of the weight) or 'whitened' (SVD of W S, S the "
                   "Cholesky-like factor of the second moment of the layer's calibration inputs, so the dropped "
                   "groups are the ones carrying the least output energy; needs calibration_batches in "
-                  "prepare_model)."},
+                  "prepare_model). 'auto' (default): 'svd' on encoders, 'whitened' on decoders ('svd' with a "
+                  "warning when prepare_model gets no calibration_batches)."},
     )
     whitening_damping: float = field(
         default=1e-2,
         metadata={"help": "init='whitened': ridge added to the inputs' second moment, relative to its mean "
                   "diagonal (>= 0)."},
     )
-    warmup_fraction: float = field(
-        default=0.1, metadata={"help": "Fraction of optimizer steps before pruning starts (scores accumulate)."}
+    warmup_fraction: Union[float, str] = field(
+        default=AUTO,
+        metadata={"help": "Fraction of optimizer steps before pruning starts (scores accumulate). 'auto' (default): "
+                  "0.3 on encoders (GLUE), 0.1 on decoders (SmolLM2)."},
     )
     final_fraction: float = field(
         default=0.2,
         metadata={"help": "Fraction of optimizer steps at the end with the allocation frozen at the target budget."},
     )
-    reallocation_interval: int = field(
-        default=10, metadata={"help": "Optimizer steps between two reallocations during the pruning phase."}
+    reallocation_interval: Union[int, str] = field(
+        default=AUTO,
+        metadata={"help": "Optimizer steps between two reallocations during the pruning phase. 'auto' (default): "
+                  "clamp(pruning steps // 10, 1, 10), set when training starts (10 on the GLUE protocol, 2 on the "
+                  "SmolLM2 benchmark's 30 steps)."},
     )
     masked_group_scoring: str = field(
         default="reallocation",
@@ -131,15 +147,17 @@ class RankDynaConfig(PeftConfigMixin):
                   "removing the group (docs/method.md)."},
     )
     factor_scaling: str = field(
-        default="group",
+        default=AUTO,
         metadata={"help": "How far one optimizer step on U and V moves the weight: 'none' (plain factorized training, "
                   "up to several times a dense step), 'matrix' (one multiplier per matrix so a step moves W as far as "
-                  "a dense step) or 'group' (the same, spread evenly over singular directions)."},
+                  "a dense step) or 'group' (the same, spread evenly over singular directions). 'auto' (default): "
+                  "'group' on encoders, 'none' on decoders."},
     )
     rank_by: str = field(
-        default="score_per_param",
+        default=AUTO,
         metadata={"help": "Order in which groups claim the budget: 'score', or 'score_per_param' (score divided by the "
-                  "group's m+n parameters, so a cheap group of a small matrix is not outbid by a big matrix's)."},
+                  "group's m+n parameters, so a cheap group of a small matrix is not outbid by a big matrix's). "
+                  "'auto' (default): 'score_per_param' on encoders, 'score' on decoders."},
     )
     min_rank: int = field(
         default=0,
@@ -174,17 +192,18 @@ class RankDynaConfig(PeftConfigMixin):
             raise ValueError(
                 f"initial_budget must be in [target_budget, 1] = [{self.target_budget}, 1], got {self.initial_budget}."
             )
-        for name in ("warmup_fraction", "final_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}.")
-        if self.warmup_fraction + self.final_fraction >= 1.0:
+        _check_fraction("warmup_fraction", self.warmup_fraction, may_be_auto=True)
+        _check_fraction("final_fraction", self.final_fraction)
+        if self.warmup_fraction != AUTO and self.warmup_fraction + self.final_fraction >= 1.0:
             raise ValueError(
                 f"warmup_fraction + final_fraction must be below 1 to leave steps to prune in, got "
                 f"{self.warmup_fraction} + {self.final_fraction} = {self.warmup_fraction + self.final_fraction}."
             )
-        if not isinstance(self.reallocation_interval, int) or self.reallocation_interval < 1:
-            raise ValueError(f"reallocation_interval must be an integer >= 1, got {self.reallocation_interval!r}.")
+        if self.reallocation_interval != AUTO and (isinstance(self.reallocation_interval, bool)
+                                                   or not isinstance(self.reallocation_interval, int)
+                                                   or self.reallocation_interval < 1):
+            raise ValueError(f"reallocation_interval must be an integer >= 1 or 'auto', "
+                             f"got {self.reallocation_interval!r}.")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -223,7 +242,8 @@ class RankDynaConfig(PeftConfigMixin):
         if self.singular_value_signal not in SINGULAR_VALUE_SIGNALS:
             raise ValueError(f"singular_value_signal must be one of {SINGULAR_VALUE_SIGNALS}, "
                              f"got {self.singular_value_signal!r}.")
-        choices = {"importance": IMPORTANCE_SCORES, "factor_scaling": FACTOR_SCALINGS, "rank_by": RANK_ORDERS,
+        choices = {"importance": IMPORTANCE_SCORES, "factor_scaling": FACTOR_SCALING_CHOICES,
+                   "rank_by": RANK_ORDER_CHOICES,
                    "masked_group_scoring": MASKED_GROUP_SCORINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -269,3 +289,11 @@ def _check_distillation(weight, temperature) -> None:
         raise ValueError(f"distillation_weight must be a number in [0, 1] (0 disables distillation), got {weight!r}.")
     if not is_number(temperature) or not 0.0 < temperature < float("inf"):
         raise ValueError(f"distillation_temperature must be a finite number > 0, got {temperature!r}.")
+
+
+def _check_fraction(name: str, value, may_be_auto: bool = False) -> None:
+    if may_be_auto and value == AUTO:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        allowed = "in [0, 1) or 'auto'" if may_be_auto else "in [0, 1)"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Iterable
 
@@ -21,6 +22,7 @@ from ...targets import (
     unwrap_model,
 )
 from .config import RankDynaConfig
+from .defaults import AUTO, article, describe, model_kind, resolve_model_kind
 from .layer import ChannelGatedLinear, SVDLinear, channel_producer, factor_step_scale
 
 logger = logging.getLogger(__name__)
@@ -33,16 +35,22 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
     ``config.init="whitened"`` factorizes each weight in the whitened basis of its inputs, measured on
     ``calibration_batches`` (token batches such as ``{"input_ids": ...}``; labels are ignored) block by block.
     ``model`` may be wrapped by ``torch.compile``; the returned object is the one passed in.
+
+    The config's model-kind ``'auto'`` fields are resolved here for ``model`` (logged in one INFO line); the
+    resolved copy is ``model.rankdyna_config``, and ``config`` itself is not changed.
     """
     wrapper, model = model, unwrap_model(model)
     if gated_layers(model):
         raise ValueError("The model already holds RankDyna layers; prepare_model must be called once per model.")
     _refuse_sharded(model)
+    config, resolved = resolve_model_kind(config, model, has_calibration=calibration_batches is not None)
     targets = find_target_linears(model, config.target_modules)
     channel_ffns = _channel_ffns(model, targets, config)
-    if config.ffn_groups == "auto":
-        logger.info("RankDyna ffn_groups='auto': %s.", f"{len(channel_ffns)} FFNs pruned by intermediate channels"
-                    if channel_ffns else "singular groups in every matrix (needs importance='fisher' and FFN roles)")
+    if config.ffn_groups == AUTO:
+        # Recorded as what ran, so that the resolved config prepares the same model again.
+        resolved["ffn_groups"] = "channels" if channel_ffns else "singular"
+        config = dataclasses.replace(config, ffn_groups=resolved["ffn_groups"])
+    _log_defaults(model, resolved, config, len(channel_ffns))
     handled_whole = set(channel_ffns) | {p for producers in channel_ffns.values() for p in producers}
     targets = {n: layer for n, layer in targets.items() if n not in handled_whole}
     if config.init == "whitened":
@@ -73,6 +81,26 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
     model.rankdyna_config = config
     _keep_buffers_out_of_ddp(model)
     return wrapper
+
+
+def _log_defaults(model: nn.Module, resolved: dict, config: RankDynaConfig, channel_ffn_count: int) -> None:
+    """One INFO line with every 'auto' field prepare_model decided, and why."""
+    if not resolved:
+        return
+    kind = model_kind(model)
+    notes = {"ffn_groups": f"{channel_ffn_count} FFNs pruned by intermediate channels" if channel_ffn_count
+             else "singular groups in every matrix: channels need importance='fisher' and known FFN roles"}
+    if "untrained_groups" in resolved and kind == "decoder":
+        if resolved["untrained_groups"] == "dropped":
+            notes["untrained_groups"] = f"target_budget {config.target_budget} <= 0.5"
+        elif config.target_budget > 0.5:
+            notes["untrained_groups"] = f"target_budget {config.target_budget} > 0.5"
+        else:
+            notes["untrained_groups"] = f"factor_budget {config.factor_budget} < target_budget {config.target_budget}"
+    later = ("; reallocation_interval is set from the run's length when training starts"
+             if config.reallocation_interval == AUTO else "")
+    logger.info("RankDyna defaults for %s %s (%s): %s%s (docs/method.md#defaults).", article(kind), kind,
+                type(model).__name__, describe(resolved, notes), later)
 
 
 def _refuse_sharded(model: nn.Module) -> None:
