@@ -177,8 +177,7 @@ def test_distillation_options_reach_the_rankdyna_config_and_bad_ones_name_the_fl
     args = bench.parse_args(["--rankdyna_distillation_weight", "0.5", "--rankdyna_distillation_temperature", "2",
                              "--rankdyna_warmup_fraction", "0.3"] + control)
     options = bench.rankdyna_options(args)
-    assert options == {"ffn_groups": "channels", "warmup_fraction": 0.3, "distillation_weight": 0.5,
-                       "distillation_temperature": 2.0}
+    assert options == {"warmup_fraction": 0.3, "distillation_weight": 0.5, "distillation_temperature": 2.0}
 
 
 def test_report_only_regenerates_summary_and_page_from_the_files(tmp_path):
@@ -198,24 +197,24 @@ def test_report_only_regenerates_summary_and_page_from_the_files(tmp_path):
 def test_rankdyna_equal_is_the_rankdyna_run_with_fwsvds_two_rounds_of_steps(tmp_path, glue_dir, small_model, capsys):
     bench = _load_script("benchmark_glue")
     argv = ["--tasks", "cola", "--methods", "rankdyna", "rankdyna_equal", "--budgets", "0.5", "--seeds", "7",
-            "--limit", "48", "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model,
+            "--limit", "96", "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model,
             "--device", "cpu"] + _paths(tmp_path)
     bench.main(argv)
     runs = tmp_path / "runs" / "cola"
     one = json.loads((runs / "rankdyna_b0.5_seed7.json").read_text())
     equal = json.loads((runs / "rankdyna_equal_b0.5_seed7.json").read_text())
-    # 48 rows in batches of 32: 2 steps an epoch. --epochs 1 is the round of every method: FWSVD trains 1 + 1
+    # 96 rows in batches of 32: 3 steps an epoch (warm-up, one pruning step, the final step). --epochs 1 is the round of every method: FWSVD trains 1 + 1
     # epochs (its dense round, then its own), rankdyna_equal 2 in its one run.
-    assert (one["epochs"], one["optimizer_steps"]) == (1.0, 2)
-    assert (equal["epochs"], equal["optimizer_steps"]) == (2.0, 4)
-    assert equal["equal_work"] == {"runs": "rankdyna", "protocol_rounds": 2, "fwsvd_steps": 4}
+    assert (one["epochs"], one["optimizer_steps"]) == (1.0, 3)
+    assert (equal["epochs"], equal["optimizer_steps"]) == (2.0, 6)
+    assert equal["equal_work"] == {"runs": "rankdyna", "protocol_rounds": 2, "fwsvd_steps": 6}
     assert equal["protocol"] == one["protocol"] and equal["protocol"]["epochs"] == 1.0  # the task's round
     assert equal["config"] == one["config"] and equal["rounds"] == 1  # the same RankDyna run, one run
     assert equal["targeted_params"] <= 0.5 * equal["targeted_dense_params"]  # exported and reloaded as RankDyna
     assert set(equal["wall_time"]) == {"fine_tune_s", "export_s", "total_s"}
     summary = json.loads((tmp_path / "docs" / "results_glue.json").read_text())
     assert {"rankdyna@0.5", "rankdyna_equal@0.5"} <= set(summary["runs"])
-    assert "| COLA | 1 | 2 | 2 + 2 = 4 | 4 |" in (tmp_path / "docs" / "R.md").read_text()
+    assert "| COLA | 1 | 3 | 3 + 3 = 6 | 6 |" in (tmp_path / "docs" / "R.md").read_text()
     capsys.readouterr()
     bench.main(argv + ["--no_report"])  # resumes: both files exist
     assert capsys.readouterr().out.count("[skip]") == 2
