@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from rankdyna_trainer.methods.rankdyna import RankDynaCallback, RankDynaConfig, prepare_model, svd_layers
 from tests.conftest import random_classification_dataset, tiny_bert
@@ -62,3 +62,14 @@ def gates(model) -> dict[str, torch.Tensor]:
 
 def state_of(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class CrashAfterSave(TrainerCallback):
+    """Stands in for a killed job: raise once the checkpoint of ``step`` is on disk."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"simulated crash after checkpoint-{self.step}")

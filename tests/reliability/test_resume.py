@@ -8,18 +8,7 @@ from transformers import TrainerCallback
 
 from rankdyna_trainer.methods.rankdyna import RANK_PATTERN_FILE, svd_layers
 
-from .helpers import build_trainer, gates, state_of
-
-
-class CrashAfterSave(TrainerCallback):
-    """Stands in for a killed job: raise once the checkpoint of ``step`` is on disk."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt(f"simulated crash after checkpoint-{self.step}")
+from .helpers import CrashAfterSave, build_trainer, gates, state_of
 
 
 class RecordAllocations(TrainerCallback):

@@ -203,8 +203,8 @@ def test_rankdyna_equal_is_the_rankdyna_run_with_fwsvds_two_rounds_of_steps(tmp_
     runs = tmp_path / "runs" / "cola"
     one = json.loads((runs / "rankdyna_b0.5_seed7.json").read_text())
     equal = json.loads((runs / "rankdyna_equal_b0.5_seed7.json").read_text())
-    # 96 rows in batches of 32: 3 steps an epoch (warm-up, one pruning step, the final step). --epochs 1 is the round of every method: FWSVD trains 1 + 1
-    # epochs (its dense round, then its own), rankdyna_equal 2 in its one run.
+    # 96 rows in batches of 32: 3 steps an epoch (warm-up, one pruning step, the final step). --epochs 1 is the round
+    # of every method: FWSVD trains 1 + 1 epochs (its dense round, then its own), rankdyna_equal 2 in its one run.
     assert (one["epochs"], one["optimizer_steps"]) == (1.0, 3)
     assert (equal["epochs"], equal["optimizer_steps"]) == (2.0, 6)
     assert equal["equal_work"] == {"runs": "rankdyna", "protocol_rounds": 2, "fwsvd_steps": 6}

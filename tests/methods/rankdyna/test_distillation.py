@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from rankdyna_trainer.methods.rankdyna import RankDynaCallback, RankDynaConfig, prepare_model
 from rankdyna_trainer.methods.rankdyna.distillation import TEACHER_FILE, distillation_sum, is_causal_lm
 from tests.conftest import random_classification_dataset, tiny_bert
+from tests.reliability.helpers import CrashAfterSave
 from tests.tiny_models import ARCHITECTURES, training_dataset
 
 WEIGHT, TEMPERATURE = 0.6, 2.0
@@ -249,15 +250,6 @@ def test_accumulated_micro_batches_train_like_one_batch(tmp_path, task):
                        if "rankdyna/distillation_loss" in h]
     for (step_a, term_a), (step_b, term_b) in zip(steps(one), steps(accumulated), strict=True):
         assert step_a == step_b and term_a == pytest.approx(term_b, rel=1e-2, abs=1e-6)  # a near-0 KL: noisy
-
-
-class CrashAfterSave(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt(f"simulated crash after checkpoint-{self.step}")
 
 
 def test_resume_after_the_snapshot_continues_with_the_saved_teacher(tmp_path, distilled_bert):
