@@ -41,6 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from rankdyna_trainer.experiment import glue_plan, glue_report  # noqa: E402
+from rankdyna_trainer.experiment.cpu_share import CpuShare  # noqa: E402
 from rankdyna_trainer.experiment.glue_plan import (  # noqa: E402  (the plan lives in the package; named here too)
     TAKES_RANK_MULTIPLE,
     UNCOMPRESSED,
@@ -373,6 +374,7 @@ class Runner:
         # rounds of work trains them in one run of more epochs.
         run_protocol = {**protocol, "epochs": glue_plan.run_epochs(method, protocol["epochs"])}
         work_dir = tempfile.mkdtemp(prefix=f"bench_{task}_{method}_")
+        cpu = CpuShare()
         record = {"task": task, "method": method, "budget": None if method in UNCOMPRESSED else budget,
                   "rank_multiple": multiple, "seed": seed, "protocol": protocol,
                   "rounds": spec.fine_tuning_rounds, "command": self.command}
@@ -423,6 +425,7 @@ class Runner:
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
         record["score"] = 100 * record["metrics"][PRIMARY_METRIC[task]]
+        record["cpu_share"] = cpu.share()  # below 0.9: another job shared the cores, the clock is not comparable
         record["floor"] = self.floors[task]
         record["device"] = device_record(device)
         record["versions"] = self.versions

@@ -15,6 +15,7 @@ import os
 import statistics
 from collections import defaultdict
 
+from .cpu_share import shared_machine
 from .glue_plan import TAKES_FFN_GROUPS, UNCOMPRESSED
 
 TASK_ORDER = ["sst2", "mrpc", "cola", "rte"]
@@ -82,7 +83,13 @@ def clock_unusable(records: list[dict], notes: dict[str, str] | None) -> set[str
                  if r["method"] == "dense" and r.get("file") in noted}
     inherited = {r.get("file") for r in records if "first_round_s" in r["wall_time"]
                  and bad_clock.get((r["task"], r["seed"])) == r["wall_time"]["first_round_s"]}
-    return noted | inherited
+    return noted | inherited | shared_cores(records)
+
+
+def shared_cores(records: list[dict]) -> set[str]:
+    """Run files whose measured CPU share (``cpu_share``, written since issue 25's campaign) says another job used
+    the cores during the run: the clock is left out the same way a noted one is."""
+    return {r.get("file") for r in records if shared_machine(r.get("cpu_share"))}
 
 
 def summarize(records: list[dict]) -> dict:
@@ -507,8 +514,10 @@ def _wall_table(records: list[dict], tasks: list[str], unusable: set[str] = froz
              "a second round. `× dense` is the run's time over the dense run's of the same task and seed (the "
              "campaign's sessions ran on machines whose speed differed), averaged over seeds, then over the tasks "
              "where both have a usable time; the last three columns split the run, averaged over tasks and seeds. "
-             "† marks a cell that leaves out a run whose clock is not usable: its note is below, or it is a "
-             "post-hoc run whose dense round (its first) has such a note and was not trained again by the run itself.",
+             "† marks a cell that leaves out a run whose clock is not usable: its note is below, its measured CPU "
+             "share (`cpu_share` in the run file: its own CPU time over the machine's busy CPU time) is below "
+             "0.9, or it is a post-hoc run whose dense round (its first) has such a note and was not trained again "
+             "by the run itself.",
              "", header,
              "|" + "---|" * (len(tasks) + 6)]
     times_dense = _times_dense(timed)
