@@ -162,6 +162,21 @@ def test_runs_whose_clock_is_noted_as_unusable_keep_their_score_but_leave_the_wa
     assert "Versions: torch x (commits aaa, bbb)." in page
 
 
+def test_a_run_whose_measured_cpu_share_says_it_shared_the_cores_leaves_the_wall_time_table(tmp_path):
+    records = [run_record("sst2", "dense", None, 42, 85.0, total_s=100.0),
+               run_record("sst2", "rankdyna", 0.5, 42, 84.0, total_s=90.0),
+               run_record("sst2", "rankdyna", 0.5, 1, 84.5, total_s=400.0),  # another job took the cores
+               run_record("sst2", "dense", None, 1, 86.0, total_s=110.0)]
+    records[0]["cpu_share"], records[1]["cpu_share"], records[2]["cpu_share"] = 0.99, 0.95, 0.5
+    write_runs(tmp_path, records)  # the last has no cpu_share (written before it was measured): no verdict
+    records = glue_report.read_run_files(str(tmp_path))
+    assert glue_report.clock_unusable(records, None) == {"sst2/rankdyna_b0.5_seed1.json"}
+    page = glue_report.render_report(glue_report.summarize(records), records, "plot.png", "results.json",
+                                     budgets=[0.5])
+    assert "| rankdyna | 0.5 | 90† | 0.90 | 0 | 0 | 90 |" in page  # seed 1's 400 s is left out, its score is not
+    assert "| rankdyna | 0.5 | 84.2 ± 0.4 (n=2) |" in page
+
+
 def test_times_dense_pairs_each_run_with_the_dense_run_of_its_seed():
     # seed 1 ran on a machine twice as slow: both its runs take twice as long
     records = [run_record("sst2", "dense", None, 42, 85.0, total_s=100.0),
