@@ -3,7 +3,9 @@
 import torch
 from torch.utils.data import DataLoader
 
+from rankdyna_trainer import RankDynaConfig, export_model, prepare_model
 from rankdyna_trainer.export import exported_params
+from rankdyna_trainer.methods.rankdyna import gated_layers
 from rankdyna_trainer.quantizer import load_compressed_model, save_compressed_model
 from rankdyna_trainer.targets import find_target_linears
 
@@ -35,3 +37,13 @@ def assert_reloads_identically(model, modules: dict, method: str, directory) -> 
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def cut_and_export(model, rank: int = 4):
+    """``model`` prepared with the defaults (attention singular groups, FFN channels), every attention matrix cut to
+    ``rank`` groups and every FFN to ``rank`` channels, exported (a stand-in for a trained run)."""
+    prepare_model(model, RankDynaConfig())
+    for layer in gated_layers(model).values():
+        layer.gate[rank:] = 0
+    export_model(model)
+    return model.eval()

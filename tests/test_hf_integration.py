@@ -10,19 +10,10 @@ import rankdyna_trainer  # noqa: F401  (registers the "rankdyna" loader)
 from rankdyna_trainer import LowRankLinear, RankDynaCallback, RankDynaConfig, export_model, prepare_model
 from rankdyna_trainer.methods.rankdyna import gated_layers
 
+from .compression_checks import cut_and_export
 from .conftest import random_classification_dataset, tiny_bert
 from .round_trip import single_thread
 from .tiny_models import ARCHITECTURES
-
-
-def _compressed(model, rank: int = 4):
-    """Every attention matrix cut to ``rank`` groups and every FFN to ``rank`` channels, exported (a stand-in for a
-    trained run)."""
-    prepare_model(model, RankDynaConfig())
-    for layer in gated_layers(model).values():
-        layer.gate[rank:] = 0
-    export_model(model)
-    return model.eval()
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +27,7 @@ def test_text_classification_pipeline_loads_an_exported_folder(minilm_dir, tmp_p
     from transformers import AutoTokenizer, pipeline
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
-    model = _compressed(AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2), rank=64)
+    model = cut_and_export(AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2), rank=64)
     model.save_pretrained(str(tmp_path))
     tokenizer.save_pretrained(str(tmp_path))
 
@@ -52,7 +43,7 @@ def test_text_classification_pipeline_loads_an_exported_folder(minilm_dir, tmp_p
 
 
 def test_compressed_llama_generates_with_its_kv_cache_after_reloading(tmp_path):
-    model = _compressed(ARCHITECTURES["llama"].build())
+    model = cut_and_export(ARCHITECTURES["llama"].build())
     prompt = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(0))
     greedy = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
     in_memory = model.generate(prompt, use_cache=True, **greedy)
@@ -96,7 +87,7 @@ def test_lora_on_an_exported_model_trains_saves_and_reloads(tmp_path):
     from rankdyna_trainer.adapters import load_lora_adapter, with_low_rank_support
 
     compressed = tmp_path / "compressed"
-    _compressed(tiny_bert()).save_pretrained(str(compressed))
+    cut_and_export(tiny_bert()).save_pretrained(str(compressed))
 
     config = with_low_rank_support(LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
                                               task_type="SEQ_CLS"))

@@ -12,20 +12,12 @@ from rankdyna_trainer import LowRankLinear, RankDynaConfig, export_model, prepar
 from rankdyna_trainer.methods.rankdyna import gated_layers
 from rankdyna_trainer.quantizer import load_compressed_model, read_compression_config, save_compressed_model
 
+from .compression_checks import cut_and_export
 from .conftest import tiny_bert, tiny_llama
 from .round_trip import reload_in_fresh_process, save_for_reload, single_thread
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
 
-
-def _compressed(model, rank: int = 4):
-    """``model`` prepared with the defaults (attention singular groups, FFN channels), every attention matrix cut to
-    ``rank`` groups and every FFN to ``rank`` channels, exported (a stand-in for a trained run)."""
-    prepare_model(model, RankDynaConfig())
-    for layer in gated_layers(model).values():
-        layer.gate[rank:] = 0
-    export_model(model)
-    return model.eval()
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +28,7 @@ def _one_thread():
 
 @pytest.fixture
 def saved_bert(tmp_path):
-    model = _compressed(tiny_bert())
+    model = cut_and_export(tiny_bert())
     model.save_pretrained(str(tmp_path))
     with torch.no_grad():
         return tmp_path, model(input_ids=IDS).logits
@@ -110,7 +102,7 @@ def test_torch_compiled_model_exports_plain_names_and_reloads(tmp_path):
 
 
 def test_save_compressed_model_is_save_pretrained_with_the_layout(tmp_path):
-    model = _compressed(tiny_bert())
+    model = cut_and_export(tiny_bert())
     save_compressed_model(model, str(tmp_path))  # export_model recorded the layout: nothing else to pass
     layout = read_compression_config(str(tmp_path))
     assert layout["method"] == "rankdyna" and len(layout["modules"]) == 12
@@ -122,7 +114,7 @@ def test_without_the_package_loading_fails_loudly_instead_of_randomly(tmp_path):
     manifest = {}
     for name, model, auto_class in (("bert", tiny_bert(), "AutoModelForSequenceClassification"),
                                     ("llama", tiny_llama(), "AutoModelForCausalLM")):
-        _compressed(model)
+        cut_and_export(model)
         manifest[name] = save_for_reload(model, tmp_path / name, "classification", auto_class, {})
     results = reload_in_fresh_process(manifest, tmp_path, without_package=True)
     assert not results["package_imported"]
