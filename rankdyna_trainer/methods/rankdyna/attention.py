@@ -27,9 +27,9 @@ from .layer import HeadChannelGatedLinear, OutputGatedLinear
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 _WHY_NOT = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "gemma", "gemma2", "gpt_neox"),
-                    "rotary position embeddings (RoPE) rotate q and k in fixed planes at every position, which a change "
-                    "of each head's basis does not commute with (and grouped-query attention shares each key/value "
-                    "head among several query heads)"),
+                    "rotary position embeddings (RoPE) rotate q and k in fixed planes at every position, which a "
+                    "change of each head's basis does not commute with (and grouped-query attention shares each "
+                    "key/value head among several query heads)"),
     "gpt2": "its fused c_attn computes query, key and value in one matrix",
 }
 # Relative tolerance below which a head's triangular factor counts as singular (its diagonal is floored there).
@@ -56,9 +56,9 @@ def _refuse(model: nn.Module, why: str) -> ValueError:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return ValueError(
         f"attention_groups='channels' supports BERT/RoBERTa-style self-attention only (model types "
-        f"{list(SUPPORTED_MODEL_TYPES)}: separate query/key/value nn.Linear layers and attention.output.dense, absolute "
-        f"positions, one key/value head per query head); got model_type={model_type!r} ({type(model).__name__}): "
-        f"{why}. Use attention_groups='singular' (the default) for this model.")
+        f"{list(SUPPORTED_MODEL_TYPES)}: separate query/key/value nn.Linear layers and attention.output.dense, "
+        f"absolute positions, one key/value head per query head); got model_type={model_type!r} "
+        f"({type(model).__name__}): {why}. Use attention_groups='singular' (the default) for this model.")
 
 
 def attention_channel_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> list[AttentionBlock]:

@@ -21,9 +21,9 @@ from ...targets import (
     set_submodule,
     unwrap_model,
 )
+from .attention import attention_channel_blocks, make_attention_channels
 from .config import RankDynaConfig
 from .defaults import AUTO, article, describe, model_kind, resolve_model_kind
-from .attention import attention_channel_blocks, make_attention_channels
 from .layer import ChannelGatedLinear, ChannelGroups, SVDLinear, channel_producer, factor_step_scale
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """RankDyna with attention channels as groups (attention_groups='channels'): the exact per-head rotation, the q/k and
 v/o channel gates, the shared budget with FFN channels, export, save and fresh-process reload, and the refusals."""
 
+import dataclasses
 import json
 
 import pytest
@@ -168,8 +169,11 @@ def test_short_run_meets_the_budget_with_attention_channels_competing_and_reload
     prepare_model(model, config)
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=10, per_device_train_batch_size=8,
                              learning_rate=1e-3, report_to="none", save_strategy="no", use_cpu=True, logging_steps=5)
-    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[RankDynaCallback(config)])
+    # A callback given the default config trains what prepare_model built, and records it.
+    callback = RankDynaCallback(dataclasses.replace(config, attention_groups="singular"))
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[callback])
     assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+    assert model.rankdyna_config.attention_groups == "channels"
     pattern = json.loads((tmp_path / "run" / "rank_pattern.json").read_text())
     assert pattern["params"] <= 0.4 * dense and pattern["dense_params"] == dense
     ranks = pattern["ranks"]
@@ -185,6 +189,7 @@ def test_short_run_meets_the_budget_with_attention_channels_competing_and_reload
     manifest = {"trained": save_for_reload(model.eval(), tmp_path / "trained", "classification",
                                            "AutoModelForSequenceClassification", export_model(model))}
     assert sum(exported_params(e) for e in model.config.quantization_config.modules.values()) == pattern["params"]
+    assert model.config.quantization_config.method_config["attention_groups"] == "channels"
     masked = prepare_model(tiny_bert(seed=1), RankDynaConfig(**CHANNELS))
     _mask_heads(masked)
     manifest["empty_heads"] = save_for_reload(masked, tmp_path / "empty_heads", "classification",
