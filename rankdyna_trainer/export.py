@@ -103,6 +103,114 @@ def factorized_or_dense(left: torch.Tensor, right: torch.Tensor, bias: torch.Ten
     return dense_layer(left @ right, bias, conv1d)
 
 
+class _KeptDims(nn.Module):
+    """The kept dims ``index`` of a ``width``-wide activation, as a fixed index (recorded in the layout, not in the
+    weights), with its tensor made once per device."""
+
+    def _set_index(self, index, width: int) -> None:
+        self.index, self.width = [int(i) for i in index], int(width)
+        self._index_tensors: dict[torch.device, torch.Tensor] = {}
+
+    def _index(self, device: torch.device) -> torch.Tensor:
+        tensor = self._index_tensors.get(device)
+        if tensor is None:
+            tensor = self._index_tensors[device] = torch.tensor(self.index, dtype=torch.long, device=device)
+        return tensor
+
+
+class ScatteredLinear(_KeptDims):
+    """``Linear(in, k)`` whose ``k`` outputs land at the ``index`` positions of a ``width``-wide output, zeros
+    elsewhere: an attention projection (query, key, value) that keeps some dims of each head, so that the unchanged
+    attention code still sees ``heads x head_dim`` (a head with no kept query/key dims gets uniform attention, one
+    with no kept value dims contributes nothing). ``weight`` is ``k x in``: in a process without rankdyna_trainer the
+    dense ``width x in`` weight does not fit it, so transformers' loader stops instead of initialising it at random.
+    """
+
+    def __init__(self, in_features: int, index, width: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self._set_index(index, width)
+        self.in_features, self.out_features = in_features, self.width
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.zeros(len(self.index), in_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(len(self.index), **factory)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return y.new_zeros(*y.shape[:-1], self.width).index_copy(-1, self._index(y.device), y)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, kept={len(self.index)}, out_features={self.width}"
+
+    def describe_for_export(self) -> dict:
+        return {"type": "scattered_linear", "in_features": self.in_features, "out_features": self.width,
+                "index": list(self.index), "bias": self.bias is not None,
+                "params": len(self.index) * self.in_features}
+
+
+class GatheredLinear(_KeptDims):
+    """``Linear(k, out)`` reading only the ``index`` dims of its ``width``-wide input: an attention's output layer
+    after some value dims were removed (the value scatters its kept dims into place, :class:`ScatteredLinear`).
+    ``weight`` is ``out x k``, which the dense ``out x width`` weight does not fit (see :class:`ScatteredLinear`)."""
+
+    def __init__(self, index, width: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self._set_index(index, width)
+        self.in_features, self.out_features = self.width, out_features
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.zeros(out_features, len(self.index), **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.index_select(-1, self._index(x.device)), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.width}, kept={len(self.index)}, out_features={self.out_features}"
+
+    def describe_for_export(self) -> dict:
+        return {"type": "gathered_linear", "in_features": self.width, "out_features": self.out_features,
+                "index": list(self.index), "bias": self.bias is not None,
+                "params": self.out_features * len(self.index)}
+
+
+def scattered_linear(linear: nn.Module, index: torch.Tensor) -> nn.Module:
+    """``linear`` (an ``nn.Linear``, or a layer with its ``weight`` and ``bias``) keeping only its ``index`` outputs,
+    scattered back into its full width (:class:`ScatteredLinear`); the plain ``nn.Linear`` when every output is kept."""
+    weight, bias = linear.weight.detach(), linear.bias.detach() if linear.bias is not None else None
+    if index.numel() == weight.shape[0]:
+        return dense_layer(weight, bias)
+    layer = ScatteredLinear(weight.shape[1], index.tolist(), weight.shape[0], bias is not None, weight.device,
+                            weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight.index_select(0, index))
+        if bias is not None:
+            layer.bias.copy_(bias.index_select(0, index))
+    return layer
+
+
+def gathered_linear(weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor) -> nn.Module:
+    """The ``out x in`` layer reading only its ``index`` inputs (:class:`GatheredLinear`); the plain ``nn.Linear``
+    when every input is kept."""
+    bias = bias.detach() if bias is not None else None
+    if index.numel() == weight.shape[1]:
+        return dense_layer(weight.detach(), bias)
+    layer = GatheredLinear(index.tolist(), weight.shape[1], weight.shape[0], bias is not None, weight.device,
+                           weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight.detach().index_select(1, index))
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def _kept_index(entry: dict, width: int) -> list[int]:
+    """A layout entry's ``index``, checked: increasing dims within ``width``."""
+    index = entry["index"]
+    if not isinstance(index, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in index) \
+            or any(b <= a for a, b in zip(index, index[1:])) or (index and not 0 <= index[0] <= index[-1] < width):
+        raise ValueError(f"index must be increasing integers in [0, {width}), got {index!r}")
+    return index
+
+
 def describe_module(module: nn.Module) -> dict:
     """The JSON entry that lets :data:`MODULE_BUILDERS` rebuild ``module`` with the right shapes."""
     if isinstance(module, LowRankLinear):
@@ -123,6 +231,10 @@ MODULE_BUILDERS: dict[str, Callable[[dict], nn.Module]] = {
     "low_rank": lambda e: LowRankLinear(e["in_features"], e["rank"], e["out_features"], e["bias"]),
     "linear": lambda e: nn.Linear(e["in_features"], e["out_features"], bias=e["bias"]),
     "conv1d": lambda e: Conv1D(e["out_features"], e["in_features"]),
+    "scattered_linear": lambda e: ScatteredLinear(e["in_features"], _kept_index(e, e["out_features"]),
+                                                  e["out_features"], e["bias"]),
+    "gathered_linear": lambda e: GatheredLinear(_kept_index(e, e["in_features"]), e["in_features"],
+                                                e["out_features"], e["bias"]),
 }
 
 
@@ -151,3 +263,6 @@ def build_module(name: str, entry: dict) -> nn.Module:
     except KeyError as err:
         raise ValueError(f"Module {name!r} in the compression layout is missing {err.args[0]!r} (entry: {entry}). "
                          "The layout is corrupt; export the model again.") from err
+    except ValueError as err:
+        raise ValueError(f"Module {name!r} in the compression layout: {err}. The layout is corrupt; export the model "
+                         "again.") from err

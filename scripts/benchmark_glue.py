@@ -96,6 +96,10 @@ def parse_args(argv=None):
     parser.add_argument("--rankdyna_ffn_groups", default="channels", choices=["channels", "singular"],
                         help="RankDyna's FFN groups (RankDynaConfig.ffn_groups): 'channels' is what its default "
                         "'auto' gives on MiniLM, so it is not passed; 'singular' runs are named rankdyna+singular")
+    parser.add_argument("--rankdyna_attention_groups", default="singular", choices=["singular", "channels"],
+                        help="RankDyna's attention groups (RankDynaConfig.attention_groups): 'singular' is the "
+                        "config's default, so it is not passed; 'channels' (per-head q/k and v/o channels, under "
+                        "screening) runs are named rankdyna+attn")
     parser.add_argument("--rankdyna_warmup_fraction", type=float, default=None,
                         help="RankDyna's RankDynaConfig.warmup_fraction (share of steps before pruning starts); "
                         "default: the config's. A control, not the protocol: needs its own --results_dir")
@@ -160,6 +164,7 @@ def parse_args(argv=None):
                      f"is made from benchmarks/glue_protocol only; add --no_report, or give --summary and --report")
     schedule = rankdyna_options(args)
     schedule.pop("ffn_groups", None)
+    schedule.pop("attention_groups", None)
     if schedule:
         from rankdyna_trainer.methods.rankdyna import RankDynaConfig
         from rankdyna_trainer.methods.rankdyna.defaults import ENCODER, resolve_for_kind
@@ -299,6 +304,8 @@ def method_config_for(method, budget, protocol, rank_multiple, total_steps=None,
 
 def rankdyna_options(args) -> dict:
     options = {"ffn_groups": "singular"} if args.rankdyna_ffn_groups == "singular" else {}
+    if args.rankdyna_attention_groups == "channels":
+        options["attention_groups"] = "channels"
     for flag in RANKDYNA_SCHEDULE_FLAGS + RANKDYNA_DISTILLATION_FLAGS:
         if getattr(args, flag) is not None:
             options[flag.removeprefix("rankdyna_")] = getattr(args, flag)
@@ -430,9 +437,10 @@ class Runner:
         record["device"] = device_record(device)
         record["versions"] = self.versions
         record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        path = run_path(args.results_dir, task, method, budget, seed, multiple, args.rankdyna_ffn_groups)
+        path = run_path(args.results_dir, task, method, budget, seed, multiple, args.rankdyna_ffn_groups,
+                        args.rankdyna_attention_groups)
         write_json(path, record)
-        tag = method_tag(method, multiple, args.rankdyna_ffn_groups)
+        tag = method_tag(method, multiple, args.rankdyna_ffn_groups, args.rankdyna_attention_groups)
         print(f"[done] {task} {tag} b={budget} seed={seed}: {record['score']:.1f} "
               f"(floor {record['floor']['score']:.1f}) in {record['wall_time']['total_s']:.0f}s", flush=True)
         if args.git_commit:
@@ -528,8 +536,9 @@ def run_campaign(args) -> None:
     runner = None
     for task, method, budget, seed in run_plan(args):
         multiple = args.rank_multiple if method in TAKES_RANK_MULTIPLE else 1
-        tag = method_tag(method, multiple, args.rankdyna_ffn_groups)
-        if os.path.isfile(run_path(args.results_dir, task, method, budget, seed, multiple, args.rankdyna_ffn_groups)):
+        tag = method_tag(method, multiple, args.rankdyna_ffn_groups, args.rankdyna_attention_groups)
+        if os.path.isfile(run_path(args.results_dir, task, method, budget, seed, multiple, args.rankdyna_ffn_groups,
+                                   args.rankdyna_attention_groups)):
             print(f"[skip] {task} {tag} b={budget} seed={seed}: already measured", flush=True)
             continue
         runner = runner or Runner(args)
@@ -650,6 +659,8 @@ def latency_layouts(args, records, shapes, ffns) -> dict[str, tuple[dict | None,
     for r in sorted(records, key=lambda r: (glue_report.TASK_ORDER.index(r["task"]), r["seed"])):
         if r["method"] not in ("rankdyna", "ars") or not r.get("ranks"):
             continue  # svd/fwsvd/tfwsvd share the uniform layout above
+        if (r.get("config") or {}).get("attention_groups") == "channels":
+            continue  # attention channels' layout (scattered q/k/v, gathered output) is not rebuilt here yet
         key = glue_report.run_key(r)
         if key in seen:
             continue

@@ -59,16 +59,21 @@ def fwsvd_steps(protocol: dict) -> int:
     return 2 * round_steps(protocol["train_rows_used"], protocol["batch_size"], protocol["epochs"])
 
 
-def method_tag(method: str, rank_multiple: int, ffn_groups: str = "channels") -> str:
+def method_tag(method: str, rank_multiple: int, ffn_groups: str = "channels",
+               attention_groups: str = "singular") -> str:
     """The row as run files and the summary name it: ``+m8`` for ranks in multiples of 8, ``+singular`` for RankDyna
-    with singular groups in the FFNs too (glue_report.run_key reads the same from the run record)."""
+    with singular groups in the FFNs too, ``+attn`` for RankDyna with attention channels (``attention_groups=
+    'channels'``) (glue_report.run_key reads the same from the run record)."""
     tag = f"{method}+m{rank_multiple}" if rank_multiple > 1 and method in TAKES_RANK_MULTIPLE else method
-    return f"{tag}+singular" if method in TAKES_FFN_GROUPS and ffn_groups == "singular" else tag
+    if method in TAKES_FFN_GROUPS and ffn_groups == "singular":
+        tag = f"{tag}+singular"
+    return f"{tag}+attn" if method in TAKES_FFN_GROUPS and attention_groups == "channels" else tag
 
 
-def run_path(results_dir, task, method, budget, seed, rank_multiple=1, ffn_groups="channels") -> str:
+def run_path(results_dir, task, method, budget, seed, rank_multiple=1, ffn_groups="channels",
+             attention_groups="singular") -> str:
     budget_tag = "na" if method in UNCOMPRESSED else f"{budget:g}"
-    tag = method_tag(method, rank_multiple, ffn_groups)
+    tag = method_tag(method, rank_multiple, ffn_groups, attention_groups)
     return os.path.join(results_dir, task, f"{tag}_b{budget_tag}_seed{seed}.json")
 
 

@@ -32,7 +32,8 @@ METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "mcc": "Matthews corr."}
 def run_key(record: dict) -> str:
     """``method@budget`` (``+m8`` after the method when ranks were kept in multiples of 8, ``+singular`` for RankDyna
     with singular groups in the FFNs instead of the intermediate channels of the campaign's recipe, ``rankdyna_equal``
-    likewise; records from before the ``ffn_groups`` field are singular); dense and AdaLoRA, which export uncompressed
+    likewise; records from before the ``ffn_groups`` field are singular; ``+attn`` for RankDyna with attention channels,
+    ``attention_groups='channels'``); dense and AdaLoRA, which export uncompressed
     models, are ``@1.0``."""
     method = record["method"]
     multiple = record.get("rank_multiple") or 1
@@ -41,6 +42,8 @@ def run_key(record: dict) -> str:
     if record["method"] in TAKES_FFN_GROUPS and (record.get("config") or {}).get("ffn_groups",
                                                                                   "singular") == "singular":
         method = f"{method}+singular"
+    if record["method"] in TAKES_FFN_GROUPS and (record.get("config") or {}).get("attention_groups") == "channels":
+        method = f"{method}+attn"
     budget = 1.0 if record["method"] in UNCOMPRESSED else record["budget"]
     return f"{method}@{budget:g}" if budget != 1.0 else f"{method}@1.0"
 

@@ -93,6 +93,13 @@ def test_rankdyna_with_singular_ffn_groups_is_its_own_row():
                                                             "rankdyna+singular@0.33"]
 
 
+def test_rankdyna_with_attention_channels_is_its_own_row():
+    attention = run_record("rte", "rankdyna", 0.5, 42, 54.0)
+    attention["config"] = {"ffn_groups": "channels", "attention_groups": "channels"}
+    records = [run_record("rte", "rankdyna", 0.5, 42, 55.0), attention]
+    assert list(glue_report.summarize(records)["runs"]) == ["rankdyna@0.5", "rankdyna+attn@0.5"]
+
+
 def test_page_and_plot_come_from_the_summary(tmp_path):
     records = campaign()
     summary = glue_report.summarize(records)

@@ -129,6 +129,19 @@ def test_rankdyna_runs_ffn_channels_and_singular_groups_as_separate_rows(tmp_pat
     assert "rankdyna+singular@0.5 (cola) rounded +m8" in layouts
 
 
+def test_rankdyna_with_attention_channels_runs_as_its_own_row(tmp_path, glue_dir, small_model):
+    bench = _load_script("benchmark_glue")
+    argv = ["--tasks", "cola", "--methods", "rankdyna", "--budgets", "0.5", "--seeds", "7", "--limit", "128",
+            "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model, "--device", "cpu", "--no_report",
+            "--rankdyna_attention_groups", "channels"] + _paths(tmp_path)
+    bench.main(argv)
+    run = json.loads((tmp_path / "runs" / "cola" / "rankdyna+attn_b0.5_seed7.json").read_text())
+    assert run["config"]["attention_groups"] == "channels" and run["config"]["ffn_groups"] == "channels"
+    assert 0 <= run["ranks"]["bert.encoder.layer.0.attention.self.query"] <= 32  # kept q/k channels
+    assert "bert.encoder.layer.0.attention.self.key" not in run["ranks"]  # sliced with the query
+    assert run["targeted_params"] <= 0.5 * run["targeted_dense_params"]
+
+
 @pytest.mark.parametrize("override", [["--epochs", "6"], ["--rankdyna_final_fraction", "0.5"],
                                       ["--rankdyna_warmup_fraction", "0.3"], ["--rankdyna_distillation_weight", "0.5"]])
 def test_a_protocol_override_is_refused_in_the_campaigns_folder(override, capsys):
@@ -261,3 +274,6 @@ def test_the_rankdyna_row_is_the_library_default_plus_the_command_lines_options(
     control = bench.method_config_for("rankdyna", 0.33, protocol, 8, 100, None, bench.rankdyna_options(args))
     assert control.to_dict() == RankDynaConfig(target_budget=0.33, warmup_fraction=0.1, ffn_groups="singular",
                                                rank_multiple=8).to_dict()
+    attention = bench.method_config_for("rankdyna", 0.33, protocol, 1, 100, None, bench.rankdyna_options(
+        bench.parse_args(["--rankdyna_attention_groups", "channels"])))
+    assert attention.to_dict() == RankDynaConfig(target_budget=0.33, attention_groups="channels").to_dict()

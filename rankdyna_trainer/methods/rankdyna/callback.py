@@ -152,6 +152,8 @@ class RankDynaCallback(TrainerCallback):
         if prepared is not None and config is not prepared:
             from_prepared = {name: getattr(prepared, name) for name in (*MODEL_KIND_FIELDS, "ffn_groups")
                              if getattr(config, name) == AUTO and getattr(prepared, name) != AUTO}
+            if config.attention_groups != prepared.attention_groups:  # the layers prepare_model built decide
+                from_prepared["attention_groups"] = prepared.attention_groups
             config = with_values(config, from_prepared, "The model-kind defaults prepare_model resolved")
         if auto_fields(config):  # a model prepared without a config of its own (not through prepare_model)
             config, _ = resolve_model_kind(config, model, has_calibration=True)

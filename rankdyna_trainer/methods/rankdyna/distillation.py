@@ -33,7 +33,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.pytorch_utils import Conv1D
 
 from ...targets import unwrap_model
-from .layer import ChannelGatedLinear, ChannelProducerConv1D, SVDLinear
+from .layer import ChannelGatedLinear, ChannelGroups, ChannelProducerConv1D, SVDLinear
 from .model import gated_layers
 
 TEACHER_FILE = "rankdyna_teacher.safetensors"
@@ -74,9 +74,10 @@ def _drop_top_level_hooks(teacher: nn.Module) -> None:
             setattr(teacher, name, type(hooks)())  # a new dict: the model's own must not be emptied
 
 
-def _dense_layer(layer: SVDLinear | ChannelGatedLinear) -> nn.Linear:
-    weight = layer.effective_weight() if isinstance(layer, SVDLinear) else layer.weight * layer.gate.to(layer.weight)
-    return _linear(weight, layer.bias)
+def _dense_layer(layer: SVDLinear | ChannelGroups) -> nn.Linear:
+    if isinstance(layer, SVDLinear):
+        return _linear(layer.effective_weight(), layer.bias)
+    return _linear(*layer.gated_weight())
 
 
 def _plain_producer(producer: nn.Module) -> nn.Module:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...host_memory import trim_freed_heap
-from .layer import ChannelGatedLinear, SVDLinear
+from .layer import ChannelGroups, SVDLinear
 
 
 class KeptCompute:
@@ -26,10 +26,13 @@ class KeptCompute:
     changes; switching between the kept-only and the all-groups path (``use_kept``) is host-side only.
     """
 
-    def __init__(self, model: nn.Module, layers: list[SVDLinear | ChannelGatedLinear]):
+    def __init__(self, model: nn.Module, layers: list[SVDLinear | ChannelGroups]):
         self.layers = layers
-        self.producers = [[model.get_submodule(p) for p in l.producers] if isinstance(l, ChannelGatedLinear) else []
-                          for l in layers]
+        # Channel layers without a kept-groups path (the attention's: computes_kept False) run gated on every step.
+        self.computes_kept = [getattr(l, "computes_kept", True) for l in layers]
+        self.producers = [[model.get_submodule(p) for p in l.producers]
+                          if isinstance(l, ChannelGroups) and computes else []
+                          for l, computes in zip(layers, self.computes_kept)]
         self._indices: list | None = None
         self._kept_only = False
 
@@ -54,10 +57,10 @@ class KeptCompute:
         whole = [bounds[i + 1] - bounds[i] == p.numel() for i, p in enumerate(parts)]
         # A layer that keeps every group stays on its plain path: gathering all of it would only add copies.
         self._indices, i = [], 0
-        for layer in self.layers:
+        for layer, computes in zip(self.layers, self.computes_kept):
             width = 2 if isinstance(layer, SVDLinear) else 1
             index = (kept[i], kept[i + 1]) if width == 2 else kept[i]
-            self._indices.append(None if all(whole[i:i + width]) else index)
+            self._indices.append(None if all(whole[i:i + width]) or not computes else index)
             i += width
         self.use_kept(self._kept_only)
         if parts[0].device.type == "cpu":

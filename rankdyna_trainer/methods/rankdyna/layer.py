@@ -240,29 +240,70 @@ def _factorized_linear(x: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Te
     return out if bias is None else out + bias
 
 
-class ChannelGatedLinear(nn.Module):
-    """An FFN's output layer with a 0/1 gate on each of its input channels, the FFN's intermediate channels.
+class ChannelGroups(nn.Module):
+    """A layer whose groups are *channels*: inner dimensions written by some layers and read by others, each kept or
+    removed whole by one 0/1 gate (FFN intermediate channels; attention_groups='channels': per-head q/k and v/o dims).
 
-    RankDyna's structured groups: masking channel ``j`` here removes it from the whole FFN, since the input layers
-    (``producers``, full module names) write it only for this layer to read. A channel costs ``group_cost``
-    weights: its column here plus its row in every producer. The gate's gradient, ``sum_tokens h_j dL/dh_j`` for
-    the channel's activation ``h_j``, is the first-order loss change of removing it (of re-adding a masked one),
-    and its smoothed square is the channel's Fisher score, in the same units as a singular group's. At export the
-    kept channels' columns (here) and rows (producers) are sliced out as smaller dense layers.
+    Shared by every channel kind: the gate and its statistics (:func:`register_gate`), the other layers writing or
+    reading the channels (``producers``, full module names: sliced with this one at export), and the cost a channel
+    claims from the budget (``group_cost``: its weights in every layer that writes or reads it; the layer's full cost
+    is the sum over its channels, so there is no break-even before every channel is kept). The gate's gradient is
+    ``sum_tokens h_j dL/dh_j`` for the gated activation ``h_j`` and its smoothed square the channel's Fisher score,
+    in the same units as a singular group's. Subclasses say where the gate sits and how the kept channels export.
     """
 
     exports_as_conv1d = False
+    # Whether the kept-groups path (rankdyna.kept_compute) applies; layers without one run gated on every step.
+    computes_kept = True
     # Kept channels while training (set by rankdyna.kept_compute, with the producers'); None: every channel.
     kept_index: torch.Tensor | None = None
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, producers: list[str], group_cost: int):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, producers: list[str], group_cost: int,
+                 channels: int):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.producers = list(producers)
         self.group_cost = int(group_cost)
-        register_gate(self, weight.new_ones(self.in_features))
+        register_gate(self, weight.new_ones(channels))
+
+    @property
+    def max_rank(self) -> int:
+        return self.gate.numel()
+
+    @property
+    def full_rank(self) -> int:
+        return self.gate.numel()
+
+    @property
+    def full_cost(self) -> int:
+        return self.group_cost * self.gate.numel()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, channels={self.max_rank}, "
+                f"channel_cost={self.group_cost}, producers={self.producers}")
+
+    def gated_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dense ``out x in`` weight and bias with the masked channels zeroed (the distillation teacher's)."""
+        raise NotImplementedError
+
+    def exported(self, model: nn.Module, name: str) -> dict[str, nn.Module]:
+        """The modules (by full name: this layer, ``name``, and its producers) that hold the kept channels."""
+        raise NotImplementedError
+
+
+class ChannelGatedLinear(ChannelGroups):
+    """An FFN's output layer with a 0/1 gate on each of its input channels, the FFN's intermediate channels.
+
+    RankDyna's structured groups: masking channel ``j`` here removes it from the whole FFN, since the input layers
+    (``producers``, full module names) write it only for this layer to read. A channel costs ``group_cost``
+    weights: its column here plus its row in every producer. At export the kept channels' columns (here) and rows
+    (producers) are sliced out as smaller dense layers.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, producers: list[str], group_cost: int):
+        super().__init__(weight, bias, producers, group_cost, channels=weight.shape[1])
 
     @classmethod
     def from_linear(cls, linear: nn.Linear | Conv1D, producers: dict[str, nn.Module]) -> "ChannelGatedLinear":
@@ -273,22 +314,6 @@ class ChannelGatedLinear(nn.Module):
         layer.exports_as_conv1d = isinstance(linear, Conv1D)
         return layer
 
-    @property
-    def max_rank(self) -> int:
-        return self.in_features
-
-    @property
-    def full_rank(self) -> int:
-        return self.in_features
-
-    @property
-    def full_cost(self) -> int:
-        return self.group_cost * self.in_features
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, channel_cost={self.group_cost}, "
-                f"producers={self.producers}")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The gate scales the weight's columns rather than the activations: autograd then keeps a weight-sized
         # tensor instead of a copy of the tokens x channels input.
@@ -297,6 +322,83 @@ class ChannelGatedLinear(nn.Module):
             return F.linear(x, self.weight * gate, self.bias)
         kept = self.kept_index
         return F.linear(x, gather_kept(self.weight, 1, kept) * gate.index_select(0, kept), self.bias)
+
+    def gated_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.weight * self.gate.to(self.weight), self.bias
+
+    @torch.no_grad()
+    def exported(self, model: nn.Module, name: str) -> dict[str, nn.Module]:
+        from ...export import dense_layer, sliced_linear
+
+        kept = self.gate.nonzero().flatten()
+        bias = self.bias.detach() if self.bias is not None else None
+        modules = {p: sliced_linear(model.get_submodule(p), kept, dim=0) for p in self.producers}
+        modules[name] = dense_layer(self.weight.detach().index_select(1, kept), bias, conv1d=self.exports_as_conv1d)
+        return modules
+
+
+class HeadChannelGatedLinear(ChannelGatedLinear):
+    """An attention's output layer (BERT's ``attention.output.dense``) with v/o channels (attention_groups='channels').
+
+    The same layer as the FFN reader: a gate on input column ``j`` removes value dim ``j``, since attention mixes
+    tokens linearly in each dim (``sum_t a_t (v_t g) = (sum_t a_t v_t) g``), so the gate's gradient is that of a gate
+    on the value output. A channel costs its column here and its row of ``value`` (the producer). Only the export
+    differs: the attention code reshapes the value into ``heads x head_dim``, so ``value`` keeps its width (its kept
+    rows scattered into place, :class:`~rankdyna_trainer.export.ScatteredLinear`) and this layer reads only the kept
+    dims (:class:`~rankdyna_trainer.export.GatheredLinear`). Runs gated on every step (no kept-groups path yet).
+    """
+
+    computes_kept = False
+
+    @torch.no_grad()
+    def exported(self, model: nn.Module, name: str) -> dict[str, nn.Module]:
+        from ...export import gathered_linear, scattered_linear
+
+        kept = self.gate.nonzero().flatten()
+        modules = {p: scattered_linear(model.get_submodule(p), kept) for p in self.producers}
+        modules[name] = gathered_linear(self.weight.detach(), self.bias, kept)
+        return modules
+
+
+class OutputGatedLinear(ChannelGroups):
+    """A linear layer with a 0/1 gate on each of its outputs: an attention's ``query`` with q/k channels
+    (attention_groups='channels').
+
+    Gating query dim ``j`` removes the term ``q_j k_j`` from every attention logit of its head, so the key's dim ``j``
+    (the producer ``key`` writes it) is then unused too: a channel costs its row here and its row of ``key``. The gate
+    scales the weight's rows and the bias (``y_j = g_j (W_j x + b_j)``), not the activations. At export the query
+    and the key keep their kept rows, scattered into the full ``heads x head_dim`` width
+    (:class:`~rankdyna_trainer.export.ScatteredLinear`). Runs gated on every step (no kept-groups path yet).
+    """
+
+    computes_kept = False
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, producers: list[str], group_cost: int):
+        super().__init__(weight, bias, producers, group_cost, channels=weight.shape[0])
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, producers: dict[str, nn.Module]) -> "OutputGatedLinear":
+        weight = linear_weight(linear).detach().clone()
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        cost = weight.shape[1] + sum(linear_weight(p).shape[1] for p in producers.values())
+        return cls(weight, bias, list(producers), cost)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = gate_for_forward(self).to(self.weight.dtype)
+        return F.linear(x, self.weight * gate[:, None], None if self.bias is None else self.bias * gate)
+
+    def gated_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        gate = self.gate.to(self.weight)
+        return self.weight * gate[:, None], None if self.bias is None else self.bias * gate
+
+    @torch.no_grad()
+    def exported(self, model: nn.Module, name: str) -> dict[str, nn.Module]:
+        from ...export import scattered_linear
+
+        kept = self.gate.nonzero().flatten()
+        modules = {p: scattered_linear(model.get_submodule(p), kept) for p in self.producers}
+        modules[name] = scattered_linear(self, kept)
+        return modules
 
 
 class ChannelProducerLinear(nn.Linear):

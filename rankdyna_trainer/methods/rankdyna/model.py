@@ -21,9 +21,10 @@ from ...targets import (
     set_submodule,
     unwrap_model,
 )
+from .attention import attention_channel_blocks, make_attention_channels
 from .config import RankDynaConfig
 from .defaults import AUTO, article, describe, model_kind, resolve_model_kind
-from .layer import ChannelGatedLinear, SVDLinear, channel_producer, factor_step_scale
+from .layer import ChannelGatedLinear, ChannelGroups, SVDLinear, channel_producer, factor_step_scale
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
         resolved["ffn_groups"] = "channels" if channel_ffns else "singular"
         config = dataclasses.replace(config, ffn_groups=resolved["ffn_groups"])
     _log_defaults(model, resolved, config, len(channel_ffns))
+    attention = attention_channel_blocks(model, targets) if config.attention_groups == "channels" else []
     handled_whole = set(channel_ffns) | {p for producers in channel_ffns.values() for p in producers}
+    handled_whole |= {name for block in attention for name in block.names}
     targets = {n: layer for n, layer in targets.items() if n not in handled_whole}
     if config.init == "whitened":
         if calibration_batches is None:
@@ -78,6 +81,8 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
         set_submodule(model, name, ChannelGatedLinear.from_linear(model.get_submodule(name), writers))
         for producer_name, producer in writers.items():
             set_submodule(model, producer_name, channel_producer(producer))
+    for block in attention:
+        make_attention_channels(model, block)
     model.rankdyna_config = config
     _keep_buffers_out_of_ddp(model)
     return wrapper
@@ -191,10 +196,11 @@ def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
     return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, SVDLinear)}
 
 
-def gated_layers(model: nn.Module) -> dict[str, SVDLinear | ChannelGatedLinear]:
-    """Every layer whose groups the allocation keeps or masks: factorized matrices and channel-gated FFNs."""
+def gated_layers(model: nn.Module) -> dict[str, SVDLinear | ChannelGroups]:
+    """Every layer whose groups the allocation keeps or masks: factorized matrices, channel-gated FFNs and
+    (attention_groups='channels') the attentions' q/k and v/o channel layers."""
     return {name: m for name, m in unwrap_model(model).named_modules()
-            if isinstance(m, (SVDLinear, ChannelGatedLinear))}
+            if isinstance(m, (SVDLinear, ChannelGroups))}
 
 
 def dense_params(layers: list[SVDLinear | ChannelGatedLinear]) -> int:
@@ -232,11 +238,12 @@ def pruned_away(ranks: dict[str, int]) -> tuple[list[str], list[str]]:
 @torch.no_grad()
 def export_model(model: nn.Module) -> dict[str, dict]:
     """Replace every SVDLinear (in place) by its kept groups as ``Linear(n, r) -> Linear(r, m)``, or by a dense
-    ``Linear`` (``Conv1D`` where the model had one) where that is no larger, and every channel-gated FFN by its kept
-    channels (smaller dense layers). Returns the module layout, which is
+    ``Linear`` (``Conv1D`` where the model had one) where that is no larger, every channel-gated FFN by its kept
+    channels (smaller dense layers) and every channel-gated attention by its kept q/k and v/o dims (query, key and
+    value ``ScatteredLinear``, output ``GatheredLinear``). Returns the module layout, which is
     also recorded on ``model.config`` so that ``model.save_pretrained`` writes a model ``from_pretrained`` reloads.
     ``model`` may be wrapped by ``torch.compile``: names are those of the model inside."""
-    from ...export import dense_layer, describe_module, factorized_or_dense, sliced_linear
+    from ...export import describe_module, factorized_or_dense
     from ...quantizer import record_compression
 
     model = unwrap_model(model)
@@ -252,15 +259,12 @@ def export_model(model: nn.Module) -> dict[str, dict]:
         exported = factorized_or_dense(left.detach(), right.detach(), bias, conv1d=layer.exports_as_conv1d)
         set_submodule(model, name, exported)
         modules[name] = describe_module(exported)
-    for name, layer in gated_layers(model).items():  # the channel-gated FFNs left
-        kept = layer.gate.nonzero().flatten()
-        reader = dense_layer(layer.weight.detach().index_select(1, kept),
-                             layer.bias.detach() if layer.bias is not None else None, conv1d=layer.exports_as_conv1d)
-        for producer in layer.producers:
-            set_submodule(model, producer, sliced_linear(model.get_submodule(producer), kept, dim=0))
-            modules[producer] = describe_module(model.get_submodule(producer))
-        set_submodule(model, name, reader)
-        modules[name] = describe_module(reader)
+    exported = {}
+    for name, layer in gated_layers(model).items():  # the channel layers left: FFNs, attentions
+        exported.update(layer.exported(model, name))
+    for name, module in exported.items():
+        set_submodule(model, name, module)
+        modules[name] = describe_module(module)
     config = getattr(model, "rankdyna_config", None)
     record_compression(model, modules, "rankdyna", config.to_dict() if config is not None else None)
     if config is not None:
