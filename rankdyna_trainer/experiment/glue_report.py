@@ -655,8 +655,11 @@ def _seed_cell(scores: dict[int, float]) -> str:
 def control_table(campaign: list[dict], variants: dict[str, list[dict]], method: str = "rankdyna",
                   against: str = "fwsvd") -> list[str]:
     """Markdown rows: every (task, budget) cell one of ``variants`` ran for ``method``, with the task's floor, dense's
-    mean, the campaign's ``method`` and ``against`` per seed (42 / 1 / 2), and each variant's runs likewise."""
-    cells = {(r["task"], r["budget"]) for runs in variants.values() for r in runs if split_key(run_key(r))[1] == method}
+    mean, the campaign's ``method`` and ``against`` per seed (42 / 1 / 2), and each variant's runs likewise. A variant
+    folder holds one variant, so its runs of ``method`` count whatever row tag their config gives them (``+attn``)."""
+    variants = {name: [{**r, "budget": r["budget"], "_key": f"{method}@{r['budget']:g}"} for r in runs
+                       if r["method"] == method] for name, runs in variants.items()}
+    cells = {(r["task"], r["budget"]) for runs in variants.values() for r in runs}
     order = _ordered_tasks({task for task, _ in cells})
     cells = sorted(cells, key=lambda cell: (order.index(cell[0]), -cell[1]))
     summary = summarize(campaign)
@@ -666,7 +669,8 @@ def control_table(campaign: list[dict], variants: dict[str, list[dict]], method:
         key = f"{method}@{budget:g}"
         row = [f"{task.upper()} @ {budget:g}", f"{summary['majority'][task]:.1f}",
                f"{summary['runs']['dense@1.0'][task]['mean']:.1f}", _seed_cell(_seed_scores(campaign, key, task))]
-        row += [_seed_cell(_seed_scores(runs, key, task)) for runs in variants.values()]
+        row += [_seed_cell({r["seed"]: r["score"] for r in runs if r["_key"] == key and r["task"] == task})
+                for runs in variants.values()]
         row.append(_seed_cell(_seed_scores(campaign, f"{against}@{budget:g}", task)))
         lines.append("| " + " | ".join(row) + " |")
     return lines

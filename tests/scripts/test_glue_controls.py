@@ -60,3 +60,14 @@ def test_headline_adds_the_average_of_the_tasks_that_decide_when_one_is_set_apar
     # rankdyna@0.5 is dense - 2 on every seed: 84/86, 84/86, 28/30 of dense's means
     expected = 100 * (84 / 86 + 84 / 86 + 28 / 30) / 3
     assert f"| kept of dense (average of SST2, MRPC, COLA) | | 100 % | {expected:.1f} % |" in out
+
+
+def test_a_variant_folder_counts_its_runs_whatever_row_tag_their_config_gives(tmp_path, capsys):
+    controls = _load_script("glue_controls")
+    write_runs(tmp_path / "campaign", campaign())
+    attn = run_record("cola", "rankdyna", 0.5, 42, 31.5)
+    attn["config"] = {"ffn_groups": "channels", "attention_groups": "channels"}  # a rankdyna+attn run
+    write_runs(tmp_path / "attn", [attn])
+    controls.main(["--campaign", str(tmp_path / "campaign"), "--variant", f"attention channels={tmp_path / 'attn'}"])
+    out = capsys.readouterr().out
+    assert "| COLA @ 0.5 | 0.0 |" in out and "| 31.5 / · / · |" in out
