@@ -657,7 +657,7 @@ def control_table(campaign: list[dict], variants: dict[str, list[dict]], method:
     """Markdown rows: every (task, budget) cell one of ``variants`` ran for ``method``, with the task's floor, dense's
     mean, the campaign's ``method`` and ``against`` per seed (42 / 1 / 2), and each variant's runs likewise. A variant
     folder holds one variant, so its runs of ``method`` count whatever row tag their config gives them (``+attn``)."""
-    variants = {name: [{**r, "budget": r["budget"], "_key": f"{method}@{r['budget']:g}"} for r in runs
+    variants = {name: [{**r, "_key": f"{method}@{r['budget']:g}"} for r in runs
                        if r["method"] == method] for name, runs in variants.items()}
     cells = {(r["task"], r["budget"]) for runs in variants.values() for r in runs}
     order = _ordered_tasks({task for task, _ in cells})
