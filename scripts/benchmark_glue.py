@@ -96,10 +96,10 @@ def parse_args(argv=None):
     parser.add_argument("--rankdyna_ffn_groups", default="channels", choices=["channels", "singular"],
                         help="RankDyna's FFN groups (RankDynaConfig.ffn_groups): 'channels' is what its default "
                         "'auto' gives on MiniLM, so it is not passed; 'singular' runs are named rankdyna+singular")
-    parser.add_argument("--rankdyna_attention_groups", default="singular", choices=["singular", "channels"],
-                        help="RankDyna's attention groups (RankDynaConfig.attention_groups): 'singular' is the "
-                        "config's default, so it is not passed; 'channels' (per-head q/k and v/o channels, under "
-                        "screening) runs are named rankdyna+attn")
+    parser.add_argument("--rankdyna_attention_groups", default="channels", choices=["channels", "singular"],
+                        help="RankDyna's attention groups (RankDynaConfig.attention_groups): 'channels' (per-head q/k "
+                        "and v/o channels) is what its default 'auto' gives on MiniLM, so it is not passed; "
+                        "'singular' runs are named rankdyna+attn_singular")
     parser.add_argument("--rankdyna_warmup_fraction", type=float, default=None,
                         help="RankDyna's RankDynaConfig.warmup_fraction (share of steps before pruning starts); "
                         "default: the config's. A control, not the protocol: needs its own --results_dir")
@@ -304,8 +304,8 @@ def method_config_for(method, budget, protocol, rank_multiple, total_steps=None,
 
 def rankdyna_options(args) -> dict:
     options = {"ffn_groups": "singular"} if args.rankdyna_ffn_groups == "singular" else {}
-    if args.rankdyna_attention_groups == "channels":
-        options["attention_groups"] = "channels"
+    if args.rankdyna_attention_groups == "singular":
+        options["attention_groups"] = "singular"
     for flag in RANKDYNA_SCHEDULE_FLAGS + RANKDYNA_DISTILLATION_FLAGS:
         if getattr(args, flag) is not None:
             options[flag.removeprefix("rankdyna_")] = getattr(args, flag)

@@ -233,10 +233,10 @@ class RankDynaArguments:
                   "and the importance is 'fisher' (docs/method.md)."})
     rankdyna_attention_groups: str = field(
         default=_RANKDYNA_DEFAULTS["attention_groups"],
-        metadata={"choices": ["singular", "channels"],
-                  "help": "What is pruned in the attention: singular groups of each matrix (default), or per-head q/k "
-                  "and v/o channels after an exact rotation of each head (BERT/RoBERTa only, in the same budget; "
-                  "under screening, docs/method.md#attention-channels-as-groups)."})
+        metadata={"choices": ["auto", "singular", "channels"],
+                  "help": "What is pruned in the attention: singular groups of each matrix, or per-head q/k and v/o "
+                  "channels after an exact rotation of each head (BERT/RoBERTa only, in the same budget); 'auto': "
+                  "channels where they apply, else singular (docs/method.md#attention-channels-as-groups)."})
     rankdyna_init: str = field(
         default=_RANKDYNA_DEFAULTS["init"],
         metadata={"choices": ["auto", "svd", "whitened"],

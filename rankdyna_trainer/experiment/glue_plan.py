@@ -60,18 +60,19 @@ def fwsvd_steps(protocol: dict) -> int:
 
 
 def method_tag(method: str, rank_multiple: int, ffn_groups: str = "channels",
-               attention_groups: str = "singular") -> str:
+               attention_groups: str = "channels") -> str:
     """The row as run files and the summary name it: ``+m8`` for ranks in multiples of 8, ``+singular`` for RankDyna
-    with singular groups in the FFNs too, ``+attn`` for RankDyna with attention channels (``attention_groups=
-    'channels'``) (glue_report.run_key reads the same from the run record)."""
+    with singular groups in the FFNs too, ``+attn_singular`` for RankDyna with singular groups in the attention
+    instead of its per-head channels (the groups the library's default ``'auto'`` takes on MiniLM, for both)
+    (glue_report.run_key reads the same from the run record)."""
     tag = f"{method}+m{rank_multiple}" if rank_multiple > 1 and method in TAKES_RANK_MULTIPLE else method
     if method in TAKES_FFN_GROUPS and ffn_groups == "singular":
         tag = f"{tag}+singular"
-    return f"{tag}+attn" if method in TAKES_FFN_GROUPS and attention_groups == "channels" else tag
+    return f"{tag}+attn_singular" if method in TAKES_FFN_GROUPS and attention_groups == "singular" else tag
 
 
 def run_path(results_dir, task, method, budget, seed, rank_multiple=1, ffn_groups="channels",
-             attention_groups="singular") -> str:
+             attention_groups="channels") -> str:
     budget_tag = "na" if method in UNCOMPRESSED else f"{budget:g}"
     tag = method_tag(method, rank_multiple, ffn_groups, attention_groups)
     return os.path.join(results_dir, task, f"{tag}_b{budget_tag}_seed{seed}.json")

@@ -32,9 +32,9 @@ METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "mcc": "Matthews corr."}
 def run_key(record: dict) -> str:
     """``method@budget`` (``+m8`` after the method when ranks were kept in multiples of 8, ``+singular`` for RankDyna
     with singular groups in the FFNs instead of the intermediate channels of the campaign's recipe, ``rankdyna_equal``
-    likewise; records from before the ``ffn_groups`` field are singular; ``+attn`` for RankDyna with attention channels,
-    ``attention_groups='channels'``); dense and AdaLoRA, which export uncompressed
-    models, are ``@1.0``."""
+    likewise; records from before the ``ffn_groups`` field are singular; ``+attn_singular`` for RankDyna with singular
+    groups in the attention instead of the per-head channels of the library's default, records from before the
+    ``attention_groups`` field included); dense and AdaLoRA, which export uncompressed models, are ``@1.0``."""
     method = record["method"]
     multiple = record.get("rank_multiple") or 1
     if multiple > 1:
@@ -42,8 +42,9 @@ def run_key(record: dict) -> str:
     if record["method"] in TAKES_FFN_GROUPS and (record.get("config") or {}).get("ffn_groups",
                                                                                   "singular") == "singular":
         method = f"{method}+singular"
-    if record["method"] in TAKES_FFN_GROUPS and (record.get("config") or {}).get("attention_groups") == "channels":
-        method = f"{method}+attn"
+    if record["method"] in TAKES_FFN_GROUPS and (record.get("config") or {}).get("attention_groups",
+                                                                                  "singular") == "singular":
+        method = f"{method}+attn_singular"
     budget = 1.0 if record["method"] in UNCOMPRESSED else record["budget"]
     return f"{method}@{budget:g}" if budget != 1.0 else f"{method}@1.0"
 
@@ -656,7 +657,8 @@ def control_table(campaign: list[dict], variants: dict[str, list[dict]], method:
                   against: str = "fwsvd") -> list[str]:
     """Markdown rows: every (task, budget) cell one of ``variants`` ran for ``method``, with the task's floor, dense's
     mean, the campaign's ``method`` and ``against`` per seed (42 / 1 / 2), and each variant's runs likewise. A variant
-    folder holds one variant, so its runs of ``method`` count whatever row tag their config gives them (``+attn``)."""
+    folder holds one variant, so its runs of ``method`` count whatever row tag their config gives them
+    (``+attn_singular``)."""
     variants = {name: [{**r, "_key": f"{method}@{r['budget']:g}"} for r in runs
                        if r["method"] == method] for name, runs in variants.items()}
     cells = {(r["task"], r["budget"]) for runs in variants.values() for r in runs}

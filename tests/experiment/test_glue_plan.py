@@ -39,8 +39,9 @@ def test_plan_puts_rankdyna_equal_beside_rankdyna_and_names_its_files():
         "runs", "cola", "rankdyna_equal_b0.33_seed1.json")
     assert glue_plan.method_tag("rankdyna_equal", 8, "singular") == "rankdyna_equal+m8+singular"
     assert glue_plan.method_tag("dense", 8, "singular") == "dense"
-    assert glue_plan.method_tag("rankdyna", 1, "channels", "channels") == "rankdyna+attn"
-    assert glue_plan.method_tag("rankdyna", 1, "singular", "channels") == "rankdyna+singular+attn"
-    assert glue_plan.method_tag("fwsvd", 1, "channels", "channels") == "fwsvd"
-    assert glue_plan.run_path("runs", "cola", "rankdyna", 0.2, 42, attention_groups="channels") == os.path.join(
-        "runs", "cola", "rankdyna+attn_b0.2_seed42.json")
+    assert glue_plan.method_tag("rankdyna", 1, "channels", "channels") == "rankdyna"
+    assert glue_plan.method_tag("rankdyna", 1, "channels", "singular") == "rankdyna+attn_singular"
+    assert glue_plan.method_tag("rankdyna", 1, "singular", "singular") == "rankdyna+singular+attn_singular"
+    assert glue_plan.method_tag("fwsvd", 1, "singular", "singular") == "fwsvd"
+    assert glue_plan.run_path("runs", "cola", "rankdyna", 0.2, 42, attention_groups="singular") == os.path.join(
+        "runs", "cola", "rankdyna+attn_singular_b0.2_seed42.json")

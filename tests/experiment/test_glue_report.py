@@ -25,7 +25,8 @@ def run_record(task, method, budget, seed, score, total_s=100.0, rank_multiple=1
             "floor": {"metric": protocol["metric"], "score": FLOORS[task]},
             "device": {"type": "cpu", "name": "test CPU", "threads": 2},
             "versions": {"torch": "x"}, "command": "python scripts/benchmark_glue.py --seeds 42 1 2",
-            "config": {"ffn_groups": "channels"} if method in ("rankdyna", "rankdyna_equal") else {}}
+            "config": ({"ffn_groups": "channels", "attention_groups": "channels"}
+                       if method in ("rankdyna", "rankdyna_equal") else {})}
 
 
 def write_runs(folder, records):
@@ -85,19 +86,22 @@ def test_rank_multiple_runs_are_their_own_rows():
 
 def test_rankdyna_with_singular_ffn_groups_is_its_own_row():
     singular = run_record("rte", "rankdyna", 0.5, 42, 53.0)
-    singular["config"] = {"ffn_groups": "singular"}
+    singular["config"] = {"ffn_groups": "singular", "attention_groups": "channels"}
     before_the_field = run_record("rte", "rankdyna", 0.33, 42, 52.0)
-    before_the_field["config"] = {}  # runs from before ffn_groups existed used singular groups
+    before_the_field["config"] = {"attention_groups": "channels"}  # runs from before ffn_groups: singular groups
     records = [run_record("rte", "rankdyna", 0.5, 42, 55.0), singular, before_the_field]
     assert list(glue_report.summarize(records)["runs"]) == ["rankdyna@0.5", "rankdyna+singular@0.5",
                                                             "rankdyna+singular@0.33"]
 
 
-def test_rankdyna_with_attention_channels_is_its_own_row():
+def test_rankdyna_with_singular_attention_groups_is_its_own_row():
     attention = run_record("rte", "rankdyna", 0.5, 42, 54.0)
-    attention["config"] = {"ffn_groups": "channels", "attention_groups": "channels"}
-    records = [run_record("rte", "rankdyna", 0.5, 42, 55.0), attention]
-    assert list(glue_report.summarize(records)["runs"]) == ["rankdyna@0.5", "rankdyna+attn@0.5"]
+    attention["config"] = {"ffn_groups": "channels", "attention_groups": "singular"}
+    before_the_field = run_record("rte", "rankdyna", 0.33, 42, 52.0)
+    before_the_field["config"] = {"ffn_groups": "channels"}  # runs from before attention_groups: singular groups
+    records = [run_record("rte", "rankdyna", 0.5, 42, 55.0), attention, before_the_field]
+    assert list(glue_report.summarize(records)["runs"]) == ["rankdyna@0.5", "rankdyna+attn_singular@0.5",
+                                                            "rankdyna+attn_singular@0.33"]
 
 
 def test_page_and_plot_come_from_the_summary(tmp_path):

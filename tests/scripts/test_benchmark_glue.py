@@ -87,10 +87,13 @@ def test_a_real_run_writes_its_file_and_the_post_hoc_run_reuses_the_dense_round(
 def test_rankdyna_runs_ffn_channels_and_singular_groups_as_separate_rows(tmp_path, glue_dir, small_model):
     bench = _load_script("benchmark_glue")
     # 128 rows: 4 steps, so that the default warm-up (0.3) and the control's final 0.5 leave a step to prune in.
+    # Singular groups in the attention: the latency layouts below rebuild only those (attention channels: their own
+    # test below).
     argv = ["--tasks", "cola", "--methods", "rankdyna", "--budgets", "0.5", "--seeds", "7", "--limit", "128",
-            "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model, "--device", "cpu"] + _paths(tmp_path)
+            "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model, "--device", "cpu",
+            "--rankdyna_attention_groups", "singular"] + _paths(tmp_path)
     bench.main(argv)
-    run = json.loads((tmp_path / "runs" / "cola" / "rankdyna_b0.5_seed7.json").read_text())
+    run = json.loads((tmp_path / "runs" / "cola" / "rankdyna+attn_singular_b0.5_seed7.json").read_text())
     assert run["config"]["ffn_groups"] == "channels"  # the campaign's recipe by default
     # The run file records the config resolved for this model and run: no 'auto' left.
     assert run["config"]["warmup_fraction"] == 0.3 and run["config"]["reallocation_interval"] == 1
@@ -99,14 +102,15 @@ def test_rankdyna_runs_ffn_channels_and_singular_groups_as_separate_rows(tmp_pat
     assert "bert.encoder.layer.0.intermediate.dense" not in run["ranks"]  # sliced with its reader, not factorized
     assert run["targeted_params"] <= 0.5 * run["targeted_dense_params"]
     bench.main(argv + ["--rankdyna_ffn_groups", "singular"])
-    singular = json.loads((tmp_path / "runs" / "cola" / "rankdyna+singular_b0.5_seed7.json").read_text())
+    singular = json.loads((tmp_path / "runs" / "cola" / "rankdyna+singular+attn_singular_b0.5_seed7.json").read_text())
     assert singular["config"]["ffn_groups"] == "singular"
     assert "bert.encoder.layer.0.intermediate.dense" in singular["ranks"]
     summary = json.loads((tmp_path / "docs" / "results_glue.json").read_text())
-    assert {"rankdyna@0.5", "rankdyna+singular@0.5"} <= set(summary["runs"])
+    assert {"rankdyna+attn_singular@0.5", "rankdyna+singular+attn_singular@0.5"} <= set(summary["runs"])
     control = tmp_path / "schedule_control"
     bench.main(argv + ["--rankdyna_final_fraction", "0.5", "--no_report", "--results_dir", str(control)])
-    assert json.loads((control / "cola" / "rankdyna_b0.5_seed7.json").read_text())["config"]["final_fraction"] == 0.5
+    controlled = json.loads((control / "cola" / "rankdyna+attn_singular_b0.5_seed7.json").read_text())
+    assert controlled["config"]["final_fraction"] == 0.5
 
     # Exported speed: both layouts are rebuilt, counted as the runs counted them, and timed beside dense.
     shapes, ffns = bench.target_shapes(small_model)
@@ -123,19 +127,19 @@ def test_rankdyna_runs_ffn_channels_and_singular_groups_as_separate_rows(tmp_pat
     bench.main(["--no_runs", "--no_report", "--latency_rounds", "1", "--budgets", "0.5", "--model", small_model,
                 "--device", "cpu"] + _paths(tmp_path))
     layouts = json.loads((tmp_path / "runs" / "latency.json").read_text())["layouts"]
-    timed = layouts["rankdyna@0.5 (cola)"]
+    timed = layouts["rankdyna+attn_singular@0.5 (cola)"]
     assert timed["params_fraction"] == pytest.approx(bench.params_fraction(run["ranks"], shapes, ffns))
     assert timed["flops"] < layouts["dense"]["flops"] and timed["median_ms"] > 0
-    assert "rankdyna+singular@0.5 (cola) rounded +m8" in layouts
+    assert "rankdyna+singular+attn_singular@0.5 (cola) rounded +m8" in layouts
 
 
-def test_rankdyna_with_attention_channels_runs_as_its_own_row(tmp_path, glue_dir, small_model):
+def test_rankdyna_runs_attention_channels_by_default(tmp_path, glue_dir, small_model):
     bench = _load_script("benchmark_glue")
     argv = ["--tasks", "cola", "--methods", "rankdyna", "--budgets", "0.5", "--seeds", "7", "--limit", "128",
-            "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model, "--device", "cpu", "--no_report",
-            "--rankdyna_attention_groups", "channels"] + _paths(tmp_path)
+            "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model, "--device", "cpu", "--no_report"
+            ] + _paths(tmp_path)
     bench.main(argv)
-    run = json.loads((tmp_path / "runs" / "cola" / "rankdyna+attn_b0.5_seed7.json").read_text())
+    run = json.loads((tmp_path / "runs" / "cola" / "rankdyna_b0.5_seed7.json").read_text())
     assert run["config"]["attention_groups"] == "channels" and run["config"]["ffn_groups"] == "channels"
     assert 0 <= run["ranks"]["bert.encoder.layer.0.attention.self.query"] <= 32  # kept q/k channels
     assert "bert.encoder.layer.0.attention.self.key" not in run["ranks"]  # sliced with the query
@@ -275,5 +279,5 @@ def test_the_rankdyna_row_is_the_library_default_plus_the_command_lines_options(
     assert control.to_dict() == RankDynaConfig(target_budget=0.33, warmup_fraction=0.1, ffn_groups="singular",
                                                rank_multiple=8).to_dict()
     attention = bench.method_config_for("rankdyna", 0.33, protocol, 1, 100, None, bench.rankdyna_options(
-        bench.parse_args(["--rankdyna_attention_groups", "channels"])))
-    assert attention.to_dict() == RankDynaConfig(target_budget=0.33, attention_groups="channels").to_dict()
+        bench.parse_args(["--rankdyna_attention_groups", "singular"])))
+    assert attention.to_dict() == RankDynaConfig(target_budget=0.33, attention_groups="singular").to_dict()

@@ -58,7 +58,12 @@ def _refuse(model: nn.Module, why: str) -> ValueError:
         f"attention_groups='channels' supports BERT/RoBERTa-style self-attention only (model types "
         f"{list(SUPPORTED_MODEL_TYPES)}: separate query/key/value nn.Linear layers and attention.output.dense, "
         f"absolute positions, one key/value head per query head); got model_type={model_type!r} "
-        f"({type(model).__name__}): {why}. Use attention_groups='singular' (the default) for this model.")
+        f"({type(model).__name__}): {why}. Use attention_groups='singular' or 'auto' for this model.")
+
+
+def supports_channels(model: nn.Module) -> bool:
+    """Whether ``model``'s type has BERT's self-attention layout (SUPPORTED_MODEL_TYPES)."""
+    return getattr(getattr(unwrap_model(model), "config", None), "model_type", None) in SUPPORTED_MODEL_TYPES
 
 
 def attention_channel_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> list[AttentionBlock]:
@@ -67,7 +72,7 @@ def attention_channel_blocks(model: nn.Module, targets: dict[str, nn.Module]) ->
     model = unwrap_model(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if not supports_channels(model):
         raise _refuse(model, _WHY_NOT.get(model_type, "its attention layout is not known to be BERT's"))
     heads = config.num_attention_heads
     blocks = []

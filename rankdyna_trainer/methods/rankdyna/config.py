@@ -16,7 +16,7 @@ MASKED_GROUP_SCORINGS = ("every_step", "reallocation")
 
 INITS = (AUTO, "svd", "whitened")
 FFN_GROUPS = (AUTO, "singular", "channels")
-ATTENTION_GROUPS = ("singular", "channels")
+ATTENTION_GROUPS = (AUTO, "singular", "channels")
 UNTRAINED_GROUPS = (AUTO, "frozen", "dropped")
 FACTOR_SCALING_CHOICES = (AUTO, *FACTOR_SCALINGS)
 RANK_ORDER_CHOICES = (AUTO, *RANK_ORDERS)
@@ -87,16 +87,18 @@ class RankDynaConfig(PeftConfigMixin):
                   "SmolLM2: docs/method.md#ffn-channels-as-groups)."},
     )
     attention_groups: str = field(
-        default="singular",
-        metadata={"help": "What RankDyna prunes in the attention: 'singular' (default: singular groups of each of "
-                  "query, key, value and output, m+n weights each) or 'channels' (per-head inner dimensions shared by "
-                  "a pair of matrices: each head's query/key and value/output are first rotated exactly so that "
-                  "their dims come ordered by the singular values of W_q^T W_k and W_o W_v; a q/k channel gates one "
-                  "query dim (it costs its query and key rows) and a v/o channel one value dim (its value row and "
-                  "output column), 2 x hidden weights each, scored by the Fisher of its gate in the same list as every "
-                  "other group). 'channels' needs importance='fisher' and BERT/RoBERTa-style self-attention (separate "
-                  "query/key/value layers; no RoPE, no fused or grouped projections); it is under screening "
-                  "(docs/method.md#attention-channels-as-groups)."},
+        default=AUTO,
+        metadata={"help": "What RankDyna prunes in the attention: 'singular' (singular groups of each of query, key, "
+                  "value and output, m+n weights each) or 'channels' (per-head inner dimensions shared by a pair of "
+                  "matrices: each head's query/key and value/output are first rotated exactly so that their dims "
+                  "come ordered by the singular values of W_q^T W_k and W_o W_v; a q/k channel gates one query dim "
+                  "(it costs its query and key rows) and a v/o channel one value dim (its value row and output "
+                  "column), 2 x hidden weights each, scored by the Fisher of its gate in the same list as every "
+                  "other group). 'channels' needs importance='fisher' and BERT/RoBERTa-style self-attention "
+                  "(separate query/key/value layers; no RoPE, no fused or grouped projections). 'auto' (default): "
+                  "'channels' where they apply (importance='fisher', a BERT/RoBERTa model, all four layers of its "
+                  "attentions targeted), else 'singular' (measured on GLUE: docs/method.md#attention-channels-as-"
+                  "groups)."},
     )
     ffn_in_modules: Optional[list[str]] = field(
         default=None,
@@ -246,7 +248,8 @@ class RankDynaConfig(PeftConfigMixin):
                              f"'sensitivity' score's element statistics), got importance={self.importance!r}.")
         if self.attention_groups not in ATTENTION_GROUPS:
             raise ValueError(f"attention_groups must be one of {ATTENTION_GROUPS} ('singular': singular groups of each "
-                             f"attention matrix, the default; 'channels': per-head q/k and v/o channels), got "
+                             f"attention matrix; 'channels': per-head q/k and v/o channels; 'auto': channels where "
+                             f"they apply), got "
                              f"{self.attention_groups!r}.")
         if self.attention_groups == "channels" and self.importance != "fisher":
             raise ValueError(f"attention_groups='channels' needs importance='fisher' (a channel has no factors for the "

@@ -21,7 +21,7 @@ from ...targets import (
     set_submodule,
     unwrap_model,
 )
-from .attention import attention_channel_blocks, make_attention_channels
+from .attention import AttentionBlock, attention_channel_blocks, make_attention_channels, supports_channels
 from .config import RankDynaConfig
 from .defaults import AUTO, article, describe, model_kind, resolve_model_kind
 from .layer import ChannelGatedLinear, ChannelGroups, SVDLinear, channel_producer, factor_step_scale
@@ -51,8 +51,11 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
         # Recorded as what ran, so that the resolved config prepares the same model again.
         resolved["ffn_groups"] = "channels" if channel_ffns else "singular"
         config = dataclasses.replace(config, ffn_groups=resolved["ffn_groups"])
-    _log_defaults(model, resolved, config, len(channel_ffns))
-    attention = attention_channel_blocks(model, targets) if config.attention_groups == "channels" else []
+    attention = _attention_blocks(model, targets, config)
+    if config.attention_groups == AUTO:
+        resolved["attention_groups"] = "channels" if attention else "singular"
+        config = dataclasses.replace(config, attention_groups=resolved["attention_groups"])
+    _log_defaults(model, resolved, config, len(channel_ffns), len(attention))
     handled_whole = set(channel_ffns) | {p for producers in channel_ffns.values() for p in producers}
     handled_whole |= {name for block in attention for name in block.names}
     targets = {n: layer for n, layer in targets.items() if n not in handled_whole}
@@ -88,13 +91,17 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
     return wrapper
 
 
-def _log_defaults(model: nn.Module, resolved: dict, config: RankDynaConfig, channel_ffn_count: int) -> None:
+def _log_defaults(model: nn.Module, resolved: dict, config: RankDynaConfig, channel_ffn_count: int,
+                  attention_count: int) -> None:
     """One INFO line with every 'auto' field prepare_model decided, and why."""
     if not resolved:
         return
     kind = model_kind(model)
     notes = {"ffn_groups": f"{channel_ffn_count} FFNs pruned by intermediate channels" if channel_ffn_count
-             else "singular groups in every matrix: channels need importance='fisher' and known FFN roles"}
+             else "singular groups in every matrix: channels need importance='fisher' and known FFN roles",
+             "attention_groups": f"{attention_count} attentions pruned by per-head q/k and v/o channels"
+             if attention_count else "singular groups: channels need importance='fisher', BERT/RoBERTa attention "
+             "and its query, key, value and output all targeted"}
     if "untrained_groups" in resolved and kind == "decoder":
         if resolved["untrained_groups"] == "dropped":
             notes["untrained_groups"] = f"target_budget {config.target_budget} <= 0.5"
@@ -119,6 +126,23 @@ def _refuse_sharded(model: nn.Module) -> None:
             "from_pretrained(..., distributed_config=...) or fully_shard. Factorize before sharding: load the model "
             "without distributed_config, call prepare_model, then "
             "rankdyna_trainer.methods.rankdyna.shard_model(model, DistributedConfig(fsdp_size=N)).")
+
+
+def _attention_blocks(model: nn.Module, targets: dict[str, nn.Module],
+                      config: RankDynaConfig) -> list[AttentionBlock]:
+    """The attentions pruned by q/k and v/o channels: every one for ``attention_groups='channels'`` (an error where
+    they do not apply), none for ``'singular'``. ``'auto'`` takes them where they apply (importance='fisher', a
+    BERT/RoBERTa model, each attention's four layers targeted) and falls back to singular groups elsewhere."""
+    if config.attention_groups == "singular":
+        return []
+    if config.attention_groups == AUTO:
+        if config.importance != "fisher" or not supports_channels(model):
+            return []
+        try:
+            return attention_channel_blocks(model, targets)
+        except ValueError:  # target_modules takes some of an attention's layers, or none
+            return []
+    return attention_channel_blocks(model, targets)
 
 
 def _channel_ffns(model: nn.Module, targets: dict[str, nn.Module], config: RankDynaConfig) -> dict[str, list[str]]:

@@ -261,12 +261,26 @@ def test_partly_targeted_attention_is_refused():
         prepare_model(tiny_bert(), RankDynaConfig(target_modules=["intermediate.dense"], **CHANNELS))
 
 
-def test_singular_stays_the_default_and_the_config_round_trips(tmp_path):
-    assert RankDynaConfig().attention_groups == "singular"
-    layers = gated_layers(prepare_model(tiny_bert(), RankDynaConfig()))
-    assert isinstance(layers[f"{LAYER0}.self.query"], SVDLinear)
+def test_auto_takes_channels_where_they_apply_and_the_config_round_trips(tmp_path):
+    assert RankDynaConfig().attention_groups == "auto"
+    model = prepare_model(tiny_bert(), RankDynaConfig())
+    assert isinstance(gated_layers(model)[f"{LAYER0}.self.query"], OutputGatedLinear)
+    assert model.rankdyna_config.attention_groups == "channels"  # recorded as what ran
     RankDynaConfig(**CHANNELS).save_pretrained(str(tmp_path))
     assert RankDynaConfig.from_pretrained(str(tmp_path)).attention_groups == "channels"
+
+
+@pytest.mark.parametrize("model,config", [
+    ("bert", {"importance": "sensitivity", "ffn_groups": "singular"}),  # channels need the Fisher score
+    ("bert", {"target_modules": ["query", "key", "intermediate.dense"]}),  # part of each attention targeted
+    ("llama", {}),  # RoPE: channels do not apply
+])
+def test_auto_falls_back_to_singular_groups_where_channels_do_not_apply(model, config):
+    built = tiny_bert() if model == "bert" else ARCHITECTURES["llama"].build()
+    prepared = prepare_model(built, RankDynaConfig(**config))
+    assert prepared.rankdyna_config.attention_groups == "singular"
+    assert not any(isinstance(layer, (OutputGatedLinear, HeadChannelGatedLinear))
+                   for layer in gated_layers(prepared).values())
 
 
 @pytest.mark.parametrize("index", [[3, 1], [0, 40], "0,1", [True]])

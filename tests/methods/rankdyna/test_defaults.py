@@ -20,15 +20,15 @@ from rankdyna_trainer.methods.rankdyna.defaults import (
 from tests.tiny_models import ARCHITECTURES, torch_batches, training_dataset
 
 ENCODER_RECIPE = {"init": "svd", "factor_scaling": "group", "rank_by": "score_per_param", "untrained_groups": "frozen",
-                  "warmup_fraction": 0.3, "ffn_groups": "channels"}
+                  "warmup_fraction": 0.3, "ffn_groups": "channels", "attention_groups": "channels"}
 # scripts/benchmark_lm.py's recipe row before issue 28, at 0.8 (at 0.5 the start is truncated: 'dropped').
 DECODER_RECIPE = {"init": "whitened", "factor_scaling": "none", "rank_by": "score", "untrained_groups": "frozen",
-                  "warmup_fraction": 0.1, "ffn_groups": "channels"}
+                  "warmup_fraction": 0.1, "ffn_groups": "channels", "attention_groups": "singular"}
 LOGGER = "rankdyna_trainer.methods.rankdyna"
 
 
 def _kind_fields(config) -> dict:
-    return {name: getattr(config, name) for name in (*MODEL_KIND_FIELDS, "ffn_groups")}
+    return {name: getattr(config, name) for name in (*MODEL_KIND_FIELDS, "ffn_groups", "attention_groups")}
 
 
 def _train(model, config, arch, max_steps, out, callback_config=None):
@@ -55,8 +55,9 @@ def test_an_encoder_gets_the_glue_recipe_and_the_config_is_left_as_given(caplog)
     lines = [r.getMessage() for r in caplog.records if "RankDyna defaults for" in r.getMessage()]
     assert lines == ["RankDyna defaults for an encoder (BertForSequenceClassification): init=svd, "
                      "factor_scaling=group, rank_by=score_per_param, untrained_groups=frozen, warmup_fraction=0.3, "
-                     "ffn_groups=channels (2 FFNs pruned by intermediate channels); reallocation_interval is set from "
-                     "the run's length when training starts (docs/method.md#defaults)."]
+                     "ffn_groups=channels (2 FFNs pruned by intermediate channels), attention_groups=channels (2 "
+                     "attentions pruned by per-head q/k and v/o channels); reallocation_interval is set from the run's "
+                     "length when training starts (docs/method.md#defaults)."]
     assert not needs_calibration(config, model)
 
 
@@ -104,7 +105,8 @@ def test_a_decoder_without_calibration_batches_starts_from_svd_with_a_warning(ca
 def test_explicit_values_win(name, caplog, tmp_path):
     arch = ARCHITECTURES[name]
     given = {"init": "svd", "factor_scaling": "matrix", "rank_by": "score", "untrained_groups": "dropped",
-             "warmup_fraction": 0.2, "ffn_groups": "singular", "reallocation_interval": 3}
+             "warmup_fraction": 0.2, "ffn_groups": "singular", "attention_groups": "singular",
+             "reallocation_interval": 3}
     config = RankDynaConfig(target_budget=0.8, **given)
     model = arch.build()
     with caplog.at_level(logging.INFO, logger=LOGGER):
