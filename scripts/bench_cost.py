@@ -243,9 +243,11 @@ def report(args) -> None:
             rows.append(f"| {model} | {name} | {run['wall_seconds']:.0f} | {wall_ratio} | {run['train_seconds']:.0f} "
                         f"| {steps['start']:.3f} / {steps['middle']:.3f} / {steps['end']:.3f} "
                         f"| {peak} | {memory_ratio} | {quality} | {run['peak_bytes'] / 2**20:.0f} |")
-    with open(args.out) as f:
-        page = f.read()
     begin, end = "<!-- bench_cost:begin -->", "<!-- bench_cost:end -->"
+    page = f"{begin}\n{end}\n"  # a new --out page holds the table only
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            page = f.read()
     if begin in page and end in page:
         page = page[:page.index(begin) + len(begin)] + "\n" + "\n".join(rows) + "\n" + page[page.index(end):]
         with open(args.out, "w") as f:

@@ -82,6 +82,9 @@ def test_ratios_and_page_are_rebuilt_from_the_run_files(tmp_path):
     assert "old" not in text and text.endswith("after\n")
     assert "| minilm | RankDyna 0.2 | 300 | 0.50 |" in text and "| smollm2 | RankDyna 0.5 | 90 | 0.90 |" in text
     assert "| 1040 | 1.04 | 84.0 |" in text  # peak memory from the memory run, quality from the timed one
+    bench.main(["--report_only", "--results_dir", str(runs), "--json", str(tmp_path / "new.json"),
+                "--out", str(tmp_path / "new.md")])  # a new page: the table alone
+    assert "| minilm | RankDyna 0.2 | 300 | 0.50 |" in (tmp_path / "new.md").read_text()
 
 
 @pytest.mark.parametrize("argv, named", [(["--kept", "0.5"], "--kept"), (["--kept", "2,1"], "--kept"),
