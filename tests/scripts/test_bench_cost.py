@@ -18,6 +18,40 @@ def test_bad_flags_are_one_line_naming_the_flag(argv, named, capsys):
     assert named in error and "Traceback" not in error
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["--rankdyna_attention_groups", "channels", "--results_dir", "r", "--json", "j", "--out", "o"], "--models minilm"),
+    (["--rankdyna_attention_groups", "channels", "--models", "minilm", "--results_dir", "r"], "--json, --out"),
+])
+def test_attention_channels_need_minilm_and_their_own_outputs(argv, named, capsys):
+    bench = _load_script("bench_cost")
+    with pytest.raises(SystemExit) as stopped:
+        bench.parse_args(argv + ["--report_only"])
+    assert stopped.value.code == 2
+    assert named in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_attention_channels_reach_run_glue(tmp_path, monkeypatch):
+    bench = _load_script("bench_cost")
+    import run_glue
+
+    class Called(Exception):
+        pass
+
+    def fake_main(argv, extra_callbacks):
+        raise Called(argv)
+
+    monkeypatch.setattr(run_glue, "main", fake_main)
+    args = bench.parse_args(["--models", "minilm", "--rankdyna_attention_groups", "channels", "--report_only",
+                             "--results_dir", str(tmp_path), "--json", "j", "--out", "o"])
+    seen = []
+    for budget in (0.2, None):
+        with pytest.raises(Called) as called:
+            bench.measure_minilm(args, budget, memory=True)
+        seen.append(called.value.args[0])
+    assert seen[0][seen[0].index("--rankdyna_attention_groups") + 1] == "channels"
+    assert "--rankdyna_attention_groups" not in seen[1]  # dense
+
+
 def _run(model, budget, wall, peak, kind="time", **extra):
     steps = {"start": wall / 100, "middle": wall / 200, "end": wall / 300}
     return {"model": model, "budget": budget, "kind": kind, "wall_seconds": wall, "train_seconds": wall - 5,
@@ -48,6 +82,9 @@ def test_ratios_and_page_are_rebuilt_from_the_run_files(tmp_path):
     assert "old" not in text and text.endswith("after\n")
     assert "| minilm | RankDyna 0.2 | 300 | 0.50 |" in text and "| smollm2 | RankDyna 0.5 | 90 | 0.90 |" in text
     assert "| 1040 | 1.04 | 84.0 |" in text  # peak memory from the memory run, quality from the timed one
+    bench.main(["--report_only", "--results_dir", str(runs), "--json", str(tmp_path / "new.json"),
+                "--out", str(tmp_path / "new.md")])  # a new page: the table alone
+    assert "| minilm | RankDyna 0.2 | 300 | 0.50 |" in (tmp_path / "new.md").read_text()
 
 
 @pytest.mark.parametrize("argv, named", [(["--kept", "0.5"], "--kept"), (["--kept", "2,1"], "--kept"),

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ...targets import repeated_blocks, set_submodule, unwrap_model
-from .layer import HeadChannelGatedLinear, OutputGatedLinear
+from .layer import HeadChannelGatedLinear, OutputGatedLinear, channel_producer
 
 # Model types whose self-attention is BERT's: separate query/key/value Linear layers, absolute positions, one key and
 # value head per query head, and an output projection `attention.output.dense`.
@@ -159,8 +159,12 @@ def rotate_heads(query: nn.Linear, key: nn.Linear, value: nn.Linear, output: nn.
 
 def make_attention_channels(model: nn.Module, block: AttentionBlock) -> None:
     """Rotate one attention's heads and put in its channel layers: the query gates the q/k channels (the key is its
-    producer), the output layer the v/o channels (the value is its producer); key and value stay ``nn.Linear``."""
+    producer), the output layer the v/o channels (the value is its producer). Key and value become
+    :class:`~.layer.ScatteringProducerLinear` (``nn.Linear`` subclasses with the same parameters and state-dict keys),
+    which compute only the kept rows on the kept-groups path."""
     query, key, value, output = (model.get_submodule(n) for n in block.names)
     rotate_heads(query, key, value, output, block.heads)
     set_submodule(model, block.query, OutputGatedLinear.from_linear(query, {block.key: key}))
     set_submodule(model, block.output, HeadChannelGatedLinear.from_linear(output, {block.value: value}))
+    for name, producer in ((block.key, key), (block.value, value)):
+        set_submodule(model, name, channel_producer(producer, scattering=True))

@@ -33,7 +33,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.pytorch_utils import Conv1D
 
 from ...targets import unwrap_model
-from .layer import ChannelGatedLinear, ChannelGroups, ChannelProducerConv1D, SVDLinear
+from .layer import ChannelGroups, ChannelProducerConv1D, SVDLinear
 from .model import gated_layers
 
 TEACHER_FILE = "rankdyna_teacher.safetensors"
@@ -44,14 +44,14 @@ STUDENT_ONLY_INPUTS = ("labels", "shift_labels", "num_items_in_batch")
 
 def dense_teacher(model: nn.Module) -> nn.Module:
     """A frozen, dense copy of ``model`` (eval mode, no gradients): each factorized matrix as the ``nn.Linear`` of
-    the weight its gates keep, each channel-gated FFN as plain layers. Dense layers cost a dense forward and dense
-    memory, where the factors at full rank would cost up to twice both."""
+    the weight its gates keep, each channel-gated FFN or attention as plain layers. Dense layers cost a dense forward
+    and dense memory, where the factors at full rank would cost up to twice both."""
     model = unwrap_model(model)
     replacements = {}
     with torch.no_grad():
         for layer in gated_layers(model).values():
             replacements[id(layer)] = _dense_layer(layer)
-            if isinstance(layer, ChannelGatedLinear):
+            if isinstance(layer, ChannelGroups):  # the FFNs' and the attention's producers
                 for name in layer.producers:
                     producer = model.get_submodule(name)
                     replacements[id(producer)] = _plain_producer(producer)

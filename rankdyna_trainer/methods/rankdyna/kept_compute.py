@@ -2,9 +2,12 @@
 
 Masking alone leaves every masked singular group and FFN channel in the products (multiplied by zero), so a run
 costs a dense-sized step until export. :class:`KeptCompute` gives each gated layer the index tensors of its kept
-groups (and each FFN producer those of its reader's kept channels); the layers then gather the kept columns of
-``U``, rows of ``V`` and FFN channels and multiply only those. Parameters keep their shapes (optimizer state, DDP
-buckets and FSDP shards are untouched): a masked group's factors get a zero gradient, as they did under the 0 gate.
+groups (and each producer those of its reader's kept channels); the layers then gather the kept columns of ``U``,
+rows of ``V`` and FFN channels and multiply only those. Attention channels (``attention_groups='channels'``) do the
+same in their projections: query, key and value compute their kept rows only and scatter them into the full
+``heads x head_dim`` width the attention code needs, and ``attention.output.dense`` reads only the kept columns.
+Parameters keep their shapes (optimizer state, DDP buckets and FSDP shards are untouched): a masked group's factors
+get a zero gradient, as they did under the 0 gate.
 
 Only the gate gradients of masked groups are lost on a kept-only step, and they are what lets a masked group come
 back. So on *scoring* steps (``RankDynaConfig.masked_group_scoring``) the layers run every group again.
@@ -28,7 +31,7 @@ class KeptCompute:
 
     def __init__(self, model: nn.Module, layers: list[SVDLinear | ChannelGroups]):
         self.layers = layers
-        # Channel layers without a kept-groups path (the attention's: computes_kept False) run gated on every step.
+        # A channel layer without a kept-groups path (computes_kept False) would run gated on every step.
         self.computes_kept = [getattr(l, "computes_kept", True) for l in layers]
         self.producers = [[model.get_submodule(p) for p in l.producers]
                           if isinstance(l, ChannelGroups) and computes else []

@@ -82,6 +82,12 @@ def gather_kept(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     return _GatherKept.apply(x, dim, index) if x.requires_grad else x.index_select(dim, index)
 
 
+def scatter_kept(y: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+    """``y`` (last dim: the kept outputs ``index``) placed into a zero tensor ``width`` wide along its last dim (the
+    gradient of ``y`` is the output gradient's kept slice)."""
+    return y.new_zeros(*y.shape[:-1], width).index_copy(-1, index, y)
+
+
 class SVDLinear(nn.Module):
     """A linear layer trained in factorized form ``W = U diag(s * gate) V``.
 
@@ -345,10 +351,19 @@ class HeadChannelGatedLinear(ChannelGatedLinear):
     on the value output. A channel costs its column here and its row of ``value`` (the producer). Only the export
     differs: the attention code reshapes the value into ``heads x head_dim``, so ``value`` keeps its width (its kept
     rows scattered into place, :class:`~rankdyna_trainer.export.ScatteredLinear`) and this layer reads only the kept
-    dims (:class:`~rankdyna_trainer.export.GatheredLinear`). Runs gated on every step (no kept-groups path yet).
+    dims (:class:`~rankdyna_trainer.export.GatheredLinear`). The kept-groups path is the same in training: the value
+    (a :class:`ScatteringProducerLinear`) computes its kept rows into the full width, and this layer reads only the
+    kept columns of its full-width input.
     """
 
-    computes_kept = False
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The input is full width on both paths (the attention code needs heads x head_dim), so kept_index decides.
+        kept = self.kept_index
+        if kept is None:
+            return super().forward(x)
+        gate = gate_for_forward(self).to(self.weight.dtype)
+        weight = gather_kept(self.weight, 1, kept) * gate.index_select(0, kept)
+        return F.linear(gather_kept(x, x.dim() - 1, kept), weight, self.bias)
 
     @torch.no_grad()
     def exported(self, model: nn.Module, name: str) -> dict[str, nn.Module]:
@@ -368,10 +383,10 @@ class OutputGatedLinear(ChannelGroups):
     (the producer ``key`` writes it) is then unused too: a channel costs its row here and its row of ``key``. The gate
     scales the weight's rows and the bias (``y_j = g_j (W_j x + b_j)``), not the activations. At export the query
     and the key keep their kept rows, scattered into the full ``heads x head_dim`` width
-    (:class:`~rankdyna_trainer.export.ScatteredLinear`). Runs gated on every step (no kept-groups path yet).
+    (:class:`~rankdyna_trainer.export.ScatteredLinear`). With ``kept_index`` set (rankdyna.kept_compute) training does
+    the same: this layer and the key (a :class:`ScatteringProducerLinear`) compute only the kept rows and scatter them
+    into a zero tensor of the full width; the attention products themselves keep the full width.
     """
-
-    computes_kept = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, producers: list[str], group_cost: int):
         super().__init__(weight, bias, producers, group_cost, channels=weight.shape[0])
@@ -385,7 +400,13 @@ class OutputGatedLinear(ChannelGroups):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = gate_for_forward(self).to(self.weight.dtype)
-        return F.linear(x, self.weight * gate[:, None], None if self.bias is None else self.bias * gate)
+        kept = self.kept_index
+        if kept is None:
+            return F.linear(x, self.weight * gate[:, None], None if self.bias is None else self.bias * gate)
+        gate = gate.index_select(0, kept)
+        bias = None if self.bias is None else gather_kept(self.bias, 0, kept) * gate
+        return scatter_kept(F.linear(x, gather_kept(self.weight, 0, kept) * gate[:, None], bias), kept,
+                            self.out_features)
 
     def gated_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         gate = self.gate.to(self.weight)
@@ -415,6 +436,23 @@ class ChannelProducerLinear(nn.Linear):
         return F.linear(x, gather_kept(self.weight, 0, self.kept_index), bias)
 
 
+class ScatteringProducerLinear(nn.Linear):
+    """An attention projection that writes channels of a layer with a kept-groups path: the ``key`` of an
+    :class:`OutputGatedLinear` query, the ``value`` of a :class:`HeadChannelGatedLinear` output. With ``kept_index``
+    set (together with its reader's) it computes only the kept rows and scatters them into a zero tensor of its full
+    width, which the attention code reshapes into ``heads x head_dim``; with ``kept_index`` None it is the plain
+    layer. Same parameters and state-dict keys as the ``nn.Linear`` it replaces."""
+
+    kept_index: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = self.kept_index
+        if kept is None:
+            return super().forward(x)
+        bias = None if self.bias is None else gather_kept(self.bias, 0, kept)
+        return scatter_kept(F.linear(x, gather_kept(self.weight, 0, kept), bias), kept, self.out_features)
+
+
 class ChannelProducerConv1D(Conv1D):
     """:class:`ChannelProducerLinear` for transformers' ``Conv1D`` (GPT-2's ``c_fc``: weight stored ``in x out``)."""
 
@@ -428,9 +466,13 @@ class ChannelProducerConv1D(Conv1D):
         return out.view(*x.shape[:-1], -1)
 
 
-def channel_producer(layer: nn.Module) -> nn.Module:
-    """``layer`` (an ``nn.Linear`` or ``Conv1D``) as its channel-producing subclass, holding the same parameters."""
-    cls = ChannelProducerConv1D if isinstance(layer, Conv1D) else ChannelProducerLinear
+def channel_producer(layer: nn.Module, scattering: bool = False) -> nn.Module:
+    """``layer`` (an ``nn.Linear`` or ``Conv1D``) as its channel-producing subclass, holding the same parameters;
+    ``scattering``: an attention projection (``nn.Linear`` only) whose kept rows go back into its full width."""
+    if scattering and not isinstance(layer, nn.Linear):
+        raise TypeError(f"A scattering producer replaces an nn.Linear, got {type(layer).__name__}.")
+    cls = ScatteringProducerLinear if scattering else (
+        ChannelProducerConv1D if isinstance(layer, Conv1D) else ChannelProducerLinear)
     with torch.device("meta"):  # no allocation nor init: the parameters are moved over below
         producer = cls(layer.nf, layer.nx) if cls is ChannelProducerConv1D else cls(
             layer.in_features, layer.out_features, bias=layer.bias is not None)

@@ -15,9 +15,13 @@ from rankdyna_trainer.methods.rankdyna import SVDLinear, gated_layers
 from rankdyna_trainer.methods.rankdyna.attention import pair_transforms
 from rankdyna_trainer.methods.rankdyna.distillation import dense_teacher
 from rankdyna_trainer.methods.rankdyna.kept_compute import KeptCompute
-from rankdyna_trainer.methods.rankdyna.layer import HeadChannelGatedLinear, OutputGatedLinear
+from rankdyna_trainer.methods.rankdyna.layer import (
+    HeadChannelGatedLinear,
+    OutputGatedLinear,
+    ScatteringProducerLinear,
+)
 from rankdyna_trainer.targets import find_target_linears
-from tests.conftest import tiny_bert, tiny_llama
+from tests.conftest import random_classification_dataset, tiny_bert, tiny_llama
 from tests.round_trip import reload_in_fresh_process, save_for_reload, single_thread
 from tests.tiny_models import ARCHITECTURES
 
@@ -202,23 +206,143 @@ def test_short_run_meets_the_budget_with_attention_channels_competing_and_reload
     assert {"GatheredLinear", "ScatteredLinear"} <= set(results["cases"]["empty_heads"]["module_types"])
 
 
-def test_kept_compute_leaves_the_attention_on_its_gated_path():
-    model = prepare_model(tiny_bert(), RankDynaConfig(**CHANNELS))
-    _mask_heads(model)
-    ffn = gated_layers(model)["bert.encoder.layer.0.output.dense"]
-    ffn.gate[5] = 0
-    probe = _probe()
-    with torch.no_grad():
-        gated = model(input_ids=probe).logits
-    layers = list(gated_layers(model).values())
+def _kept_compute_model():
+    """Float64 tiny BERT in training mode without dropout. Layer 0: head 0 keeps no q/k channel, head 1 all but one;
+    three v/o channels (of both heads) and an FFN channel masked. Layer 1: no q/k channel kept, every v/o channel kept
+    (the plain path)."""
+    model = prepare_model(tiny_bert(), RankDynaConfig(**CHANNELS)).double()
+    layers = gated_layers(model)
+    layers[f"{LAYER0}.self.query"].gate[:16] = 0
+    layers[f"{LAYER0}.self.query"].gate[20] = 0
+    layers[f"{LAYER0}.output.dense"].gate[[5, 17, 30]] = 0
+    layers["bert.encoder.layer.0.output.dense"].gate[5] = 0
+    layers["bert.encoder.layer.1.attention.self.query"].gate.zero_()
+    layers["bert.encoder.layer.1.attention.output.dense"].gate.fill_(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model.train(), list(layers.values())
+
+
+def _step(model, layers, inputs):
+    model.zero_grad()
+    for layer in layers:
+        layer.gate_grad.zero_()
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads, [l.gate_grad.clone() for l in layers]
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_kept_path_of_the_attention_equals_its_gated_path(attn_implementation):
+    model, layers = _kept_compute_model()
+    model.config._attn_implementation = attn_implementation
+    attention_mask = torch.ones(2, 10, dtype=torch.long)
+    attention_mask[1, 7:] = 0
+    inputs = dict(input_ids=_probe(), attention_mask=attention_mask, labels=torch.tensor([0, 1]))
+    full_logits, full_loss, full_grads, full_gate_grads = _step(model, layers, inputs)
+
     kept = KeptCompute(model, layers)
     kept.use_kept(True)
-    attention = [l for l in layers if isinstance(l, (OutputGatedLinear, HeadChannelGatedLinear))]
-    assert len(attention) == 4 and all(l.kept_index is None for l in attention)
-    assert ffn.kept_index is not None and len(ffn.kept_index) == 63  # the FFN's kept path still runs
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=probe).logits, gated)
+    names = {layer: name for name, layer in gated_layers(model).items()}
+    by_name = {name: layer for layer, name in names.items()}
+    block0 = model.bert.encoder.layer[0].attention
+    query, output = by_name[f"{LAYER0}.self.query"], by_name[f"{LAYER0}.output.dense"]
+    assert isinstance(block0.self.key, ScatteringProducerLinear) and isinstance(block0.self.value,
+                                                                                ScatteringProducerLinear)
+    assert query.kept_index.tolist() == list(range(16, 20)) + list(range(21, 32))
+    assert block0.self.key.kept_index is query.kept_index
+    assert output.kept_index.tolist() == [j for j in range(32) if j not in (5, 17, 30)]
+    assert block0.self.value.kept_index is output.kept_index
+    block1 = model.bert.encoder.layer[1].attention
+    assert block1.self.query.kept_index.numel() == 0 and block1.self.key.kept_index.numel() == 0  # nothing kept
+    assert block1.output.dense.kept_index is None and block1.self.value.kept_index is None  # all kept: plain path
+    kept_logits, kept_loss, kept_grads, kept_gate_grads = _step(model, layers, inputs)
+
+    torch.testing.assert_close(kept_logits, full_logits, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(kept_loss, full_loss, rtol=1e-10, atol=1e-12)
+    assert kept_grads.keys() == full_grads.keys()  # every parameter still gets a gradient (DDP buckets, FSDP)
+    for name in full_grads:
+        torch.testing.assert_close(kept_grads[name], full_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    # The masked channels' rows of query and key, value rows and output columns get a zero gradient, as gated.
+    for part, index in (("self.query.weight", slice(0, 16)), ("self.key.bias", 20), ("self.value.weight", 17)):
+        assert not kept_grads[f"{LAYER0}.{part}"][index].any(), part
+        assert kept_grads[f"{LAYER0}.{part}"][21:].any(), part
+    assert not kept_grads[f"{LAYER0}.output.dense.weight"][:, [5, 17, 30]].any()
+    for layer, kept_grad, full_grad in zip(layers, kept_gate_grads, full_gate_grads):
+        keep = layer.gate.bool()
+        torch.testing.assert_close(kept_grad[keep], full_grad[keep], rtol=1e-9, atol=1e-12, msg=names[layer])
+        assert not kept_grad[~keep].any(), names[layer]  # masked channels are not multiplied: no gate gradient
+    assert full_gate_grads[layers.index(query)][~query.gate.bool()].any()  # the gated path scores them
+    assert kept_gate_grads[layers.index(query)][query.gate.bool()].all()
+    assert kept_gate_grads[layers.index(output)][output.gate.bool()].all()
+
     kept.clear()
+    assert all(l.kept_index is None for l in layers) and block0.self.key.kept_index is None
+    torch.testing.assert_close(_step(model, layers, inputs)[0], full_logits)
+
+
+def test_kept_path_multiplies_only_the_kept_attention_channels():
+    """Counted, not timed: each attention projection's matmul is narrower by its masked channels."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = prepare_model(tiny_bert(), RankDynaConfig(**CHANNELS)).train()
+    _mask_heads(model)  # q/k: 15 and 30 of 32 kept; v/o: 15 and 31 of 32 kept; FFNs whole
+    layers = list(gated_layers(model).values())
+    probe = _probe()
+
+    def flops(kept_only: bool) -> int:
+        kept = KeptCompute(model, layers)
+        kept.use_kept(kept_only)
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=probe).logits.sum().backward()
+        kept.clear()
+        return counter.get_total_flops()
+
+    tokens, hidden = probe.numel(), 32
+    # A masked q/k channel leaves out a row of query and of key, a v/o channel a row of value and a column of
+    # output.dense: per layer, 3 matmuls (forward, input gradient, weight gradient) of 2 x tokens x hidden flops each.
+    masked = (32 - 15) + (32 - 30) + (32 - 15) + (32 - 31)
+    saved = masked * 2 * 3 * 2 * tokens * hidden
+    assert flops(True) == flops(False) - saved
+
+
+def test_trainer_runs_the_attention_kept_path_and_the_result_exports_and_reloads(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = prepare_model(tiny_bert(), RankDynaConfig(target_budget=0.4, reallocation_interval=3, warmup_fraction=0.1,
+                                                      final_fraction=0.3, **CHANNELS))
+    kept_attention = []
+
+    class Probe(RankDynaCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            attention = model.bert.encoder.layer[0].attention
+            indices = [attention.self.query.kept_index, attention.output.dense.kept_index]
+            if any(i is not None for i in indices):
+                assert attention.self.key.kept_index is indices[0] and attention.self.value.kept_index is indices[1]
+                kept_attention.append(state.global_step)
+            super().on_pre_optimizer_step(args, state, control, **kwargs)
+
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=20, per_device_train_batch_size=8, learning_rate=1e-3,
+                             save_strategy="no", report_to=[], use_cpu=True)
+    loss = Trainer(model=model, args=args, train_dataset=random_classification_dataset(),
+                   callbacks=[Probe(model.rankdyna_config)]).train().training_loss
+    assert torch.isfinite(torch.tensor(loss))
+    assert kept_attention, "the attention never ran its kept-groups path"
+    assert all(l.kept_index is None for l in gated_layers(model).values())  # plain path after training
+    assert any(not l.gate.all() for n, l in gated_layers(model).items() if ".attention." in n)
+
+    probe = _probe()
+    with torch.no_grad():
+        trained = model.eval()(input_ids=probe).logits
+    export_model(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=probe).logits, trained, atol=1e-5, rtol=0)
+    model.save_pretrained(str(tmp_path / "saved"))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "saved")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=probe).logits, trained, atol=1e-5, rtol=0)
 
 
 def test_distillation_teacher_is_the_gated_model():
@@ -227,6 +351,7 @@ def test_distillation_teacher_is_the_gated_model():
     probe = _probe()
     teacher = dense_teacher(model)
     assert not gated_layers(teacher)
+    assert not any(isinstance(m, ScatteringProducerLinear) for m in teacher.modules())  # plain key and value
     with torch.no_grad():
         torch.testing.assert_close(teacher(input_ids=probe).logits, model(input_ids=probe).logits)
 
