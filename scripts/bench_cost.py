@@ -18,9 +18,9 @@ per model) and ``docs/cost.md`` are rebuilt from the run files after each run.
     python scripts/bench_cost.py                      # both models, budgets 0.5 0.33 0.2
     python scripts/bench_cost.py --report_only
 
-``--rankdyna_attention_groups channels`` passes the same flag to MiniLM's RankDyna runs (``run_glue.py``: per-head
-q/k and v/o channels as groups); it needs its own ``--results_dir``, ``--json`` and ``--out`` so that its runs and
-report stay apart from the default's.
+``--rankdyna_attention_groups singular`` (or ``channels``) passes the same flag to MiniLM's RankDyna runs
+(``run_glue.py``; the default ``auto`` takes per-head q/k and v/o channels on MiniLM); it needs its own
+``--results_dir``, ``--json`` and ``--out`` so that its runs and report stay apart from the default's.
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ def parse_args(argv=None):
     parser.add_argument("--results_dir", default=os.path.join(REPO, "benchmarks", "cost"))
     parser.add_argument("--json", default=os.path.join(REPO, "docs", "cost.json"))
     parser.add_argument("--out", default=os.path.join(REPO, "docs", "cost.md"))
-    parser.add_argument("--rankdyna_attention_groups", default="singular", choices=["singular", "channels"],
-                        help="MiniLM's RankDyna runs: RankDynaConfig.attention_groups (run_glue.py's flag); "
-                        "'channels' needs --models minilm and its own --results_dir, --json and --out")
+    parser.add_argument("--rankdyna_attention_groups", default="auto", choices=["auto", "singular", "channels"],
+                        help="MiniLM's RankDyna runs: RankDynaConfig.attention_groups (run_glue.py's flag; 'auto', "
+                        "the default, is channels on MiniLM); another value needs its own --results_dir, --json and "
+                        "--out, and 'channels' --models minilm")
     parser.add_argument("--force", action="store_true", help="rerun runs whose result file exists")
     parser.add_argument("--report_only", action="store_true", help="rebuild --json and --out from the run files")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: "model:budget" measured in this process
@@ -75,12 +76,13 @@ def parse_args(argv=None):
     for flag in ("train_rows", "memory_rows", "lm_steps", "lm_memory_steps", "lm_batch_size", "lm_seq_len"):
         if getattr(args, flag) < 1 or (flag in ("lm_steps", "lm_memory_steps") and getattr(args, flag) < 10):
             parser.error(f"--{flag} must be a positive integer (step counts at least 10), got {getattr(args, flag)}")
-    if args.rankdyna_attention_groups == "channels":
-        if "smollm2" in args.models:
+    if args.rankdyna_attention_groups != "auto":
+        if args.rankdyna_attention_groups == "channels" and "smollm2" in args.models:
             parser.error("--rankdyna_attention_groups channels: BERT-style attention only; use --models minilm")
         shared = [flag for flag in ("results_dir", "json", "out") if getattr(args, flag) == parser.get_default(flag)]
         if shared:
-            parser.error(f"--rankdyna_attention_groups channels needs its own {', '.join('--' + f for f in shared)} "
+            parser.error(f"--rankdyna_attention_groups {args.rankdyna_attention_groups} needs its own "
+                         f"{', '.join('--' + f for f in shared)} "
                          "(the default ones hold the default runs and report)")
     if not args.report_only and not os.path.isdir(args.glue_dir):
         parser.error(f"--glue_dir {args.glue_dir} is not a folder (the GLUE TSVs; or set $GLUE_DIR)")
@@ -103,7 +105,7 @@ def measure_minilm(args, budget: float | None, memory: bool) -> dict:
         argv = shlex.split(MAIN_JOB.format(rows=rows)) + ["--glue_dir", args.glue_dir, "--output_dir", out]
         if budget is not None:
             argv += ["--rankdyna", "--rankdyna_budget", str(budget)]
-            if args.rankdyna_attention_groups != "singular":
+            if args.rankdyna_attention_groups != "auto":
                 argv += ["--rankdyna_attention_groups", args.rankdyna_attention_groups]
         cost = RunCost()
         start = time.perf_counter()
@@ -171,7 +173,7 @@ def child(args) -> None:
     budget = None if budget == "dense" else float(budget)
     measure = measure_minilm if model == "minilm" else measure_smollm2
     record = {"model": model, "budget": budget, "kind": kind, **measure(args, budget, memory=kind == "memory")}
-    if budget is not None and args.rankdyna_attention_groups != "singular":
+    if budget is not None and args.rankdyna_attention_groups != "auto":
         record["attention_groups"] = args.rankdyna_attention_groups
     record.update(device=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                   malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
@@ -220,7 +222,7 @@ def report(args) -> None:
     summary["targets"] = TARGETS
     summary["command"] = "python scripts/bench_cost.py" + (
         f" --rankdyna_attention_groups {args.rankdyna_attention_groups}"
-        if args.rankdyna_attention_groups != "singular" else "")
+        if args.rankdyna_attention_groups != "auto" else "")
     with open(args.json, "w") as f:
         json.dump(summary, f, indent=1)
     rows = ["| model | run | whole run (s) | of dense | training (s) | step start / middle / end (s) | peak memory "

@@ -20,9 +20,9 @@ def test_bad_flags_are_one_line_naming_the_flag(argv, named, capsys):
 
 @pytest.mark.parametrize("argv, named", [
     (["--rankdyna_attention_groups", "channels", "--results_dir", "r", "--json", "j", "--out", "o"], "--models minilm"),
-    (["--rankdyna_attention_groups", "channels", "--models", "minilm", "--results_dir", "r"], "--json, --out"),
+    (["--rankdyna_attention_groups", "singular", "--models", "minilm", "--results_dir", "r"], "--json, --out"),
 ])
-def test_attention_channels_need_minilm_and_their_own_outputs(argv, named, capsys):
+def test_attention_groups_other_than_the_default_need_their_own_outputs(argv, named, capsys):
     bench = _load_script("bench_cost")
     with pytest.raises(SystemExit) as stopped:
         bench.parse_args(argv + ["--report_only"])
@@ -30,7 +30,7 @@ def test_attention_channels_need_minilm_and_their_own_outputs(argv, named, capsy
     assert named in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_attention_channels_reach_run_glue(tmp_path, monkeypatch):
+def test_attention_groups_reach_run_glue(tmp_path, monkeypatch):
     bench = _load_script("bench_cost")
     import run_glue
 
@@ -41,14 +41,14 @@ def test_attention_channels_reach_run_glue(tmp_path, monkeypatch):
         raise Called(argv)
 
     monkeypatch.setattr(run_glue, "main", fake_main)
-    args = bench.parse_args(["--models", "minilm", "--rankdyna_attention_groups", "channels", "--report_only",
+    args = bench.parse_args(["--models", "minilm", "--rankdyna_attention_groups", "singular", "--report_only",
                              "--results_dir", str(tmp_path), "--json", "j", "--out", "o"])
     seen = []
     for budget in (0.2, None):
         with pytest.raises(Called) as called:
             bench.measure_minilm(args, budget, memory=True)
         seen.append(called.value.args[0])
-    assert seen[0][seen[0].index("--rankdyna_attention_groups") + 1] == "channels"
+    assert seen[0][seen[0].index("--rankdyna_attention_groups") + 1] == "singular"
     assert "--rankdyna_attention_groups" not in seen[1]  # dense
 
 
