@@ -125,6 +125,9 @@ def parse_args(argv=None):
     parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", os.path.join(REPO, "..", "shared", "data",
                                                                                          "glue")))
     parser.add_argument("--model", default=None, help="model folder (default: the packaged MiniLM)")
+    parser.add_argument("--dense_clocks", default=os.path.join(REPO, "benchmarks", "glue_dense_retimed"),
+                        help="dense runs re-timed beside re-run rows: the page's `x dense` ratios pair each run with "
+                        "the dense run of its task and seed that finished closest to it (within 24 h), these included")
     parser.add_argument("--results_dir", default=CAMPAIGN_RESULTS)
     parser.add_argument("--models_dir", default=None,
                         help="where dense rounds are kept for the post-hoc methods (default: runs/benchmark_<name of "
@@ -550,8 +553,9 @@ def run_campaign(args) -> None:
 # exported speed: latency depends on the layout alone, so rebuild each rank pattern on the pre-trained weights and
 # time every layout round-robin in this one process (interleaving spreads drifting machine load over all of them)
 def target_shapes(model_dir) -> tuple[dict[str, tuple[int, int]], dict[str, list[str]]]:
-    """Each targeted matrix's ``(out, in)`` shape, and each FFN output layer -> its input layers (for layouts that
-    keep FFN channels: RankDyna's ``ffn_groups='channels'``)."""
+    """Each targeted matrix's ``(out, in)`` shape, and each channel reader -> the layers writing its channels: FFN
+    output layers -> their input layers (RankDyna's ``ffn_groups='channels'``) and, on BERT/RoBERTa, each attention's
+    query -> key (q/k channels) and output -> value (v/o channels; ``attention_groups='channels'``)."""
     from transformers import AutoModelForSequenceClassification
 
     from rankdyna_trainer.targets import (
@@ -563,22 +567,39 @@ def target_shapes(model_dir) -> tuple[dict[str, tuple[int, int]], dict[str, list
     )
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    shapes = {n: tuple(linear_weight(l).shape) for n, l in find_target_linears(model).items()}
-    if not has_table_roles(model):
-        return shapes, {}
-    return shapes, ffn_channel_layers(model, table_roles(model, "the latency layouts", "a known model type"))
+    targets = find_target_linears(model)
+    shapes = {n: tuple(linear_weight(l).shape) for n, l in targets.items()}
+    readers = {}
+    if has_table_roles(model):
+        readers = ffn_channel_layers(model, table_roles(model, "the latency layouts", "a known model type"))
+    return shapes, {**readers, **attention_readers(model, targets)}
+
+
+def attention_blocks(model, targets) -> list:
+    """The attentions that can take channels (``rankdyna.attention.AttentionBlock``: BERT/RoBERTa), else none."""
+    from rankdyna_trainer.methods.rankdyna.attention import attention_channel_blocks, supports_channels
+
+    return attention_channel_blocks(model, targets) if supports_channels(model) else []
+
+
+def attention_readers(model, targets) -> dict[str, list[str]]:
+    """Each attention's query -> [key] and output -> [value] (its q/k and v/o channel pairs), where channels apply."""
+    return {reader: [producer] for b in attention_blocks(model, targets)
+            for reader, producer in ((b.query, b.key), (b.output, b.value))}
 
 
 def channel_ffns(ranks: dict[str, int] | None, ffns: dict[str, list[str]]) -> dict[str, list[str]]:
-    """The FFNs a rank pattern keeps by channels: its entry for the output layer counts the kept channels and its
-    input layers have no entry (they were sliced with it, not factorized)."""
+    """The channel readers (FFN outputs, attention queries and outputs) a rank pattern keeps by channels: its entry
+    for the reader counts the kept channels and the layers writing them have no entry (sliced with it, not
+    factorized)."""
     if not ranks:
         return {}
     return {out: ins for out, ins in ffns.items() if out in ranks and not any(i in ranks for i in ins)}
 
 
 def channel_cost(out: str, ins: list[str], shapes: dict) -> int:
-    """Weights one kept channel costs: a row of every input layer and a column of the output layer."""
+    """Weights one kept channel costs: a row of every input layer and a column of the output layer (an attention's
+    q/k channel: a row of the key and, the query square, as many weights of the query)."""
     return sum(shapes[i][1] for i in ins) + shapes[out][0]
 
 
@@ -612,21 +633,35 @@ def rounded_ranks(ranks: dict[str, int], shapes: dict, budget: float, multiple: 
 
 
 def layout_model(model_dir, ranks: dict[str, int] | None, ffns: dict[str, list[str]], device: str):
-    """The pre-trained model with the layout of ``ranks``: kept FFN channels as smaller dense layers, low-rank pairs
-    where a rank is below break-even (weights are irrelevant to speed)."""
+    """The pre-trained model with the layout of ``ranks``: kept FFN channels as smaller dense layers, kept attention
+    channels as the exported model has them (scattered q/k/v, gathered output; which dims of a head are kept does not
+    change the cost), low-rank pairs where a rank is below break-even (weights are irrelevant to speed)."""
     from transformers import AutoModelForSequenceClassification
 
     from rankdyna_trainer.budget import keeps_dense
-    from rankdyna_trainer.export import LowRankLinear
+    from rankdyna_trainer.export import GatheredLinear, LowRankLinear, ScatteredLinear
     from rankdyna_trainer.targets import find_target_linears, set_submodule
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     targets = find_target_linears(model)
     channels = channel_ffns(ranks, ffns)
+    blocks = attention_blocks(model, targets)
+    queries, outputs = {b.query for b in blocks}, {b.output for b in blocks}
     for out, ins in channels.items():
+        kept = list(range(ranks[out]))
+        if out in queries | outputs and len(kept) == targets[out].out_features:
+            continue  # every dim kept: export_model keeps the plain layers
         for name in ins:
-            set_submodule(model, name, torch.nn.Linear(targets[name].in_features, ranks[out]))
-        set_submodule(model, out, torch.nn.Linear(ranks[out], targets[out].out_features))
+            layer = targets[name]
+            set_submodule(model, name, ScatteredLinear(layer.in_features, kept, layer.out_features)
+                          if out in queries | outputs else torch.nn.Linear(layer.in_features, ranks[out]))
+        layer = targets[out]
+        if out in queries:
+            set_submodule(model, out, ScatteredLinear(layer.in_features, kept, layer.out_features))
+        elif out in outputs:
+            set_submodule(model, out, GatheredLinear(kept, layer.in_features, layer.out_features))
+        else:
+            set_submodule(model, out, torch.nn.Linear(ranks[out], layer.out_features))
     sliced = set(channels) | {i for ins in channels.values() for i in ins}
     for name, linear in targets.items():
         r = ranks.get(name) if ranks else None
@@ -659,8 +694,6 @@ def latency_layouts(args, records, shapes, ffns) -> dict[str, tuple[dict | None,
     for r in sorted(records, key=lambda r: (glue_report.TASK_ORDER.index(r["task"]), r["seed"])):
         if r["method"] not in ("rankdyna", "ars") or not r.get("ranks"):
             continue  # svd/fwsvd/tfwsvd share the uniform layout above
-        if (r.get("config") or {}).get("attention_groups") == "channels":
-            continue  # attention channels' layout (scattered q/k/v, gathered output) is not rebuilt here yet
         key = glue_report.run_key(r)
         if key in seen:
             continue
@@ -843,8 +876,10 @@ def write_summary_and_report(args) -> dict:
     latency = read_optional(os.path.join(args.results_dir, "latency.json"))
     cost = read_optional(os.path.join(args.results_dir, "cost.json"))
     notes = read_optional(os.path.join(args.results_dir, "notes.json"))
+    clocks = glue_report.read_run_files(args.dense_clocks) if os.path.isdir(args.dense_clocks) else []
     page = glue_report.render_report(summary, records, plot_name, os.path.relpath(args.summary, REPO),
-                                     latency=latency, cost=cost, budgets=args.budgets, notes=notes)
+                                     latency=latency, cost=cost, budgets=args.budgets, notes=notes,
+                                     dense_clocks=[r for r in clocks if r["method"] == "dense"])
     with open(args.report, "w") as f:
         f.write(page)
     print(f"wrote {args.summary}, {args.report} and {plot_name} from {len(records)} run files", flush=True)

@@ -143,7 +143,8 @@ RETENTION_TARGETS = {0.5: 0.99, 0.33: 0.97, 0.2: 0.93}
 AHEAD_OF_FWSVD_AT = (0.33, 0.2)
 
 
-def target_lines(summary: dict, records: list[dict], notes: dict[str, str] | None = None) -> list[str]:
+def target_lines(summary: dict, records: list[dict], notes: dict[str, str] | None = None,
+                 dense_clocks: list[dict] = ()) -> list[str]:
     """Where RankDyna stands against the targets: issue 28's (equal steps and one round, over the tasks that decide;
     ``glue_targets``), then issue 12's (one round, over every task) read off the summary, plus each method's mean
     training loss per task (for the why: a post-hoc method's second round starts from a fine-tuned model)."""
@@ -154,7 +155,7 @@ def target_lines(summary: dict, records: list[dict], notes: dict[str, str] | Non
     paired = paired_differences(records)
     timed = [r for r in records if r.get("file") not in clock_unusable(records, notes)]
     lines = ["## Against the targets", ""]
-    lines += glue_targets.section(records, summary, _times_dense(timed))
+    lines += glue_targets.section(records, summary, _times_dense(timed, dense_clocks))
     lines += _paired_table(paired_differences(records, glue_targets.EQUAL), tasks, "rankdyna_equal")
     lines += ([""] if lines[-1] else []) + ["### One round, average over all four tasks (issue 12's targets)", "",
              "Targets: RankDyna keeps at least " + " / ".join(f"{100 * t:g} %" for t in RETENTION_TARGETS.values())
@@ -317,17 +318,36 @@ def _wall_parts(records: list[dict]) -> dict[str, dict[str, float]]:
     return {k: {name: statistics.fmean(v) for name, v in p.items()} for k, p in parts.items()}
 
 
-def _times_dense(timed: list[dict]) -> dict[str, float]:
-    """Per ``method@budget``: each run's time over the dense run's of the same task and seed, averaged per task, then
-    over the tasks. The campaign's sessions ran on machines of the same kind whose speed differed by up to 1.5x, and
-    a seed's runs mostly ran in one session, so pairing by seed keeps the machine out of the ratio where a ratio of
-    means over different seeds would not."""
-    dense = {(r["task"], r["seed"]): r["wall_time"]["total_s"] for r in timed if r["method"] == "dense"}
+# A run and a dense run finished this close together ran in one session, on one machine: their clocks compare.
+SAME_SESSION_S = 24 * 3600
+
+
+def _times_dense(timed: list[dict], dense_clocks: list[dict] = ()) -> dict[str, float]:
+    """Per ``method@budget``: each run's time over a dense run's of the same task and seed that ran on the same
+    machine, averaged per task, then over the tasks. The campaign's sessions ran on machines of the same kind whose
+    speed differed by up to 1.5x, and rows were re-run sessions later, so a run is paired with the dense run of its
+    task and seed that finished closest to it, among the campaign's and ``dense_clocks`` (dense runs re-timed beside
+    re-run rows), and only within SAME_SESSION_S; a run with no such dense run is left out of the ratio."""
+    dense = defaultdict(list)
+    for r in [r for r in timed if r["method"] == "dense"] + list(dense_clocks):
+        dense[r["task"], r["seed"]].append((_finished(r), r["wall_time"]["total_s"]))
     ratios = defaultdict(lambda: defaultdict(list))
     for r in timed:
-        if (r["task"], r["seed"]) in dense:
-            ratios[run_key(r)][r["task"]].append(r["wall_time"]["total_s"] / dense[r["task"], r["seed"]])
+        when = _finished(r)
+        # A record without its finishing time (older files) pairs by task and seed alone.
+        near = [(0.0 if None in (when, t) else abs(when - t), seconds)
+                for t, seconds in dense.get((r["task"], r["seed"]), [])]
+        if near and min(near)[0] <= SAME_SESSION_S:
+            ratios[run_key(r)][r["task"]].append(r["wall_time"]["total_s"] / min(near)[1])
     return {key: statistics.fmean(statistics.fmean(v) for v in per_task.values()) for key, per_task in ratios.items()}
+
+
+def _finished(record: dict) -> float | None:
+    """When the run finished (``finished``, ISO 8601 with its offset), in seconds since the epoch; None if unknown."""
+    import datetime
+
+    finished = record.get("finished")
+    return datetime.datetime.fromisoformat(finished).timestamp() if finished else None
 
 
 def _wall_cell(kept: list[float], dropped: int) -> str:
@@ -337,8 +357,10 @@ def _wall_cell(kept: list[float], dropped: int) -> str:
 
 def render_report(summary: dict, records: list[dict], plot_name: str, summary_path: str,
                   latency: dict | None = None, cost: dict | None = None, commands: list[str] | None = None,
-                  budgets: list[float] | None = None, notes: dict[str, str] | None = None) -> str:
-    """The Markdown page: tables from ``summary``, wall times and the protocol from ``records``."""
+                  budgets: list[float] | None = None, notes: dict[str, str] | None = None,
+                  dense_clocks: list[dict] = ()) -> str:
+    """The Markdown page: tables from ``summary``, wall times and the protocol from ``records``; ``dense_clocks``:
+    dense runs re-timed beside re-run rows (their clocks only; see ``_times_dense``)."""
     tasks = list(summary["majority"])
     commands = commands or sorted({r["command"] for r in records if "command" in r})
     budgets = budgets or sorted({split_key(k)[2] for k in summary["runs"]} - {1.0}, reverse=True)
@@ -348,12 +370,13 @@ def render_report(summary: dict, records: list[dict], plot_name: str, summary_pa
     lines += _setup_lines(records, commands)
     lines += _score_table(summary, tasks)
     lines += _retention_table(summary, tasks)
-    lines += target_lines(summary, records, notes)
+    dense_clocks = [r for r in dense_clocks if not shared_machine(r.get("cpu_share"))]
+    lines += target_lines(summary, records, notes, dense_clocks)
     lines += [f"![average retention against budget]({plot_name})", "",
               "Plot: the mean score of each method and budget divided by dense's on the same task, averaged over "
               "the tasks (solid: every task measured; dotted: only some tasks so far; gray dashes: RankDyna's "
               "targets).", ""]
-    lines += _wall_table(records, tasks, clock_unusable(records, notes))
+    lines += _wall_table(records, tasks, clock_unusable(records, notes), dense_clocks)
     if notes:
         lines += ["Notes on individual run files (`notes.json` beside them; the files themselves are as written). A "
                   "run whose note starts with \"wall time\" keeps its score but is left out of the wall-time table "
@@ -419,12 +442,13 @@ def _setup_lines(records: list[dict], commands: list[str] | None) -> list[str]:
               f"{any_p['adalora_learning_rate']:g} (adapters), Fisher batches {any_p['fisher_batches']}, ARS steps "
               f"{any_p['ars_steps']}, TFWSVD ALS sweeps {any_p['als_iterations']}, RankDyna reallocation interval "
               f"{any_p['rankdyna_interval']}.", "",
-              "Row names: `rankdyna` prunes the FFNs by intermediate channels and the attention by singular groups in "
-              "one budget (`ffn_groups='channels'`, what the library's default `'auto'` does on MiniLM; "
-              "[method.md](method.md#ffn-channels-as-groups)); `rankdyna_equal` is the same run with as many optimizer "
-              "steps as FWSVD's two rounds together (twice the protocol's epochs in one run; "
-              "[Against the targets](#against-the-targets)); `rankdyna+singular` uses singular groups in the FFNs "
-              "too (the paper's form); `+m8` keeps ranks in multiples of 8.", "",
+              "Row names: `rankdyna` prunes the FFNs by intermediate channels and the attention by per-head q/k "
+              "and v/o channels in one budget (`ffn_groups='channels'`, `attention_groups='channels'`: what the "
+              "library's default `'auto'` does on MiniLM; [method.md](method.md#ffn-channels-as-groups), "
+              "[attention channels](method.md#attention-channels-as-groups)); `rankdyna_equal` is the same run with "
+              "as many optimizer steps as FWSVD's two rounds together (twice the protocol's epochs in one run; "
+              "[Against the targets](#against-the-targets)); `+singular` uses singular groups in the FFNs, "
+              "`+attn_singular` in the attention (both: the paper's form); `+m8` keeps ranks in multiples of 8.", "",
               "Devices: " + "; ".join(devices) + ".", "", "Versions: " + "; ".join(versions) + ".", ""]
     lines += ["Commands that made the runs:", "", "```"] + (commands or ["(none recorded)"]) + ["```", ""]
     return lines
@@ -518,7 +542,8 @@ def _retention_table(summary: dict, tasks: list[str]) -> list[str]:
                     "(#against-the-targets)), which issue 28's targets use.", ""]
 
 
-def _wall_table(records: list[dict], tasks: list[str], unusable: set[str] = frozenset()) -> list[str]:
+def _wall_table(records: list[dict], tasks: list[str], unusable: set[str] = frozenset(),
+                dense_clocks: list[dict] = ()) -> list[str]:
     timed = [r for r in records if r.get("file") not in unusable]
     walls, parts, every = _wall_times(timed), _wall_parts(timed), _wall_times(records)
     header = ("| method | budget | " + " | ".join(t.upper() for t in tasks)
@@ -526,16 +551,18 @@ def _wall_table(records: list[dict], tasks: list[str], unusable: set[str] = froz
     lines = ["## Wall time per run (seconds, mean over seeds)", "",
              "One run of an in-training method (dense, rankdyna, adalora) is one fine-tuning round plus export; a "
              "post-hoc method's run is the dense round of the same seed, its compression (Fisher, masks, ALS) and "
-             "a second round. `× dense` is the run's time over the dense run's of the same task and seed (the "
-             "campaign's sessions ran on machines whose speed differed), averaged over seeds, then over the tasks "
-             "where both have a usable time; the last three columns split the run, averaged over tasks and seeds. "
-             "† marks a cell that leaves out a run whose clock is not usable: its note is below, its measured CPU "
-             "share (`cpu_share` in the run file: its own CPU time over the machine's busy CPU time) is below "
-             "0.9, or it is a post-hoc run whose dense round (its first) has such a note and was not trained again "
-             "by the run itself.",
+             "a second round. `× dense` is the run's time over the dense run's of the same task and seed on the "
+             "same machine (the campaign's sessions ran on machines whose speed differed, and rows were re-run "
+             "later: a run is paired with the dense run of its task and seed that finished closest to it, "
+             "within 24 h, the re-timed dense runs included; none there, it is left out), averaged over seeds, "
+             "then over the tasks where both have a usable time; the last three columns split the run, averaged "
+             "over tasks and seeds. † marks a cell that leaves out a run whose clock is not usable: its note is "
+             "below, its measured CPU share (`cpu_share` in the run file: its own CPU time over the machine's busy "
+             "CPU time) is below 0.9, or it is a post-hoc run whose dense round (its first) has such a note and was "
+             "not trained again by the run itself.",
              "", header,
              "|" + "---|" * (len(tasks) + 6)]
-    times_dense = _times_dense(timed)
+    times_dense = _times_dense(timed, dense_clocks)
     for key in sorted(every, key=_key_order):
         method, variant, budget = split_key(key)
         cells = [_wall_cell(walls[key][t], len(every[key][t]) - len(walls[key][t])) if t in every[key] else "—"

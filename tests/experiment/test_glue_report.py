@@ -207,6 +207,26 @@ def test_times_dense_pairs_each_run_with_the_dense_run_of_its_seed():
     assert "| dense | — | 150 | 400 | 1.00 |" in page
 
 
+def test_times_dense_pairs_each_run_with_the_dense_run_of_its_session():
+    """Rows re-run sessions later pair with the dense run re-timed beside them, never with the campaign's old one."""
+    def at(record, day):
+        return {**record, "finished": f"2026-11-{day:02d}T12:00:00+00:00"}
+
+    campaign = [at(run_record("sst2", "dense", None, 42, 85.0, total_s=100.0), 1),
+                at(run_record("sst2", "dense", None, 1, 86.0, total_s=100.0), 1),
+                at(run_record("sst2", "fwsvd", 0.5, 42, 84.0, total_s=200.0), 1),
+                at(run_record("sst2", "rankdyna", 0.5, 42, 84.0, total_s=54.0), 20),
+                at(run_record("sst2", "rankdyna", 0.5, 1, 84.0, total_s=50.0), 20)]  # no dense run that day
+    retimed = [at(run_record("sst2", "dense", None, 42, 85.5, total_s=60.0), 20)]
+    page = glue_report.render_report(glue_report.summarize(campaign), campaign, "plot.png", "results.json",
+                                     budgets=[0.5], dense_clocks=retimed)
+    assert "| rankdyna | 0.5 | 52 | 0.90 |" in page  # 54 / 60; seed 1 has no dense run of its session
+    assert "| fwsvd | 0.5 | 200 | 2.00 |" in page  # 200 / 100, the dense run of its own session
+    page = glue_report.render_report(glue_report.summarize(campaign), campaign, "plot.png", "results.json",
+                                     budgets=[0.5])
+    assert "| rankdyna | 0.5 | 52 | — |" in page  # without the re-timed dense run: no ratio at all
+
+
 def test_page_states_rankdyna_against_the_targets_and_flags_models_at_the_floor():
     records = campaign()
     dense_means = {t: statistics.fmean(r["score"] for r in records if r["task"] == t and r["method"] == "dense")

@@ -145,6 +145,25 @@ def test_rankdyna_runs_attention_channels_by_default(tmp_path, glue_dir, small_m
     assert "bert.encoder.layer.0.attention.self.key" not in run["ranks"]  # sliced with the query
     assert run["targeted_params"] <= 0.5 * run["targeted_dense_params"]
 
+    # Exported speed: the layout is rebuilt as export_model builds it and counted as the run counted it.
+    from rankdyna_trainer.export import GatheredLinear, ScatteredLinear
+
+    shapes, readers = bench.target_shapes(small_model)
+    assert readers["bert.encoder.layer.0.attention.self.query"] == ["bert.encoder.layer.0.attention.self.key"]
+    assert bench.params_fraction(run["ranks"], shapes, readers) == pytest.approx(
+        run["targeted_params"] / run["targeted_dense_params"])
+    layer = bench.layout_model(small_model, run["ranks"], readers, "cpu").bert.encoder.layer[0].attention
+    qk, vo = run["ranks"]["bert.encoder.layer.0.attention.self.query"], run["ranks"][
+        "bert.encoder.layer.0.attention.output.dense"]
+    for module, kept in ((layer.self.query, qk), (layer.self.key, qk), (layer.self.value, vo)):
+        assert isinstance(module, ScatteredLinear if kept < 32 else torch.nn.Linear) and module.weight.shape[0] == kept
+    assert isinstance(layer.output.dense, GatheredLinear if vo < 32 else torch.nn.Linear)
+    assert layer.output.dense.weight.shape[1] == vo
+    bench.main(["--no_runs", "--no_report", "--latency_rounds", "1", "--budgets", "0.5", "--model", small_model,
+                "--device", "cpu"] + _paths(tmp_path))
+    timed = json.loads((tmp_path / "runs" / "latency.json").read_text())["layouts"]["rankdyna@0.5 (cola)"]
+    assert timed["params_fraction"] == pytest.approx(bench.params_fraction(run["ranks"], shapes, readers))
+
 
 @pytest.mark.parametrize("override", [["--epochs", "6"], ["--rankdyna_final_fraction", "0.5"],
                                       ["--rankdyna_warmup_fraction", "0.3"], ["--rankdyna_distillation_weight", "0.5"]])
