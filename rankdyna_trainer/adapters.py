@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import warnings
 
-from .export import LowRankLinear
+from .export import GatheredLinear, LowRankLinear, ScatteredLinear
+
+# Exported layers peft does not know: low-rank pairs, and the attention projections that keep some dims of each head
+# (attention channels). Each has in_features / out_features, and its output is what LoRA adds B A x to.
+COMPRESSED_LAYERS = (LowRankLinear, ScatteredLinear, GatheredLinear)
 
 
 def _lora_linear():
@@ -26,9 +30,10 @@ def _lora_linear():
 
 
 class _LowRankLoraMixin:
-    """peft's LoRA ``Linear`` around a ``LowRankLinear``: same forward (base output plus the scaled ``B A x``); peft
-    reads ``in_features`` / ``out_features`` from the layer. Merging is refused: the base's weight is the ``m x r``
-    output factor, not the ``m x n`` matrix peft would add ``B A`` to."""
+    """peft's LoRA ``Linear`` around an exported layer (``COMPRESSED_LAYERS``): same forward (base output plus the
+    scaled ``B A x``); peft reads ``in_features`` / ``out_features`` from the layer. Merging is refused: the base's
+    weight is an ``m x r`` factor or the kept rows or columns only, not the ``m x n`` matrix peft would add ``B A``
+    to."""
 
     def __init__(self, base_layer, adapter_name: str, **kwargs):
         with warnings.catch_warnings():
@@ -39,8 +44,9 @@ class _LowRankLoraMixin:
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise ValueError(
             "A LoRA adapter cannot be merged into a compressed low-rank layer (LowRankLinear stores an m x r output "
-            "factor, not the m x n weight the adapter's B @ A adds to): keep the adapter unmerged (peft's default), "
-            "or merge_and_unload the adapter into the dense model before compressing."
+            "factor, ScatteredLinear / GatheredLinear the kept rows / columns only, not the m x n weight the "
+            "adapter's B @ A adds to): keep the adapter unmerged (peft's default), or merge_and_unload the adapter "
+            "into the dense model before compressing."
         )
 
 
@@ -56,19 +62,20 @@ def low_rank_lora_layer() -> type:
 
 
 def with_low_rank_support(config):
-    """``config`` (a peft ``LoraConfig``) with LoRA layers for exported ``LowRankLinear`` modules registered.
-    Returns the same object."""
+    """``config`` (a peft ``LoraConfig``) with LoRA layers for the exported layers peft does not know
+    (``COMPRESSED_LAYERS``: ``LowRankLinear``, and ``ScatteredLinear`` / ``GatheredLinear`` of attention channels)
+    registered. Returns the same object."""
     from peft import LoraConfig
 
     if not isinstance(config, LoraConfig):
         raise TypeError(f"with_low_rank_support takes a peft LoraConfig, got {type(config).__name__}.")
-    config._register_custom_module({LowRankLinear: low_rank_lora_layer()})
+    config._register_custom_module(dict.fromkeys(COMPRESSED_LAYERS, low_rank_lora_layer()))
     return config
 
 
 def load_lora_adapter(model, adapter_folder: str, **kwargs):
     """``PeftModel.from_pretrained(model, adapter_folder)`` for an adapter trained on a compressed model (the
-    saved adapter config does not carry the LowRankLinear mapping, so it is registered again here)."""
+    saved adapter config does not carry the mapping of the compressed layers, so it is registered again here)."""
     from peft import LoraConfig, PeftModel
 
     config = with_low_rank_support(LoraConfig.from_pretrained(adapter_folder))

@@ -627,6 +627,8 @@ def rounded_ranks(ranks: dict[str, int], shapes: dict, budget: float, multiple: 
         rounded[out] * channel_cost(out, ins, shapes) for out, ins in channels.items())
     sliced = set(channels) | {i for ins in channels.values() for i in ins}
     names = [n for n in shapes if n not in sliced]
+    if not names:  # every matrix kept by channels (FFN and attention channels)
+        return rounded
     scores = [ranks[n] - torch.arange(min(shapes[n]), dtype=torch.float32) for n in names]
     keep = allocate_groups(scores, [shapes[n] for n in names], budget_left, rank_multiple=multiple)
     return {**rounded, **{n: int(k.sum()) for n, k in zip(names, keep)}}

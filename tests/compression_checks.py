@@ -39,10 +39,12 @@ def assert_reloads_identically(model, modules: dict, method: str, directory) -> 
     assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
 
 
-def cut_and_export(model, rank: int = 4):
-    """``model`` prepared with the defaults (attention singular groups, FFN channels), every attention matrix cut to
-    ``rank`` groups and every FFN to ``rank`` channels, exported (a stand-in for a trained run)."""
-    prepare_model(model, RankDynaConfig())
+def cut_and_export(model, rank: int = 4, attention_groups: str = "singular"):
+    """``model`` prepared with the defaults but ``attention_groups`` (singular groups: exported as ``LowRankLinear``,
+    the layout every SVD method and decoder shares; ``'auto'``: BERT's per-head channels, ``ScatteredLinear`` /
+    ``GatheredLinear``), every attention matrix cut to ``rank`` groups (or channels) and every FFN to ``rank``
+    channels, exported (a stand-in for a trained run)."""
+    prepare_model(model, RankDynaConfig(attention_groups=attention_groups))
     for layer in gated_layers(model).values():
         layer.gate[rank:] = 0
     export_model(model)

@@ -18,6 +18,7 @@ from rankdyna_trainer.deploy import (
     run_onnx,
     write_model_card,
 )
+from rankdyna_trainer.export import ScatteredLinear
 from rankdyna_trainer.methods.rankdyna import gated_layers
 
 from .conftest import random_classification_dataset, tiny_bert, tiny_llama
@@ -26,9 +27,10 @@ from .round_trip import single_thread
 pytest.importorskip("onnxruntime")
 
 
-def _compressed(model, rank: int = 4):
-    """Every attention matrix cut to ``rank`` groups and every FFN to ``rank`` channels, exported."""
-    prepare_model(model, RankDynaConfig())
+def _compressed(model, rank: int = 4, attention_groups: str = "singular"):
+    """Every attention matrix cut to ``rank`` groups (singular groups: low-rank pairs; ``'auto'``: BERT's per-head
+    channels) and every FFN to ``rank`` channels, exported."""
+    prepare_model(model, RankDynaConfig(attention_groups=attention_groups))
     for layer in gated_layers(model).values():
         layer.gate[rank:] = 0
     export_model(model)
@@ -66,6 +68,17 @@ def test_compressed_encoder_runs_in_onnx_runtime_like_pytorch(bert_onnx):
         with torch.no_grad():
             expected = model(**inputs).logits.numpy()
         np.testing.assert_allclose(run_onnx(session, inputs), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_attention_channels_run_in_onnx_runtime_like_pytorch(tmp_path):
+    model = _compressed(tiny_bert(), rank=3, attention_groups="auto")  # the default layout on BERT
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, ScatteredLinear)
+    path = export_onnx(model, tmp_path / "model.onnx", _ids(2, 8))
+    inputs = _ids(4, 11, seed=3)
+    with torch.no_grad():
+        expected = model(**inputs).logits.numpy()
+    np.testing.assert_allclose(run_onnx(onnx_session(path, threads=1), inputs), expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.slow

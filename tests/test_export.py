@@ -11,7 +11,7 @@ from tests.conftest import tiny_bert
 
 
 def _masked_model(seed=0):
-    model = prepare_model(tiny_bert(), RankDynaConfig(ffn_groups="singular"))
+    model = prepare_model(tiny_bert(), RankDynaConfig(ffn_groups="singular", attention_groups="singular"))
     g = torch.Generator().manual_seed(seed)
     for i, layer in enumerate(svd_layers(model).values()):
         layer.gate.copy_((torch.rand(layer.max_rank, generator=g) < 0.3).float())

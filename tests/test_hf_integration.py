@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import rankdyna_trainer  # noqa: F401  (registers the "rankdyna" loader)
 from rankdyna_trainer import LowRankLinear, RankDynaCallback, RankDynaConfig, export_model, prepare_model
+from rankdyna_trainer.export import ScatteredLinear
 from rankdyna_trainer.methods.rankdyna import gated_layers
 
 from .compression_checks import cut_and_export
@@ -81,19 +82,20 @@ def test_tensorboard_receives_the_rankdyna_scalars(tmp_path, monkeypatch):
     assert len(fractions) >= 5 and fractions[0] == 1.0 and fractions[-1] <= 0.5
 
 
-def test_lora_on_an_exported_model_trains_saves_and_reloads(tmp_path):
+@pytest.mark.parametrize("attention_groups,attention_layer", [("singular", LowRankLinear), ("auto", ScatteredLinear)])
+def test_lora_on_an_exported_model_trains_saves_and_reloads(tmp_path, attention_groups, attention_layer):
     from peft import LoraConfig, get_peft_model
 
     from rankdyna_trainer.adapters import load_lora_adapter, with_low_rank_support
 
     compressed = tmp_path / "compressed"
-    cut_and_export(tiny_bert()).save_pretrained(str(compressed))
+    cut_and_export(tiny_bert(), attention_groups=attention_groups).save_pretrained(str(compressed))
 
     config = with_low_rank_support(LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
                                               task_type="SEQ_CLS"))
     model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(str(compressed)), config)
     query = model.base_model.model.bert.encoder.layer[0].attention.self.query
-    assert isinstance(query.base_layer, LowRankLinear)
+    assert isinstance(query.base_layer, attention_layer)
     lora_b = query.lora_B["default"].weight
     assert not lora_b.any()  # LoRA starts as a no-op
     args = TrainingArguments(str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-2,

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rankdyna_trainer import LowRankLinear, RankDynaConfig, export_model, prepare_model
+from rankdyna_trainer.export import GatheredLinear, ScatteredLinear
 from rankdyna_trainer.methods.rankdyna import gated_layers
 from rankdyna_trainer.quantizer import load_compressed_model, read_compression_config, save_compressed_model
 
@@ -26,24 +27,28 @@ def _one_thread():
         yield
 
 
-@pytest.fixture
-def saved_bert(tmp_path):
-    model = cut_and_export(tiny_bert())
+# Each exported attention layout: singular groups (LowRankLinear pairs) and the default per-head channels.
+ATTENTION_LAYOUTS = {"singular": LowRankLinear, "auto": (ScatteredLinear, GatheredLinear)}
+
+
+@pytest.fixture(params=list(ATTENTION_LAYOUTS))
+def saved_bert(tmp_path, request):
+    model = cut_and_export(tiny_bert(), attention_groups=request.param)
     model.save_pretrained(str(tmp_path))
     with torch.no_grad():
-        return tmp_path, model(input_ids=IDS).logits
+        return tmp_path, model(input_ids=IDS).logits, ATTENTION_LAYOUTS[request.param]
 
 
 def test_dtype_argument_loads_the_compressed_layers_in_that_dtype(saved_bert):
-    folder, _ = saved_bert
+    folder, _, attention_layer = saved_bert
     model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=torch.bfloat16)
     layer = model.get_submodule("bert.encoder.layer.0.attention.self.query")
-    assert isinstance(layer, LowRankLinear)
+    assert isinstance(layer, attention_layer)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def test_sharded_checkpoint_and_device_map_load_through_transformers(saved_bert, tmp_path):
-    folder, expected = saved_bert
+    folder, expected, _ = saved_bert
     model = AutoModelForSequenceClassification.from_pretrained(str(folder))
     sharded = tmp_path / "sharded"
     model.save_pretrained(str(sharded), max_shard_size="20KB")
@@ -57,15 +62,15 @@ def test_sharded_checkpoint_and_device_map_load_through_transformers(saved_bert,
 
 
 def test_base_model_class_loads_a_layout_saved_with_a_task_head(saved_bert):
-    folder, _ = saved_bert
+    folder, _, attention_layer = saved_bert
     base, info = AutoModel.from_pretrained(str(folder), output_loading_info=True)  # names lose the "bert." prefix
-    assert isinstance(base.get_submodule("encoder.layer.1.attention.output.dense"), LowRankLinear)
+    assert isinstance(base.get_submodule("encoder.layer.1.attention.output.dense"), attention_layer)
     assert base.get_submodule("encoder.layer.1.output.dense").in_features == 4  # the FFN's 4 kept channels
     assert not info["missing_keys"] and not info["mismatched_keys"]
 
 
 def test_reloaded_model_saves_its_layout_again(saved_bert, tmp_path):
-    folder, expected = saved_bert
+    folder, expected, _ = saved_bert
     again = tmp_path / "again"
     AutoModelForSequenceClassification.from_pretrained(str(folder)).save_pretrained(str(again))
     assert read_compression_config(str(again)) == read_compression_config(str(folder))
@@ -76,7 +81,7 @@ def test_reloaded_model_saves_its_layout_again(saved_bert, tmp_path):
 def test_reloaded_model_fine_tunes_with_the_trainer(saved_bert, tmp_path):
     from .round_trip import train_steps
 
-    folder, _ = saved_bert
+    folder, _, _ = saved_bert
     model = AutoModelForSequenceClassification.from_pretrained(str(folder))
     before = model.get_submodule("bert.encoder.layer.0.attention.self.query").weight.detach().clone()
     train_steps(model, "classification", tmp_path / "run", steps=2)  # Trainer refuses "quantized" models

@@ -128,7 +128,7 @@ def test_a_decided_failure_is_not_met_before_the_other_budgets_are_measured():
 
 def test_a_rankdyna_equal_run_with_another_config_than_its_rankdyna_twin_is_flagged():
     twin, equal = run_record("sst2", "rankdyna", 0.5, 42, 84.0), run_record("sst2", "rankdyna_equal", 0.5, 42, 85.0)
-    equal["config"] = {"ffn_groups": "channels", "warmup_fraction": 0.3}
+    equal["config"] = {"ffn_groups": "channels", "attention_groups": "channels", "warmup_fraction": 0.3}
     equal["file"] = "sst2/rankdyna_equal_b0.5_seed42.json"
     assert glue_targets.config_mismatches([twin, equal]) == [
         "`sst2/rankdyna_equal_b0.5_seed42.json` (warmup_fraction: 0.3 against None)"]

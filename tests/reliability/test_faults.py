@@ -104,7 +104,7 @@ def test_diverged_weights_leave_scores_finite_and_allocation_within_budget(tmp_p
 
 @pytest.mark.parametrize("make_model", [tiny_bert, tiny_llama], ids=["bert-with-bias", "llama-no-bias"])
 def test_layer_allocated_rank_zero_exports_and_reloads(tmp_path, make_model):
-    model = prepare_model(make_model(), RankDynaConfig())
+    model = prepare_model(make_model(), RankDynaConfig(attention_groups="singular"))
     layers = svd_layers(model)
     names = list(layers)
     layers[names[0]].gate.zero_()  # rank 0
@@ -165,7 +165,7 @@ QUERY = "bert.encoder.layer.0.attention.self.query"
 
 @pytest.fixture
 def saved_model(tmp_path):
-    model = prepare_model(tiny_bert(), RankDynaConfig())
+    model = prepare_model(tiny_bert(), RankDynaConfig(attention_groups="singular"))
     for layer in svd_layers(model).values():
         layer.gate[4:] = 0
     export_model(model)

@@ -65,9 +65,11 @@ def test_rankdyna_on_pair_task_trains_compresses_saves_and_evaluates(glue_dir, m
     assert pattern["dense_params"] == MINILM_TARGET_PARAMS
     assert pattern["budget_params"] == int(0.5 * MINILM_TARGET_PARAMS)
     assert pattern["params"] <= pattern["budget_params"]
-    # The default ffn_groups='auto' on BERT: q, k, v, attention output as singular groups, each FFN as its channels.
+    # The defaults on BERT ('auto'): each FFN by its channels, each attention by its q/k channels (the query's entry;
+    # the key is sliced with it) and v/o channels (the attention output's entry; the value is sliced with it).
     ffn = {n: r for n, r in pattern["ranks"].items() if n.endswith(".output.dense") and "attention" not in n}
-    assert len(pattern["ranks"]) == 30 and len(ffn) == 6 and all(0 <= r <= 1536 for r in ffn.values())
+    assert len(pattern["ranks"]) == 18 and len(ffn) == 6 and all(0 <= r <= 1536 for r in ffn.values())
+    assert sum(n.endswith("attention.self.query") for n in pattern["ranks"]) == 6
     assert all(0 <= r <= 384 for n, r in pattern["ranks"].items() if n not in ffn)
 
     # The saved compressed model holds that many weights in its targeted matrices, and reloads natively.
@@ -116,7 +118,7 @@ def test_rankdyna_with_ffn_channels_from_the_command_line(glue_dir, minilm_dir, 
                              "--output_dir", str(out)])
     pattern = json.loads((out / "rank_pattern.json").read_text())
     assert pattern["dense_params"] == MINILM_TARGET_PARAMS and pattern["params"] <= pattern["budget_params"]
-    assert len(pattern["ranks"]) == 30 and 0 <= pattern["ranks"]["bert.encoder.layer.0.output.dense"] <= 1536
+    assert len(pattern["ranks"]) == 18 and 0 <= pattern["ranks"]["bert.encoder.layer.0.output.dense"] <= 1536
     # The summary counts against the dense shapes, though the FFN layers were narrowed at export.
     assert results["compression"]["dense_params"] == MINILM_TARGET_PARAMS
     assert results["compression"]["compressed_params"] == pattern["params"]

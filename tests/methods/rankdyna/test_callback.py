@@ -19,7 +19,8 @@ def _trainer(model, tmp_path, config, **overrides):
 
 
 def test_training_ends_on_the_budget_and_reports_it(tmp_path):
-    config = RankDynaConfig(target_budget=0.35, reallocation_interval=2, final_fraction=0.25, ffn_groups="singular")
+    config = RankDynaConfig(target_budget=0.35, reallocation_interval=2, final_fraction=0.25, ffn_groups="singular",
+                            attention_groups="singular")
     model = prepare_model(tiny_bert(), config)
     trainer = _trainer(model, tmp_path, config)
     trainer.train()

@@ -106,7 +106,9 @@ def test_bert_channels_leave_the_attention_output_factorized(tmp_path):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 128, (32, 12), generator=g)
     train = Dataset.from_dict({"input_ids": ids.tolist(), "labels": torch.randint(0, 2, (32,), generator=g).tolist()})
-    config = RankDynaConfig(target_budget=0.5, reallocation_interval=1, ffn_groups="channels")
+    # Singular attention groups: the attention output shares the FFN output's suffix, and must stay factorized.
+    config = RankDynaConfig(target_budget=0.5, reallocation_interval=1, ffn_groups="channels",
+                            attention_groups="singular")
     pattern = _train(model, config, train, tmp_path)
     assert pattern["params"] <= 0.5 * dense and pattern["dense_params"] == dense
     layers = gated_layers(model)
@@ -157,7 +159,7 @@ def _kinds(model) -> dict[str, int]:
 def test_auto_prunes_ffn_channels_where_the_roles_are_known(caplog):
     assert RankDynaConfig().ffn_groups == "auto"
     with caplog.at_level("INFO", logger="rankdyna_trainer.methods.rankdyna.model"):
-        bert = prepare_model(tiny_bert(), RankDynaConfig())
+        bert = prepare_model(tiny_bert(), RankDynaConfig(attention_groups="singular"))
     assert _kinds(bert) == {"channels": 2, "singular": 2 * 4}  # per layer: q, k, v, attention output; FFN whole
     assert "2 FFNs pruned by intermediate channels" in caplog.text
     assert _kinds(prepare_model(tiny_llama(), RankDynaConfig())) == {"channels": 2, "singular": 2 * 4}

@@ -15,7 +15,7 @@ from tests.tiny_models import ARCHITECTURES, example_inputs
 def _prepared_with_random_masks(arch: str, seed: int = 0):
     model = ARCHITECTURES[arch].build(seed)
     # factor_budget 0.25 leaves frozen groups beyond the trainable ones, so both factor parts are gathered.
-    prepare_model(model, RankDynaConfig(target_budget=0.5, factor_budget=0.25))
+    prepare_model(model, RankDynaConfig(target_budget=0.5, factor_budget=0.25, attention_groups="singular"))
     layers = list(gated_layers(model).values())
     g = torch.Generator().manual_seed(seed)
     for i, layer in enumerate(layers):

@@ -59,7 +59,8 @@ def test_prepare_model_replaces_targets_and_keeps_outputs(factor_budget):
     ids = torch.randint(0, 128, (2, 12))
     before = model(ids).logits
     # full rank (trainable or partly frozen): exact
-    prepare_model(model, RankDynaConfig(factor_budget=factor_budget, ffn_groups="singular"))
+    prepare_model(model, RankDynaConfig(factor_budget=factor_budget, ffn_groups="singular",
+                                        attention_groups="singular"))
     assert sum(isinstance(m, SVDLinear) for m in model.modules()) == 12
     torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="called once per model"):
@@ -67,7 +68,7 @@ def test_prepare_model_replaces_targets_and_keeps_outputs(factor_budget):
 
 
 def test_init_rank_truncates_each_matrix():
-    model = prepare_model(tiny_bert(), RankDynaConfig(init_rank=4))
+    model = prepare_model(tiny_bert(), RankDynaConfig(attention_groups="singular", init_rank=4))
     assert {m.max_rank for m in model.modules() if isinstance(m, SVDLinear)} == {4}
 
 
@@ -76,7 +77,8 @@ def _svd_layers(model):
 
 
 def test_factor_budget_bounds_the_trainable_factors_and_freezes_the_rest():
-    model = prepare_model(tiny_bert(), RankDynaConfig(target_budget=0.3, factor_budget=0.9))
+    model = prepare_model(tiny_bert(), RankDynaConfig(attention_groups="singular", target_budget=0.3,
+                                                      factor_budget=0.9))
     for layer in _svd_layers(model):
         m, n = layer.out_features, layer.in_features
         assert layer.max_rank == min(m, n)  # every group is still there...
@@ -84,14 +86,16 @@ def test_factor_budget_bounds_the_trainable_factors_and_freezes_the_rest():
         assert k * (m + n) <= 0.9 * m * n < (k + 1) * (m + n)  # ... but only 90% of the dense size trains
         assert layer.U.shape == (m, k) and layer.V.shape == (k, n)
         assert layer.U_frozen.shape == (m, min(m, n) - k) and not layer.U_frozen.requires_grad
-    half = prepare_model(tiny_bert(), RankDynaConfig(target_budget=0.3, factor_budget=0.5, init_rank=5))
+    half = prepare_model(tiny_bert(), RankDynaConfig(attention_groups="singular", target_budget=0.3,
+                                                     factor_budget=0.5, init_rank=5))
     assert {l.max_rank for l in _svd_layers(half)} == {5}
-    wide = prepare_model(tiny_bert(), RankDynaConfig(factor_budget=2.0))
+    wide = prepare_model(tiny_bert(), RankDynaConfig(attention_groups="singular", factor_budget=2.0))
     assert all(l.trainable_rank == l.max_rank == min(l.out_features, l.in_features) for l in _svd_layers(wide))
 
 
 def test_dropped_untrained_groups_truncate_the_start():
-    model = prepare_model(tiny_bert(), RankDynaConfig(target_budget=0.3, factor_budget=1.0, untrained_groups="dropped"))
+    model = prepare_model(tiny_bert(), RankDynaConfig(attention_groups="singular", target_budget=0.3,
+                                                      factor_budget=1.0, untrained_groups="dropped"))
     for layer in _svd_layers(model):
         m, n = layer.out_features, layer.in_features
         assert layer.max_rank == layer.trainable_rank == m * n // (m + n)
