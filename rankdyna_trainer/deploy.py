@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .export import LowRankLinear
+from .export import GatheredLinear, LowRankLinear, ScatteredLinear
 from .quantizer import read_compression_config
 
 RANK_PATTERN_FILE = "rank_pattern.json"  # written by RankDynaCallback into the Trainer's output folder
@@ -115,17 +115,45 @@ def _as_linear_pair(layer: LowRankLinear) -> nn.Sequential:
     return nn.Sequential(layer.down, up)
 
 
+class _KeptDimsAroundLinear(nn.Module):
+    """A ``ScatteredLinear`` / ``GatheredLinear`` as an inner ``nn.Linear`` of its kept dims (which
+    ``quantize_dynamic`` swaps for int8) with the same scatter after it or gather before it."""
+
+    def __init__(self, layer: ScatteredLinear | GatheredLinear):
+        super().__init__()
+        self.scatter = isinstance(layer, ScatteredLinear)
+        self.width, self.index = layer.width, layer._index(layer.weight.device)
+        out_features, in_features = layer.weight.shape
+        self.linear = nn.Linear(in_features, out_features, bias=layer.bias is not None,
+                                device=layer.weight.device, dtype=layer.weight.dtype)
+        with torch.no_grad():
+            self.linear.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                self.linear.bias.copy_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.scatter:
+            return self.linear(x.index_select(-1, self.index))
+        y = self.linear(x)
+        return y.new_zeros(*y.shape[:-1], self.width).index_copy(-1, self.index, y)
+
+
 def quantize_torch_int8(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every ``nn.Linear`` (both factors of each low-rank layer included) replaced by
-    torch's dynamically quantized int8 ``Linear`` (CPU inference only; the copy cannot be saved with
-    ``save_pretrained``). Rank-0 layers (output = bias) stay as they are."""
+    """A copy of ``model`` with every ``nn.Linear`` (both factors of each low-rank layer and the kept dims of each
+    attention-channel layer included) replaced by torch's dynamically quantized int8 ``Linear`` (CPU inference only;
+    the copy cannot be saved with ``save_pretrained``). Rank-0 layers (output = bias) stay as they are."""
     from torch.ao.quantization import quantize_dynamic
 
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
         if isinstance(module, LowRankLinear) and module.rank > 0:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, _as_linear_pair(module))
+            replacement = _as_linear_pair(module)
+        elif isinstance(module, (ScatteredLinear, GatheredLinear)) and module.index:
+            replacement = _KeptDimsAroundLinear(module)
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, replacement)
     return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 

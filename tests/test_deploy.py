@@ -116,6 +116,18 @@ def test_torch_int8_quantizes_both_factors_and_stays_close():
     assert isinstance(model.bert.encoder.layer[0].attention.self.query, LowRankLinear)  # the original is untouched
 
 
+def test_torch_int8_quantizes_the_kept_dims_of_attention_channels():
+    model = _compressed(tiny_bert(), rank=3, attention_groups="auto")  # the default layout on BERT
+    quantized = quantize_torch_int8(model)
+    attention = quantized.bert.encoder.layer[0].attention
+    for layer in (attention.self.query, attention.self.key, attention.self.value, attention.output.dense):
+        assert isinstance(layer.linear, torch.ao.nn.quantized.dynamic.Linear)
+    inputs = _ids(3, 9, seed=2)
+    with torch.no_grad():
+        fp32, int8 = model(**inputs).logits, quantized(**inputs).logits
+    assert (int8 - fp32).abs().max() < 0.05 * fp32.abs().max() + 0.02
+
+
 def test_onnx_export_rejects_inputs_it_cannot_keep_dynamic(tmp_path):
     with pytest.raises(ValueError, match="both sizes >= 2"):
         export_onnx(tiny_bert(), tmp_path / "m.onnx", {"input_ids": torch.ones(1, 8, dtype=torch.long)})
