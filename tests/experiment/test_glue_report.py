@@ -84,24 +84,16 @@ def test_rank_multiple_runs_are_their_own_rows():
     assert list(glue_report.summarize(records)["runs"]) == ["rankdyna@0.5", "rankdyna+m8@0.5"]
 
 
-def test_rankdyna_with_singular_ffn_groups_is_its_own_row():
+@pytest.mark.parametrize("field,other,tag", [("ffn_groups", "attention_groups", "+singular"),
+                                              ("attention_groups", "ffn_groups", "+attn_singular")])
+def test_rankdyna_with_singular_groups_is_its_own_row(field, other, tag):
     singular = run_record("rte", "rankdyna", 0.5, 42, 53.0)
-    singular["config"] = {"ffn_groups": "singular", "attention_groups": "channels"}
+    singular["config"] = {field: "singular", other: "channels"}
     before_the_field = run_record("rte", "rankdyna", 0.33, 42, 52.0)
-    before_the_field["config"] = {"attention_groups": "channels"}  # runs from before ffn_groups: singular groups
+    before_the_field["config"] = {other: "channels"}  # runs from before the field existed used singular groups
     records = [run_record("rte", "rankdyna", 0.5, 42, 55.0), singular, before_the_field]
-    assert list(glue_report.summarize(records)["runs"]) == ["rankdyna@0.5", "rankdyna+singular@0.5",
-                                                            "rankdyna+singular@0.33"]
-
-
-def test_rankdyna_with_singular_attention_groups_is_its_own_row():
-    attention = run_record("rte", "rankdyna", 0.5, 42, 54.0)
-    attention["config"] = {"ffn_groups": "channels", "attention_groups": "singular"}
-    before_the_field = run_record("rte", "rankdyna", 0.33, 42, 52.0)
-    before_the_field["config"] = {"ffn_groups": "channels"}  # runs from before attention_groups: singular groups
-    records = [run_record("rte", "rankdyna", 0.5, 42, 55.0), attention, before_the_field]
-    assert list(glue_report.summarize(records)["runs"]) == ["rankdyna@0.5", "rankdyna+attn_singular@0.5",
-                                                            "rankdyna+attn_singular@0.33"]
+    assert list(glue_report.summarize(records)["runs"]) == ["rankdyna@0.5", f"rankdyna{tag}@0.5",
+                                                            f"rankdyna{tag}@0.33"]
 
 
 def test_page_and_plot_come_from_the_summary(tmp_path):
