@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .export import GatheredLinear, LowRankLinear, ScatteredLinear
+from .export import GatheredLinear, LowRankLinear, ScatteredLinear, scatter_kept
 from .quantizer import read_compression_config
 
 RANK_PATTERN_FILE = "rank_pattern.json"  # written by RankDynaCallback into the Trainer's output folder
@@ -134,8 +134,7 @@ class _KeptDimsAroundLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.scatter:
             return self.linear(x.index_select(-1, self.index))
-        y = self.linear(x)
-        return y.new_zeros(*y.shape[:-1], self.width).index_copy(-1, self.index, y)
+        return scatter_kept(self.linear(x), self.index, self.width)
 
 
 def quantize_torch_int8(model: nn.Module) -> nn.Module:

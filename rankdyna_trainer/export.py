@@ -118,6 +118,13 @@ class _KeptDims(nn.Module):
         return tensor
 
 
+def scatter_kept(y: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+    """``y`` (last dim: the kept outputs ``index``) placed into a zero tensor ``width`` wide along its last dim (the
+    gradient of ``y`` is the output gradient's kept slice). Shared by export, training and int8 deployment so that the
+    three put the kept dims in the same places."""
+    return y.new_zeros(*y.shape[:-1], width).index_copy(-1, index, y)
+
+
 class ScatteredLinear(_KeptDims):
     """``Linear(in, k)`` whose ``k`` outputs land at the ``index`` positions of a ``width``-wide output, zeros
     elsewhere: an attention projection (query, key, value) that keeps some dims of each head, so that the unchanged
@@ -136,7 +143,7 @@ class ScatteredLinear(_KeptDims):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        return y.new_zeros(*y.shape[:-1], self.width).index_copy(-1, self._index(y.device), y)
+        return scatter_kept(y, self._index(y.device), self.width)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, kept={len(self.index)}, out_features={self.width}"

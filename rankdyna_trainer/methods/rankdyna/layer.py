@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...export import scatter_kept
 from ...factorize import svd_factorization
 from ...targets import linear_weight
 
@@ -80,12 +81,6 @@ class _GatherKept(torch.autograd.Function):
 def gather_kept(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """The kept slices (``index``, unique) of ``x`` along ``dim``; a parameter's gradient goes back in place."""
     return _GatherKept.apply(x, dim, index) if x.requires_grad else x.index_select(dim, index)
-
-
-def scatter_kept(y: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
-    """``y`` (last dim: the kept outputs ``index``) placed into a zero tensor ``width`` wide along its last dim (the
-    gradient of ``y`` is the output gradient's kept slice)."""
-    return y.new_zeros(*y.shape[:-1], width).index_copy(-1, index, y)
 
 
 class SVDLinear(nn.Module):

@@ -51,11 +51,11 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
         # Recorded as what ran, so that the resolved config prepares the same model again.
         resolved["ffn_groups"] = "channels" if channel_ffns else "singular"
         config = dataclasses.replace(config, ffn_groups=resolved["ffn_groups"])
-    attention = _attention_blocks(model, targets, config)
+    attention, no_attention_channels = _attention_blocks(model, targets, config)
     if config.attention_groups == AUTO:
         resolved["attention_groups"] = "channels" if attention else "singular"
         config = dataclasses.replace(config, attention_groups=resolved["attention_groups"])
-    _log_defaults(model, resolved, config, len(channel_ffns), len(attention))
+    _log_defaults(model, resolved, config, len(channel_ffns), len(attention), no_attention_channels)
     handled_whole = set(channel_ffns) | {p for producers in channel_ffns.values() for p in producers}
     handled_whole |= {name for block in attention for name in block.names}
     targets = {n: layer for n, layer in targets.items() if n not in handled_whole}
@@ -92,7 +92,7 @@ def prepare_model(model: nn.Module, config: RankDynaConfig,
 
 
 def _log_defaults(model: nn.Module, resolved: dict, config: RankDynaConfig, channel_ffn_count: int,
-                  attention_count: int) -> None:
+                  attention_count: int, no_attention_channels: str) -> None:
     """One INFO line with every 'auto' field prepare_model decided, and why."""
     if not resolved:
         return
@@ -100,8 +100,7 @@ def _log_defaults(model: nn.Module, resolved: dict, config: RankDynaConfig, chan
     notes = {"ffn_groups": f"{channel_ffn_count} FFNs pruned by intermediate channels" if channel_ffn_count
              else "singular groups in every matrix: channels need importance='fisher' and known FFN roles",
              "attention_groups": f"{attention_count} attentions pruned by per-head q/k and v/o channels"
-             if attention_count else "singular groups: channels need importance='fisher', BERT/RoBERTa attention "
-             "and its query, key, value and output all targeted"}
+             if attention_count else f"singular groups: {no_attention_channels}"}
     if "untrained_groups" in resolved and kind == "decoder":
         if resolved["untrained_groups"] == "dropped":
             notes["untrained_groups"] = f"target_budget {config.target_budget} <= 0.5"
@@ -129,20 +128,23 @@ def _refuse_sharded(model: nn.Module) -> None:
 
 
 def _attention_blocks(model: nn.Module, targets: dict[str, nn.Module],
-                      config: RankDynaConfig) -> list[AttentionBlock]:
-    """The attentions pruned by q/k and v/o channels: every one for ``attention_groups='channels'`` (an error where
-    they do not apply), none for ``'singular'``. ``'auto'`` takes them where they apply (importance='fisher', a
-    BERT/RoBERTa model, each attention's four layers targeted) and falls back to singular groups elsewhere."""
+                      config: RankDynaConfig) -> tuple[list[AttentionBlock], str]:
+    """The attentions pruned by q/k and v/o channels, and why there are none where there are none: every one for
+    ``attention_groups='channels'`` (an error where they do not apply), none for ``'singular'``. ``'auto'`` takes
+    them where they apply (importance='fisher', a BERT/RoBERTa model, each attention's four layers targeted) and
+    falls back to singular groups elsewhere."""
     if config.attention_groups == "singular":
-        return []
+        return [], "attention_groups='singular'"
     if config.attention_groups == AUTO:
-        if config.importance != "fisher" or not supports_channels(model):
-            return []
+        if config.importance != "fisher":
+            return [], f"channels need importance='fisher', not {config.importance!r}"
+        if not supports_channels(model):
+            return [], f"channels need BERT/RoBERTa attention, not {type(model).__name__}"
         try:
-            return attention_channel_blocks(model, targets)
-        except ValueError:  # target_modules takes some of an attention's layers, or none
-            return []
-    return attention_channel_blocks(model, targets)
+            return attention_channel_blocks(model, targets), ""
+        except ValueError as error:  # target_modules takes some of an attention's layers, or none
+            return [], f"channels do not apply: {error}"
+    return attention_channel_blocks(model, targets), ""
 
 
 def _channel_ffns(model: nn.Module, targets: dict[str, nn.Module], config: RankDynaConfig) -> dict[str, list[str]]:

@@ -3,6 +3,7 @@ v/o channel gates, the shared budget with FFN channels, export, save and fresh-p
 
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
@@ -395,17 +396,22 @@ def test_auto_takes_channels_where_they_apply_and_the_config_round_trips(tmp_pat
     assert RankDynaConfig.from_pretrained(str(tmp_path)).attention_groups == "channels"
 
 
-@pytest.mark.parametrize("model,config", [
-    ("bert", {"importance": "sensitivity", "ffn_groups": "singular"}),  # channels need the Fisher score
-    ("bert", {"target_modules": ["query", "key", "intermediate.dense"]}),  # part of each attention targeted
-    ("llama", {}),  # RoPE: channels do not apply
+@pytest.mark.parametrize("model,config,reason", [
+    ("bert", {"importance": "sensitivity", "ffn_groups": "singular"}, "channels need importance='fisher'"),
+    ("bert", {"target_modules": ["query", "key", "intermediate.dense"]}, "target all four or none of them"),
+    ("llama", {}, "channels need BERT/RoBERTa attention, not LlamaForCausalLM"),  # RoPE
 ])
-def test_auto_falls_back_to_singular_groups_where_channels_do_not_apply(model, config):
+def test_auto_falls_back_to_singular_groups_where_channels_do_not_apply(model, config, reason, caplog):
     built = tiny_bert() if model == "bert" else ARCHITECTURES["llama"].build()
-    prepared = prepare_model(built, RankDynaConfig(**config))
+    with caplog.at_level(logging.INFO, logger="rankdyna_trainer.methods.rankdyna"):
+        prepared = prepare_model(built, RankDynaConfig(**config))
     assert prepared.rankdyna_config.attention_groups == "singular"
     assert not any(isinstance(layer, (OutputGatedLinear, HeadChannelGatedLinear))
                    for layer in gated_layers(prepared).values())
+    logged = [r.getMessage() for r in caplog.records if "attention_groups=" in r.getMessage()]
+    assert len(logged) == 1
+    attention_note = logged[0].split("attention_groups=singular (singular groups: ")[1]
+    assert reason in attention_note
 
 
 @pytest.mark.parametrize("index", [[3, 1], [0, 40], "0,1", [True]])
