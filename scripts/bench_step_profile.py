@@ -1,10 +1,13 @@
 """One training step of the packaged MiniLM, dense against RankDyna with hand-set kept fractions, split into forward,
 backward and optimizer time (medians; the settings take turns step by step in one process).
 
-    python scripts/bench_step_profile.py --kept 1,1 0.25,0.5 0.1,0.2
+    python scripts/bench_step_profile.py --kept 1,1 1,0.5 1,0.33 1,0.2
+    python scripts/bench_step_profile.py --attention_groups singular --kept 1,1 0.25,0.5 0.1,0.2
 
 Each ``--kept S,C`` keeps the leading fraction ``S`` of every factorized matrix's singular groups and ``C`` of every
-FFN's channels (the kept-groups compute path, as training at that allocation runs it).
+channel-pruned layer's channels (the FFNs', and with the default ``--attention_groups auto`` on MiniLM the attentions'
+per-head q/k and v/o channels, so that no matrix is factorized and ``S`` has nothing to act on), on the kept-groups
+compute path, as training at that allocation runs it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def kept_fractions(text: str) -> tuple[float, float]:
     return singular, channels
 
 
-def build(kept: tuple[float, float] | None):
+def build(kept: tuple[float, float] | None, attention_groups: str = "auto"):
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -41,7 +44,7 @@ def build(kept: tuple[float, float] | None):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).train()
     if kept is not None:
-        prepare_model(model, RankDynaConfig())
+        prepare_model(model, RankDynaConfig(attention_groups=attention_groups))
         layers = list(gated_layers(model).values())
         with torch.no_grad():
             for layer in layers:
@@ -59,6 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=40)
     parser.add_argument("--steps", type=int, default=8, help="steps per setting; the first two are not timed")
+    parser.add_argument("--attention_groups", choices=["auto", "singular"], default="auto",
+                        help="RankDynaConfig.attention_groups: 'auto' (the default) is per-head channels on MiniLM")
     args = parser.parse_args(argv)
     if args.steps < 3:
         parser.error(f"--steps must be at least 3 (two warm-up steps), got {args.steps}")
@@ -67,7 +72,8 @@ def main(argv=None) -> int:
 
     ids = torch.randint(1000, 20000, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, 2, (args.batch_size,), generator=torch.Generator().manual_seed(1))
-    settings = {"dense": build(None)} | {f"kept {s:g} / {c:g}": build((s, c)) for s, c in args.kept}
+    settings = {"dense": build(None)} | {f"kept {s:g} / {c:g}": build((s, c), args.attention_groups)
+                                            for s, c in args.kept}
     times = {name: [] for name in settings}
     for step in range(args.steps):
         for name, (model, optimizer) in settings.items():
@@ -80,7 +86,8 @@ def main(argv=None) -> int:
             optimizer.zero_grad()
             if step >= 2:
                 times[name].append((forward - start, backward - forward, time.perf_counter() - backward))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} x {args.seq_len}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} x {args.seq_len}, "
+          f"attention_groups={args.attention_groups}")
     print("| step (s) | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings))
     medians = {n: [statistics.median(t[i] for t in ts) for i in range(3)] for n, ts in times.items()}
     for i, part in enumerate(("forward", "backward", "optimizer (AdamW)")):
