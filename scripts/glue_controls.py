@@ -8,7 +8,7 @@ a subset of tasks. Reads run files only (scripts/benchmark_glue.py writes them);
         --variant "final 0.5=benchmarks/glue_schedule_control"
     python scripts/glue_controls.py --retention_seed 42
     python scripts/glue_controls.py --retention_tasks sst2 mrpc cola
-    python scripts/glue_controls.py --headline          # the README's table: floor, dense, RankDyna and FWSVD
+    python scripts/glue_controls.py --headline          # the README's table: floor, dense, RankDyna, FWSVD
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def parse_args(argv=None):
     parser.add_argument("--retention_tasks", nargs="+", default=None, choices=glue_report.TASK_ORDER,
                         help="average retention over these tasks only (means over seeds)")
     parser.add_argument("--headline", action="store_true",
-                        help="the README's table: per task the floor, dense, RankDyna and FWSVD at each budget")
+                        help="the README's table: the floor, dense, and per budget RankDyna (one round and FWSVD's "
+                        "steps in one run) and FWSVD, mean score per task and average retention")
     args = parser.parse_args(argv)
     for variant in args.variant:
         if "=" not in variant or not variant.partition("=")[0]:

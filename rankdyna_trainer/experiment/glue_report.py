@@ -482,36 +482,48 @@ def _score_table(summary: dict, tasks: list[str]) -> list[str]:
     return lines
 
 
-def headline_table(summary: dict, methods: tuple[str, ...] = ("rankdyna", "fwsvd"),
+HEADLINE_ROWS = {"rankdyna": "RankDyna, one round", "rankdyna_equal": "RankDyna, FWSVD's steps in one run",
+                 "fwsvd": "FWSVD, two rounds"}
+
+
+def headline_table(summary: dict, methods: tuple[str, ...] = tuple(HEADLINE_ROWS),
                    budgets: tuple[float, ...] = (0.5, 0.33, 0.2)) -> list[str]:
-    """A short table for the README: per task the floor, dense and each method's mean score at each budget, then the
-    average retention against dense per method and budget."""
-    tasks = _ordered_tasks(summary["majority"])
-    columns = [(m, b) for m in methods for b in budgets]
-    names = {"rankdyna": "RankDyna", "fwsvd": "FWSVD"}
-    lines = ["| task | floor | dense | " + " | ".join(f"{names.get(m, m)} {b:g}" for m, b in columns) + " |",
-             "|" + "---|" * (3 + len(columns))]
-    runs, kept = summary["runs"], retention(summary)
-    for task in tasks:
-        cells = [runs.get(f"{m}@{b:g}", {}).get(task) for m, b in columns]
-        dense = runs.get("dense@1.0", {}).get(task)
-        lines.append(f"| {task.upper()} | {summary['majority'][task]:.1f} | {dense['mean']:.1f} | " if dense else
-                     f"| {task.upper()} | {summary['majority'][task]:.1f} | — | ")
-        lines[-1] += " | ".join(f"{c['mean']:.1f}" if c else "—" for c in cells) + " |"
-    averages = [kept.get(f"{m}@{b:g}", {}).get("average") for m, b in columns]
-    lines.append("| kept of dense (average) | | 100 % | "
-                 + " | ".join(f"{100 * a:.1f} %" if a is not None else "—" for a in averages) + " |")
+    """A short table for the README: the floor and dense, then per budget one row per method (those with runs), with
+    its mean score per task (the seed count beside a mean of fewer than three) and its average retention against
+    dense: over every task, and over the tasks that decide when one is set apart."""
     from . import glue_targets  # built on this module's helpers
 
+    tasks = _ordered_tasks(summary["majority"])
+    runs, kept = summary["runs"], retention(summary)
     deciding = glue_targets.deciding_tasks(summary)
-    if deciding and len(deciding) < len(tasks):  # the average issue 28's targets use, when a task is set apart
-        names = ", ".join(t.upper() for t in deciding)
-        cells = []
-        for m, b in columns:
-            by_task = kept.get(f"{m}@{b:g}", {})
-            cells.append(f"{100 * statistics.fmean(by_task[t] for t in deciding):.1f} %"
-                         if all(t in by_task for t in deciding) else "—")
-        lines.append(f"| kept of dense (average of {names}) | | 100 % | " + " | ".join(cells) + " |")
+    set_apart = bool(deciding) and len(deciding) < len(tasks)
+    header = ["row", "budget", *(t.upper() for t in tasks), "kept of dense (average)"]
+    if set_apart:
+        header.append(f"kept of dense (average of {', '.join(t.upper() for t in deciding)})")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+             "| floor (constant prediction) | | " + " | ".join(f"{summary['majority'][t]:.1f}" for t in tasks)
+             + " |" + " |" * (len(header) - 2 - len(tasks))]
+
+    def score(cell: dict | None) -> str:
+        if not cell:
+            return "—"
+        return f"{cell['mean']:.1f}" + (f" (n {cell['n']})" if cell["n"] < 3 else "")
+
+    def row(name: str, budget: str, key: str) -> str:
+        by_task, kept_by_task = runs[key], kept.get(key, {})
+        cells = [name, budget, *(score(by_task.get(t)) for t in tasks)]
+        average = kept_by_task.get("average")
+        cells.append(f"{100 * average:.1f} %" if average is not None else "—")
+        if set_apart:
+            cells.append(f"{100 * statistics.fmean(kept_by_task[t] for t in deciding):.1f} %"
+                         if all(t in kept_by_task for t in deciding) else "—")
+        return "| " + " | ".join(cells) + " |"
+
+    if "dense@1.0" in runs:
+        lines.append(row("dense", "1", "dense@1.0"))
+    for budget in budgets:
+        lines += [row(HEADLINE_ROWS.get(m, m), f"{budget:g}", f"{m}@{budget:g}") for m in methods
+                  if f"{m}@{budget:g}" in runs]
     return lines
 
 

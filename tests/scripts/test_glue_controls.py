@@ -1,5 +1,7 @@
 """scripts/glue_controls.py: control folders beside the campaign, and average retention, from run files alone."""
 
+import statistics
+
 import pytest
 
 from tests.experiment.test_glue_report import campaign, run_record, write_runs
@@ -31,7 +33,7 @@ def test_bad_input_is_one_line_naming_what_is_wrong(argv, named, tmp_path, capsy
     assert named in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_headline_table_has_floor_dense_and_both_methods(tmp_path, capsys):
+def test_headline_table_has_floor_dense_and_a_row_per_method_and_budget(tmp_path, capsys):
     from tests.experiment.test_glue_report import run_record
 
     controls = _load_script("glue_controls")
@@ -39,10 +41,17 @@ def test_headline_table_has_floor_dense_and_both_methods(tmp_path, capsys):
                             [("sst2", 84.0), ("mrpc", 85.0), ("cola", 25.0), ("rte", 56.0)]]
     write_runs(tmp_path, records)
     controls.main(["--campaign", str(tmp_path), "--headline"])
-    out = capsys.readouterr().out
-    assert out.startswith("| task | floor | dense | RankDyna 0.5 | RankDyna 0.33 |")
-    assert "| COLA | " in out and "| 25.0 |" in out
-    assert "| kept of dense (average) | | 100 % |" in out
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| row | budget | SST2 | MRPC | COLA | RTE | kept of dense (average) |"
+    assert lines[2] == "| floor (constant prediction) | | 50.9 | 81.2 | 0.0 | 52.7 | |"
+    assert lines[3].startswith("| dense | 1 | ") and lines[3].endswith("| 100.0 % |")
+    # rankdyna@0.5 is dense - 2 on every seed (seed noise -1, 0, +1.5: means 2 / 3 - 0.5 above the task's value);
+    # fwsvd has one seed, which its cells say
+    shift = 1 / 6
+    expected = 100 * statistics.fmean((d - 2 + shift) / (d + shift) for d in (86, 86, 30, 57))
+    assert lines[4] == f"| RankDyna, one round | 0.5 | 84.2 | 84.2 | 28.2 | 55.2 | {expected:.1f} % |"
+    assert lines[5].startswith("| FWSVD, two rounds | 0.5 | 84.0 (n 1) | 85.0 (n 1) | 25.0 (n 1) | 56.0 (n 1) |")
+    assert len(lines) == 6  # no rankdyna_equal runs, no 0.33 / 0.2 rows
 
 
 def test_headline_adds_the_average_of_the_tasks_that_decide_when_one_is_set_apart(tmp_path, capsys):
@@ -56,10 +65,11 @@ def test_headline_adds_the_average_of_the_tasks_that_decide_when_one_is_set_apar
     write_runs(tmp_path, records)
     controls.main(["--campaign", str(tmp_path), "--headline"])
     out = capsys.readouterr().out
-    assert "| kept of dense (average) | | 100 % | — |" in out
-    # rankdyna@0.5 is dense - 2 on every seed: 84/86, 84/86, 28/30 of dense's means
-    expected = 100 * (84 / 86 + 84 / 86 + 28 / 30) / 3
-    assert f"| kept of dense (average of SST2, MRPC, COLA) | | 100 % | {expected:.1f} % |" in out
+    assert out.startswith("| row | budget | SST2 | MRPC | COLA | RTE | kept of dense (average) | kept of dense "
+                          "(average of SST2, MRPC, COLA) |")
+    shift = 1 / 6  # seed noise -1, 0, +1.5: every mean is this above the task's value
+    expected = 100 * statistics.fmean((d - 2 + shift) / (d + shift) for d in (86, 86, 30))
+    assert f"| RankDyna, one round | 0.5 | 84.2 | 84.2 | 28.2 | — | — | {expected:.1f} % |" in out
 
 
 def test_a_variant_folder_counts_its_runs_whatever_row_tag_their_config_gives(tmp_path, capsys):
