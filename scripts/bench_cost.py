@@ -98,9 +98,10 @@ def run_name(model: str, budget: float | None, kind: str = "time") -> str:
 def measure_minilm(args, budget: float | None, memory: bool) -> dict:
     import run_glue
 
-    from rankdyna_trainer.experiment.run_cost import RunCost
+    from rankdyna_trainer import RankDynaCallback
+    from rankdyna_trainer.experiment.run_cost import RunCost, hook_seconds
 
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, hook_seconds(RankDynaCallback, "on_pre_optimizer_step") as hook:
         rows = args.memory_rows if memory else args.train_rows
         argv = shlex.split(MAIN_JOB.format(rows=rows)) + ["--glue_dir", args.glue_dir, "--output_dir", out]
         if budget is not None:
@@ -112,9 +113,19 @@ def measure_minilm(args, budget: float | None, memory: bool) -> dict:
         results = run_glue.main(argv, extra_callbacks=[cost])
         wall = time.perf_counter() - start
         disk = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors"))
-    return {**cost.summary(), "wall_seconds": wall, "command": "python scripts/run_glue.py " + shlex.join(argv[:-2]),
+    return {**cost.summary(), **rankdyna_hook(hook), "wall_seconds": wall,
+            "command": "python scripts/run_glue.py " + shlex.join(argv[:-2]),
             "metric": results["eval"].get("eval_accuracy"), "quality": results.get("quality"),
             "compression": results.get("compression"), "model_bytes_on_disk": disk}
+
+
+def rankdyna_hook(seconds: list[float]) -> dict:
+    """RankDyna's per-step work (its ``on_pre_optimizer_step``: scoring, and reallocation on reallocation steps) at
+    the start, middle and end of the run; empty for a dense run."""
+    from rankdyna_trainer.experiment.run_cost import phase_step_seconds
+
+    return {"rankdyna_hook_seconds": phase_step_seconds(seconds), "rankdyna_hook_total_seconds": sum(seconds)} \
+        if seconds else {}
 
 
 def lm_blocks(args, tokenizer, steps: int):
@@ -135,7 +146,7 @@ def measure_smollm2(args, budget: float | None, memory: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
     from rankdyna_trainer import RankDynaCallback, RankDynaConfig, prepare_model
-    from rankdyna_trainer.experiment.run_cost import RunCost
+    from rankdyna_trainer.experiment.run_cost import RunCost, hook_seconds
     from rankdyna_trainer.methods.rankdyna import kept_params
     from rankdyna_trainer.packaged_models import smollm2_path
 
@@ -152,14 +163,15 @@ def measure_smollm2(args, budget: float | None, memory: bool) -> dict:
         callbacks = [RankDynaCallback(config)]
     cost = RunCost()
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, hook_seconds(RankDynaCallback, "on_pre_optimizer_step") as hook:
         training_args = TrainingArguments(out, max_steps=steps, per_device_train_batch_size=args.lm_batch_size,
                                           learning_rate=5e-5, save_strategy="no", report_to="none", use_cpu=True,
                                           disable_tqdm=True, logging_steps=10, seed=0)
         train = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
         trainer = Trainer(model=model, args=training_args, train_dataset=train, callbacks=callbacks + [cost])
         train_loss = trainer.train().training_loss
-    record = {**cost.summary(), "wall_seconds": time.perf_counter() - start, "train_loss": train_loss}
+    record = {**cost.summary(), **rankdyna_hook(hook), "wall_seconds": time.perf_counter() - start,
+              "train_loss": train_loss}
     if budget is not None:
         layers = list(callbacks[0]._layers)
         record["kept_fraction"] = kept_params(layers) / callbacks[0].budget.dense_params
@@ -245,17 +257,45 @@ def report(args) -> None:
             rows.append(f"| {model} | {name} | {run['wall_seconds']:.0f} | {wall_ratio} | {run['train_seconds']:.0f} "
                         f"| {steps['start']:.3f} / {steps['middle']:.3f} / {steps['end']:.3f} "
                         f"| {peak} | {memory_ratio} | {quality} | {run['peak_bytes'] / 2**20:.0f} |")
-    begin, end = "<!-- bench_cost:begin -->", "<!-- bench_cost:end -->"
-    page = f"{begin}\n{end}\n"  # a new --out page holds the table only
+    parts = step_part_rows(runs)
+    page = "<!-- bench_cost:begin -->\n<!-- bench_cost:end -->\n"  # a new --out page holds the table only
     if os.path.exists(args.out):
         with open(args.out) as f:
             page = f.read()
-    if begin in page and end in page:
-        page = page[:page.index(begin) + len(begin)] + "\n" + "\n".join(rows) + "\n" + page[page.index(end):]
-        with open(args.out, "w") as f:
-            f.write(page)
-    print("\n".join(rows))
+    page = between_markers(between_markers(page, "bench_cost", rows), "bench_cost_parts", parts)
+    with open(args.out, "w") as f:
+        f.write(page)
+    print("\n".join(rows + [""] + parts))
     print(json.dumps({k: v for k, v in summary.items() if k != "targets"}, indent=1))
+
+
+def step_part_rows(runs: dict[str, dict]) -> list[str]:
+    """Where a step's time goes (timed runs that recorded it): medians at the start / middle / end of the run, ms."""
+    rows = ["| model | run | forward, backward, clipping | RankDyna's hook | optimizer | scheduler, zero_grad |",
+            "|---|---|---|---|---|---|"]
+    for run in sorted(runs.values(), key=lambda r: (r["model"], -(r["budget"] or 1.0))):
+        if run.get("kind", "time") != "time" or "step_part_seconds" not in run:
+            continue
+        parts, hook = run["step_part_seconds"], run.get("rankdyna_hook_seconds")
+        # RankDyna's hook runs inside the forward_backward part (it is the first callback); shown apart.
+        forward = {phase: parts["forward_backward"][phase] - (hook[phase] if hook else 0.0) for phase in PHASES}
+        cells = [forward, hook, parts["optimizer"], parts["after"]]
+        name = "dense" if run["budget"] is None else f"RankDyna {run['budget']:g}"
+        rows.append(f"| {run['model']} | {name} | " + " | ".join(
+            " / ".join(f"{1000 * cell[phase]:.0f}" for phase in PHASES) if cell else "" for cell in cells) + " |")
+    return rows if len(rows) > 2 else []
+
+
+PHASES = ("start", "middle", "end")
+
+
+def between_markers(page: str, name: str, rows: list[str]) -> str:
+    """``page`` with the lines between ``<!-- name:begin -->`` and ``<!-- name:end -->`` replaced by ``rows`` (as it
+    was when either marker is missing or there are no rows)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if not rows or begin not in page or end not in page:
+        return page
+    return page[:page.index(begin) + len(begin)] + "\n" + "\n".join(rows) + "\n" + page[page.index(end):]
 
 
 def measure_cell(args, argv, model: str, budget: float | None, kind: str) -> None:

@@ -7,12 +7,18 @@ backward and optimizer time (medians; the settings take turns step by step in on
 Each ``--kept S,C`` keeps the leading fraction ``S`` of every factorized matrix's singular groups and ``C`` of every
 channel-pruned layer's channels (the FFNs', and with the default ``--attention_groups auto`` on MiniLM the attentions'
 per-head q/k and v/o channels, so that no matrix is factorized and ``S`` has nothing to act on), on the kept-groups
-compute path, as training at that allocation runs it.
+compute path, as training at that allocation runs it. ``--ranks_from FILE`` adds the allocation a real run ended
+with (a GLUE campaign run file's ``ranks``, or a run's ``rank_pattern.json``): its kept count per layer, which a global
+allocation spreads unevenly (early layers near full, late ones far below), unlike ``--kept``'s uniform fractions.
+
+    python scripts/bench_step_profile.py --kept 1,0.5 \
+        --ranks_from benchmarks/glue_protocol/sst2/rankdyna_b0.5_seed1.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -32,12 +38,43 @@ def kept_fractions(text: str) -> tuple[float, float]:
     return singular, channels
 
 
-def build(kept: tuple[float, float] | None, attention_groups: str = "auto"):
+def read_ranks(path: str) -> dict[str, int]:
+    """Kept groups per gated layer from a campaign run file or a ``rank_pattern.json`` (both keep them under
+    ``ranks``)."""
+    with open(path) as f:
+        ranks = json.load(f).get("ranks")
+    if not isinstance(ranks, dict) or not ranks:
+        raise ValueError(f"--ranks_from {path}: no 'ranks' mapping of layer names to kept counts")
+    return ranks
+
+
+def set_gates(layers: dict, kept) -> None:
+    """Gates keeping the leading groups of each layer: ``kept`` as (singular, channel) fractions, or kept counts by
+    layer name (which groups are kept does not change the cost, only how many)."""
+    import torch
+
+    from rankdyna_trainer.methods.rankdyna import SVDLinear
+
+    if isinstance(kept, dict) and set(kept) != set(layers):
+        missing, unknown = sorted(set(layers) - set(kept)), sorted(set(kept) - set(layers))
+        raise ValueError(f"--ranks_from: its layers ({len(kept)}) are not this model's gated layers ({len(layers)}); "
+                         f"missing: {missing[:3]}, unknown: {unknown[:3]}")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            if isinstance(kept, dict):
+                count = kept[name]
+            else:
+                count = max(1, int((kept[0] if isinstance(layer, SVDLinear) else kept[1]) * layer.gate.numel()))
+            layer.gate.zero_()
+            layer.gate[:count] = 1
+
+
+def build(kept: tuple[float, float] | dict[str, int] | None, attention_groups: str = "auto"):
     import torch
     from transformers import AutoModelForSequenceClassification
 
     from rankdyna_trainer import RankDynaConfig, prepare_model
-    from rankdyna_trainer.methods.rankdyna import SVDLinear, gated_layers
+    from rankdyna_trainer.methods.rankdyna import gated_layers
     from rankdyna_trainer.methods.rankdyna.kept_compute import KeptCompute
     from rankdyna_trainer.packaged_models import minilm_path
 
@@ -45,13 +82,9 @@ def build(kept: tuple[float, float] | None, attention_groups: str = "auto"):
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).train()
     if kept is not None:
         prepare_model(model, RankDynaConfig(attention_groups=attention_groups))
-        layers = list(gated_layers(model).values())
-        with torch.no_grad():
-            for layer in layers:
-                fraction = kept[0] if isinstance(layer, SVDLinear) else kept[1]
-                layer.gate.zero_()
-                layer.gate[:max(1, int(fraction * layer.gate.numel()))] = 1
-        KeptCompute(model, layers).use_kept(True)
+        layers = gated_layers(model)
+        set_gates(layers, kept)
+        KeptCompute(model, list(layers.values())).use_kept(True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     return model, optimizer
 
@@ -59,6 +92,8 @@ def build(kept: tuple[float, float] | None, attention_groups: str = "auto"):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kept", nargs="+", type=kept_fractions, default=[(1.0, 1.0), (0.25, 0.5), (0.1, 0.2)])
+    parser.add_argument("--ranks_from", nargs="*", default=[], metavar="FILE",
+                        help="also profile the allocation a run ended with (a campaign run file or rank_pattern.json)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=40)
     parser.add_argument("--steps", type=int, default=8, help="steps per setting; the first two are not timed")
@@ -67,6 +102,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 3:
         parser.error(f"--steps must be at least 3 (two warm-up steps), got {args.steps}")
+    try:
+        allocations = {f"ranks of {os.path.basename(path)}": read_ranks(path) for path in args.ranks_from}
+    except OSError as error:
+        parser.error(f"--ranks_from: cannot read {error.filename}: {error.strerror}")
+    except ValueError as error:
+        parser.error(str(error))
 
     import torch
 
@@ -74,6 +115,7 @@ def main(argv=None) -> int:
     labels = torch.randint(0, 2, (args.batch_size,), generator=torch.Generator().manual_seed(1))
     settings = {"dense": build(None)} | {f"kept {s:g} / {c:g}": build((s, c), args.attention_groups)
                                             for s, c in args.kept}
+    settings |= {name: build(ranks, args.attention_groups) for name, ranks in allocations.items()}
     times = {name: [] for name in settings}
     for step in range(args.steps):
         for name, (model, optimizer) in settings.items():

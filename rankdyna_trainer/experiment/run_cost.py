@@ -7,6 +7,7 @@ on a GPU it is ``torch.cuda.max_memory_allocated`` over training.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 import time
@@ -48,7 +49,10 @@ def reset_peak_rss() -> bool:
 class RunCost(TrainerCallback):
     """Records each optimizer step's wall time and the peak memory from ``on_train_begin`` to ``on_train_end``.
 
-    Add it after the method's own callback so the step times include RankDyna's per-step work.
+    Add it after the method's own callback so the step times include RankDyna's per-step work. Each step is also
+    split at the Trainer's hooks (``step_parts``): ``forward_backward`` (on_step_begin to on_pre_optimizer_step:
+    forward, backward, gradient clipping, and the pre-optimizer hooks of callbacks that run before this one, such as
+    RankDyna's scoring and reallocation), ``optimizer`` (``optimizer.step()``) and ``after`` (scheduler, zero_grad).
     """
 
     def __init__(self):
@@ -59,7 +63,9 @@ class RunCost(TrainerCallback):
         self.start_bytes: int | None = None
         self.step_cpu_seconds: list[float] = []
         self.train_cpu_seconds: float | None = None
+        self.step_parts: dict[str, list[float]] = {"forward_backward": [], "optimizer": [], "after": []}
         self._step_start = self._train_start = self._step_cpu = self._train_cpu = 0.0
+        self._pre_optimizer = self._optimizer_done = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
@@ -75,10 +81,19 @@ class RunCost(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_start, self._step_cpu = time.perf_counter(), time.process_time()
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._pre_optimizer = _synchronized_clock()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self._optimizer_done = _synchronized_clock()
+
     def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.step_seconds.append(time.perf_counter() - self._step_start)
+        end = _synchronized_clock()
+        self.step_seconds.append(end - self._step_start)
+        for part, seconds in (("forward_backward", self._pre_optimizer - self._step_start),
+                              ("optimizer", self._optimizer_done - self._pre_optimizer),
+                              ("after", end - self._optimizer_done)):
+            self.step_parts[part].append(seconds)
         # CPU time of this process (all its threads): the work done, less sensitive than wall time to other load.
         self.step_cpu_seconds.append(time.process_time() - self._step_cpu)
 
@@ -93,7 +108,36 @@ class RunCost(TrainerCallback):
                 "steps": len(self.step_seconds), "step_seconds": phase_step_seconds(self.step_seconds),
                 "step_cpu_seconds": phase_step_seconds(self.step_cpu_seconds), "peak_bytes": self.peak_bytes,
                 "start_bytes": self.start_bytes, "memory_kind": self.memory_kind,
+                "step_part_seconds": {part: phase_step_seconds(times) for part, times in self.step_parts.items()},
                 "all_step_seconds": self.step_seconds, "all_step_cpu_seconds": self.step_cpu_seconds}
+
+
+def _synchronized_clock() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+@contextlib.contextmanager
+def hook_seconds(callback_class: type, hook: str):
+    """Time every call of ``callback_class.<hook>`` (e.g. RankDyna's ``on_pre_optimizer_step``) within the block:
+    yields the list the call times are appended to. A benchmark's instrument, for a callback it does not construct
+    itself (``scripts/run_glue.py`` builds RankDyna's); the class is restored on exit."""
+    original = getattr(callback_class, hook)
+    seconds: list[float] = []
+
+    def timed(self, *args, **kwargs):
+        start = _synchronized_clock()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            seconds.append(_synchronized_clock() - start)
+
+    setattr(callback_class, hook, timed)
+    try:
+        yield seconds
+    finally:
+        setattr(callback_class, hook, original)
 
 
 def phase_step_seconds(step_seconds: list[float]) -> dict[str, float]:

@@ -4,7 +4,7 @@ import pytest
 from transformers import Trainer, TrainingArguments
 
 from rankdyna_trainer import RankDynaCallback, RankDynaConfig, prepare_model
-from rankdyna_trainer.experiment.run_cost import RunCost, phase_step_seconds
+from rankdyna_trainer.experiment.run_cost import RunCost, hook_seconds, phase_step_seconds
 from tests.conftest import random_classification_dataset, tiny_bert
 
 
@@ -14,14 +14,24 @@ def test_records_every_optimizer_step_and_the_training_peak(tmp_path):
     cost = RunCost()
     args = TrainingArguments(str(tmp_path), max_steps=12, per_device_train_batch_size=8, gradient_accumulation_steps=2,
                              save_strategy="no", report_to=[], use_cpu=True)
-    Trainer(model=model, args=args, train_dataset=random_classification_dataset(),
-            callbacks=[RankDynaCallback(config), cost]).train()
+    with hook_seconds(RankDynaCallback, "on_pre_optimizer_step") as rankdyna_seconds:
+        Trainer(model=model, args=args, train_dataset=random_classification_dataset(),
+                callbacks=[RankDynaCallback(config), cost]).train()
+    assert RankDynaCallback.on_pre_optimizer_step.__name__ == "on_pre_optimizer_step"  # the class is restored
     summary = cost.summary()
     assert summary["steps"] == 12 and len(summary["all_step_cpu_seconds"]) == 12  # optimizer steps, not micro-batches
     assert all(t > 0 for t in summary["all_step_seconds"])
     assert summary["train_seconds"] >= sum(summary["all_step_seconds"])
     assert summary["peak_bytes"] >= summary["start_bytes"] > 0
     assert set(summary["step_seconds"]) == {"start", "middle", "end"}
+    # The parts tile each step; RankDyna's pre-optimizer hook (once per optimizer step) runs inside the first.
+    parts = cost.step_parts
+    assert set(summary["step_part_seconds"]) == set(parts) == {"forward_backward", "optimizer", "after"}
+    for i, total in enumerate(summary["all_step_seconds"]):
+        assert all(parts[p][i] > 0 for p in parts)
+        assert sum(parts[p][i] for p in parts) == pytest.approx(total, rel=1e-6)
+    assert len(rankdyna_seconds) == 12
+    assert all(0 < r < fb for r, fb in zip(rankdyna_seconds, parts["forward_backward"]))
 
 
 def test_phase_medians_come_from_their_part_of_the_run():

@@ -6,6 +6,8 @@ import pytest
 
 from .test_glue_table import _load_script
 
+PHASES = ("start", "middle", "end")
+
 
 @pytest.mark.parametrize("argv, named", [(["--budgets", "1.5"], "--budgets"), (["--lm_steps", "3"], "--lm_steps"),
                                          (["--glue_dir", "/no/such/folder"], "--glue_dir")])
@@ -62,7 +64,11 @@ def test_ratios_and_page_are_rebuilt_from_the_run_files(tmp_path):
     bench = _load_script("bench_cost")
     runs = tmp_path / "runs"
     runs.mkdir()
-    for run in [_run("minilm", None, 600.0, 9, metric=0.87), _run("minilm", 0.5, 420.0, 9, metric=0.86),
+    parts = {"forward_backward": {"start": 0.5, "middle": 0.4, "end": 0.3}, "optimizer": {p: 0.07 for p in PHASES},
+             "after": {p: 0.001 for p in PHASES}}
+    hook = {"start": 0.002, "middle": 0.05, "end": 0.0}
+    for run in [_run("minilm", None, 600.0, 9, metric=0.87),
+                _run("minilm", 0.5, 420.0, 9, metric=0.86, step_part_seconds=parts, rankdyna_hook_seconds=hook),
                 _run("minilm", 0.2, 300.0, 9, metric=0.84), _run("smollm2", None, 100.0, 9, train_loss=3.0),
                 _run("smollm2", 0.5, 90.0, 9, train_loss=3.2), _run("minilm", None, 60.0, 1000, "memory", metric=0.8),
                 _run("minilm", 0.5, 50.0, 1050, "memory", metric=0.8),
@@ -72,14 +78,18 @@ def test_ratios_and_page_are_rebuilt_from_the_run_files(tmp_path):
         name = bench.run_name(run["model"], run["budget"], run["kind"])
         (runs / f"{name}.json").write_text(json.dumps(run))
     page = tmp_path / "cost.md"
-    page.write_text("# Cost\n<!-- bench_cost:begin -->\nold\n<!-- bench_cost:end -->\nafter\n")
+    page.write_text("# Cost\n<!-- bench_cost:begin -->\nold\n<!-- bench_cost:end -->\nafter\n"
+                    "<!-- bench_cost_parts:begin -->\nold parts\n<!-- bench_cost_parts:end -->\n")
     bench.main(["--report_only", "--results_dir", str(runs), "--json", str(tmp_path / "cost.json"),
                 "--out", str(page)])
     cost = json.loads((tmp_path / "cost.json").read_text())
     assert cost["run_ratio"] == {"0.5": 0.7, "0.2": 0.5} and cost["lm_run_ratio"] == {"0.5": 0.9}
     assert cost["peak_memory_ratio"] == {"minilm": 1.05, "smollm2": 0.95}
     text = page.read_text()
-    assert "old" not in text and text.endswith("after\n")
+    assert "old" not in text and "after\n<!-- bench_cost_parts:begin -->" in text
+    # RankDyna's hook is shown apart from the forward/backward part it ran inside; runs without parts have no row.
+    assert "| minilm | RankDyna 0.5 | 498 / 350 / 300 | 2 / 50 / 0 | 70 / 70 / 70 | 1 / 1 / 1 |" in text
+    assert "| minilm | dense | 6" not in text.split("bench_cost_parts:begin")[1]
     assert "| minilm | RankDyna 0.2 | 300 | 0.50 |" in text and "| smollm2 | RankDyna 0.5 | 90 | 0.90 |" in text
     assert "| 1040 | 1.04 | 84.0 |" in text  # peak memory from the memory run, quality from the timed one
     bench.main(["--report_only", "--results_dir", str(runs), "--json", str(tmp_path / "new.json"),
@@ -96,6 +106,30 @@ def test_step_profile_bad_flags_are_one_line(argv, named, capsys):
         profile.main(argv)
     assert stopped.value.code == 2
     assert named in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_step_profile_ranks_from_needs_a_file_with_ranks(tmp_path, capsys):
+    profile = _load_script("bench_step_profile")
+    (tmp_path / "run.json").write_text(json.dumps({"score": 80.0}))
+    for path in (tmp_path / "run.json", tmp_path / "missing.json"):
+        with pytest.raises(SystemExit) as stopped:
+            profile.main(["--ranks_from", str(path)])
+        assert stopped.value.code == 2
+        assert "--ranks_from" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_step_profile_sets_a_run_allocation_layer_by_layer():
+    from rankdyna_trainer.methods.rankdyna import gated_layers, rank_pattern
+
+    profile = _load_script("bench_step_profile")
+    model, _ = profile.build((1.0, 0.5))
+    ranks = rank_pattern(model)
+    first, last = list(ranks)[0], list(ranks)[-1]
+    ranks[first], ranks[last] = 3, gated_layers(model)[last].gate.numel()  # uneven, as a global allocation is
+    rebuilt, _ = profile.build(ranks)
+    assert rank_pattern(rebuilt) == ranks
+    with pytest.raises(ValueError, match="missing: .*" + first.replace(".", r"\.")):
+        profile.build({name: rank for name, rank in ranks.items() if name != first})
 
 
 @pytest.mark.parametrize("argv, named", [(["--weights", "0", "1.5"], "--weights"), (["--steps", "4"], "--steps"),

@@ -11,6 +11,9 @@ get a zero gradient, as they did under the 0 gate.
 
 Only the gate gradients of masked groups are lost on a kept-only step, and they are what lets a masked group come
 back. So on *scoring* steps (``RankDynaConfig.masked_group_scoring``) the layers run every group again.
+
+Gathering has a cost of its own (copies of the kept weights, their gradients copied back, scattered attention
+outputs), so a layer that keeps most of its groups stays on the plain path: the same model, cheaper there.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ from torch import nn
 from ...host_memory import trim_freed_heap
 from .layer import ChannelGroups, SVDLinear
 
+# A layer keeping more than this fraction of its groups runs the plain (gated, all-groups) path. One MiniLM training
+# step with every gated layer at the same kept fraction costs 1.07 / 1.02 / 0.94 / 0.86 of dense at 0.95 / 0.9 / 0.8 /
+# 0.7 kept on the kept path, against 1.00 on the plain path (`scripts/bench_step_profile.py --kept 1,1 1,0.95 1,0.9
+# 1,0.8 1,0.7`, 2-core CPU, docs/cost.md): break-even near 0.88.
+KEPT_PATH_MAX_FRACTION = 0.85
+
 
 class KeptCompute:
     """The kept-group indices of a model's gated layers, recomputed after each change of the gates.
@@ -29,8 +38,10 @@ class KeptCompute:
     changes; switching between the kept-only and the all-groups path (``use_kept``) is host-side only.
     """
 
-    def __init__(self, model: nn.Module, layers: list[SVDLinear | ChannelGroups]):
+    def __init__(self, model: nn.Module, layers: list[SVDLinear | ChannelGroups],
+                 max_kept_fraction: float = KEPT_PATH_MAX_FRACTION):
         self.layers = layers
+        self.max_kept_fraction = max_kept_fraction  # above it (or keeping every group) a layer runs the plain path
         # A channel layer without a kept-groups path (computes_kept False) would run gated on every step.
         self.computes_kept = [getattr(l, "computes_kept", True) for l in layers]
         self.producers = [[model.get_submodule(p) for p in l.producers]
@@ -57,13 +68,13 @@ class KeptCompute:
         positions = torch.cat(parts).nonzero().flatten()  # host sync 1
         bounds = torch.searchsorted(positions, sizes).tolist()  # host sync 2
         kept = [positions[bounds[i]:bounds[i + 1]] - sizes[i] for i in range(len(parts))]
-        whole = [bounds[i + 1] - bounds[i] == p.numel() for i, p in enumerate(parts)]
-        # A layer that keeps every group stays on its plain path: gathering all of it would only add copies.
         self._indices, i = [], 0
         for layer, computes in zip(self.layers, self.computes_kept):
             width = 2 if isinstance(layer, SVDLinear) else 1
             index = (kept[i], kept[i + 1]) if width == 2 else kept[i]
-            self._indices.append(None if all(whole[i:i + width]) or not computes else index)
+            count, total = sum(k.numel() for k in kept[i:i + width]), sum(p.numel() for p in parts[i:i + width])
+            gathers = computes and count < total and count <= self.max_kept_fraction * total
+            self._indices.append(index if gathers else None)
             i += width
         self.use_kept(self._kept_only)
         if parts[0].device.type == "cpu":

@@ -244,7 +244,7 @@ def test_kept_path_of_the_attention_equals_its_gated_path(attn_implementation):
     inputs = dict(input_ids=_probe(), attention_mask=attention_mask, labels=torch.tensor([0, 1]))
     full_logits, full_loss, full_grads, full_gate_grads = _step(model, layers, inputs)
 
-    kept = KeptCompute(model, layers)
+    kept = KeptCompute(model, layers, max_kept_fraction=1.0)  # every partly kept layer gathers, however much it keeps
     kept.use_kept(True)
     names = {layer: name for name, layer in gated_layers(model).items()}
     by_name = {name: layer for layer, name in names.items()}
@@ -294,7 +294,7 @@ def test_kept_path_multiplies_only_the_kept_attention_channels():
     probe = _probe()
 
     def flops(kept_only: bool) -> int:
-        kept = KeptCompute(model, layers)
+        kept = KeptCompute(model, layers, max_kept_fraction=1.0)  # layer 1 keeps 30 and 31 of 32: gathered too
         kept.use_kept(kept_only)
         with FlopCounterMode(display=False) as counter:
             model(input_ids=probe).logits.sum().backward()

@@ -6,7 +6,7 @@ from transformers import Trainer, TrainingArguments
 
 from rankdyna_trainer import RankDynaCallback, RankDynaConfig, prepare_model
 from rankdyna_trainer.methods.rankdyna import ChannelGatedLinear, SVDLinear, gated_layers
-from rankdyna_trainer.methods.rankdyna.kept_compute import KeptCompute
+from rankdyna_trainer.methods.rankdyna.kept_compute import KEPT_PATH_MAX_FRACTION, KeptCompute
 from rankdyna_trainer.methods.rankdyna.layer import ChannelProducerConv1D, ChannelProducerLinear
 from tests.conftest import random_classification_dataset, tiny_bert
 from tests.tiny_models import ARCHITECTURES, example_inputs
@@ -68,6 +68,24 @@ def test_kept_path_gives_the_same_outputs_and_kept_gradients(arch):
     kept.clear()
     assert all(l.kept_index is None for l in layers)
     torch.testing.assert_close(_loss_and_grads(model, layers, inputs)[0], full_logits)
+
+
+def test_a_layer_keeping_most_of_its_groups_stays_on_the_plain_path():
+    model, layers = _prepared_with_random_masks("bert")
+    kept = KeptCompute(model, layers)
+    channel = next(l for l in layers[2:] if isinstance(l, ChannelGatedLinear))
+    n = channel.gate.numel()
+    for fraction, gathers in ((KEPT_PATH_MAX_FRACTION, True), (KEPT_PATH_MAX_FRACTION + 2 / n, False), (1.0, False)):
+        channel.gate.zero_()
+        channel.gate[:int(fraction * n)] = 1
+        kept.refresh()
+        kept.use_kept(True)
+        assert (channel.kept_index is not None) == gathers, fraction
+    # On the plain path the layer is the same model: masked groups are multiplied by their zero gate.
+    inputs = example_inputs(ARCHITECTURES["bert"].task)
+    on_kept_path = _loss_and_grads(model, layers, inputs)[0]
+    kept.use_kept(False)
+    torch.testing.assert_close(on_kept_path, _loss_and_grads(model, layers, inputs)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_refresh_follows_new_gates():
