@@ -13,6 +13,13 @@ allocation spreads unevenly (early layers near full, late ones far below), unlik
 
     python scripts/bench_step_profile.py --kept 1,0.5 \
         --ranks_from benchmarks/glue_protocol/sst2/rankdyna_b0.5_seed1.json
+
+``--schedule_bound B ...`` then prints, per target budget ``B``, the mean step cost over the main job's run (500
+optimizer steps, the encoder defaults' schedule) if every step cost what this profile measured at its kept fraction
+(``rankdyna_trainer.experiment.run_cost.schedule_step_cost``): what the schedule allows, whatever else the run does.
+It needs ``--kept`` points ``1,C`` from the lowest budget up to ``1,1``.
+
+    python scripts/bench_step_profile.py --kept 1,1 1,0.9 1,0.8 1,0.7 1,0.5 1,0.33 1,0.2 --schedule_bound 0.5 0.33 0.2
 """
 
 from __future__ import annotations
@@ -94,6 +101,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kept", nargs="+", type=kept_fractions, default=[(1.0, 1.0), (0.25, 0.5), (0.1, 0.2)])
     parser.add_argument("--ranks_from", nargs="*", default=[], metavar="FILE",
                         help="also profile the allocation a run ended with (a campaign run file or rank_pattern.json)")
+    parser.add_argument("--schedule_bound", nargs="*", type=float, default=[], metavar="B",
+                        help="target budgets whose run-level step cost to estimate from the --kept 1,C points")
+    parser.add_argument("--total_steps", type=int, default=500, help="--schedule_bound: the run's optimizer steps")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=40)
     parser.add_argument("--steps", type=int, default=8, help="steps per setting; the first two are not timed")
@@ -102,6 +112,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 3:
         parser.error(f"--steps must be at least 3 (two warm-up steps), got {args.steps}")
+    channel_points = sorted(c for s, c in args.kept if s == 1.0)
+    for budget in args.schedule_bound:
+        if not 0 < budget < 1 or not channel_points or channel_points[-1] != 1.0 or channel_points[0] > budget:
+            parser.error(f"--schedule_bound {budget:g}: needs a budget in (0, 1) and --kept points 1,C from {budget:g} "
+                         f"up to 1,1 (got 1,C for C in {channel_points})")
     try:
         allocations = {f"ranks of {os.path.basename(path)}": read_ranks(path) for path in args.ranks_from}
     except OSError as error:
@@ -136,7 +151,28 @@ def main(argv=None) -> int:
         print(f"| {part} | " + " | ".join(f"{m[i]:.3f}" for m in medians.values()) + " |")
     dense = sum(medians["dense"])
     print("| total, of dense | " + " | ".join(f"{sum(m) / dense:.2f}" for m in medians.values()) + " |")
+    if args.schedule_bound:
+        step_cost = {c: sum(medians[f"kept 1 / {c:g}"]) / dense for c in channel_points}
+        print(schedule_bounds(step_cost, args.schedule_bound, args.total_steps))
     return 0
+
+
+def schedule_bounds(step_cost: dict[float, float], budgets: list[float], total_steps: int) -> str:
+    """One line per budget: the mean step cost of a run on the encoder defaults' schedule at these step costs."""
+    from rankdyna_trainer import RankDynaConfig
+    from rankdyna_trainer.budget import ParameterBudget
+    from rankdyna_trainer.experiment.run_cost import schedule_step_cost
+    from rankdyna_trainer.methods.rankdyna.defaults import ENCODER, kind_defaults, reallocation_interval_for
+
+    warmup, final = kind_defaults(ENCODER, 0.5)["warmup_fraction"], RankDynaConfig().final_fraction
+    lines = [f"A run of {total_steps} steps at these step costs (warm-up {warmup:g}, final {final:g}, cubic descent, "
+             "reallocation steps run every group):"]
+    for budget in budgets:
+        schedule = ParameterBudget.from_fractions(1, 1.0, budget, total_steps, warmup, final)
+        interval = reallocation_interval_for(schedule.final_start - schedule.warmup_steps)
+        schedule = ParameterBudget.from_fractions(1, 1.0, budget, total_steps, warmup, final, interval)
+        lines.append(f"  budget {budget:g}: {schedule_step_cost(step_cost, schedule):.2f} of dense")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -149,3 +149,33 @@ def phase_step_seconds(step_seconds: list[float]) -> dict[str, float]:
     phases = {"start": (2, max(3, n // 10)), "middle": (int(0.45 * n), max(int(0.45 * n) + 1, int(0.55 * n))),
               "end": (n - max(1, n // 10), n)}
     return {name: statistics.median(step_seconds[a:b]) for name, (a, b) in phases.items()}
+
+
+def schedule_step_cost(step_cost: dict[float, float], budget) -> float:
+    """Mean step cost (a fraction of a dense step) over a RankDyna run on ``budget``'s schedule (a
+    :class:`~rankdyna_trainer.budget.ParameterBudget`), when a step at kept fraction ``f`` costs ``step_cost[f]``
+    (linear between the measured fractions; ``scripts/bench_step_profile.py`` measures them).
+
+    A step runs the allocation of the last reallocation before it (every group, ``f = 1``, until the first); a
+    reallocation step before the target runs every group (masked groups are scored, ``masked_group_scoring``'s
+    default), so it costs ``step_cost[1]``. This is what the schedule allows, with nothing else in the run.
+    """
+    points = sorted(step_cost.items())
+    if points[-1][0] != 1.0 or points[0][0] > budget.target_fraction:
+        raise ValueError(f"step_cost needs kept fractions from the target ({budget.target_fraction}) to 1, got "
+                         f"{[f for f, _ in points]}.")
+
+    def cost(fraction: float) -> float:
+        for (f0, c0), (f1, c1) in zip(points, points[1:]):
+            if f0 <= fraction <= f1:
+                return c0 + (c1 - c0) * (fraction - f0) / (f1 - f0)
+        return points[0][1]
+
+    kept, total = 1.0, 0.0
+    for step in range(budget.total_steps):
+        if budget.is_reallocation_step(step):
+            total += cost(1.0)
+            kept = budget.fraction_at(step)
+        else:
+            total += cost(kept)
+    return total / budget.total_steps

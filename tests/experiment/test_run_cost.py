@@ -39,3 +39,26 @@ def test_phase_medians_come_from_their_part_of_the_run():
     assert phase_step_seconds(times) == {"start": 3.0, "middle": 2.0, "end": 1.0}
     with pytest.raises(ValueError, match="at least 10 steps, got 4"):
         phase_step_seconds([1.0] * 4)
+
+
+def _schedule(target=0.2, warmup=0.3, final=0.2, interval=10):
+    from rankdyna_trainer.budget import ParameterBudget
+
+    return ParameterBudget.from_fractions(1000, 1.0, target, 500, warmup, final, interval)
+
+
+def test_schedule_step_cost_follows_the_schedule():
+    from rankdyna_trainer.experiment.run_cost import schedule_step_cost
+
+    assert schedule_step_cost({0.1: 0.7, 1.0: 0.7}, _schedule()) == pytest.approx(0.7)  # flat costs: the same mean
+    linear = {0.0: 0.0, 1.0: 1.0}
+    warm_up = 150 / 500  # at full cost; then pruning costs between the target's and full
+    final = 100 / 500 * 0.2  # the last allocation's steps at the target
+    assert warm_up + final < schedule_step_cost(linear, _schedule()) < warm_up + final + 250 / 500
+    # A longer warm-up or fewer reallocations (each runs every group) change the mean the right way.
+    assert schedule_step_cost(linear, _schedule(warmup=0.5)) > schedule_step_cost(linear, _schedule())
+    every_step = (150 + 250 + 1 + 99 * 0.2) / 500  # interval 1: every pruning step and the last allocation run all
+    assert schedule_step_cost(linear, _schedule(interval=1)) == pytest.approx(every_step)
+    assert schedule_step_cost(linear, _schedule(interval=10)) < every_step
+    with pytest.raises(ValueError, match=r"from the target \(0.2\) to 1"):
+        schedule_step_cost({0.5: 0.6, 1.0: 1.0}, _schedule())

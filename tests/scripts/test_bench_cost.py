@@ -99,7 +99,9 @@ def test_ratios_and_page_are_rebuilt_from_the_run_files(tmp_path):
 
 @pytest.mark.parametrize("argv, named", [(["--kept", "0.5"], "--kept"), (["--kept", "2,1"], "--kept"),
                                          (["--steps", "2"], "--steps"),
-                                         (["--attention_groups", "heads"], "--attention_groups")])
+                                         (["--attention_groups", "heads"], "--attention_groups"),
+                                         (["--kept", "1,1", "1,0.5", "--schedule_bound", "0.2"], "--schedule_bound"),
+                                         (["--kept", "1,0.2", "--schedule_bound", "0.2"], "--schedule_bound")])
 def test_step_profile_bad_flags_are_one_line(argv, named, capsys):
     profile = _load_script("bench_step_profile")
     with pytest.raises(SystemExit) as stopped:
