@@ -114,7 +114,11 @@ class _KeptDims(nn.Module):
     def _index(self, device: torch.device) -> torch.Tensor:
         tensor = self._index_tensors.get(device)
         if tensor is None:
-            tensor = self._index_tensors[device] = torch.tensor(self.index, dtype=torch.long, device=device)
+            tensor = torch.tensor(self.index, dtype=torch.long, device=device)
+            # While torch.export / torch.compile trace, the tensor is a constant of the graph; caching it then would
+            # be a module attribute assigned during tracing (torch.export warns and drops it).
+            if not torch.compiler.is_compiling():
+                self._index_tensors[device] = tensor
         return tensor
 
 

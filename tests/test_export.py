@@ -64,3 +64,19 @@ def test_exported_layers_keep_a_weight_of_their_own_shape():
     assert layer.weight.shape == (6, 2) and layer.down.weight.shape == (2, 5)
     x = torch.randn(3, 5)
     torch.testing.assert_close(layer(x), x @ (layer.weight @ layer.down.weight).T + layer.bias)
+
+
+def test_kept_dims_layers_trace_without_assigning_attributes():
+    """torch.export (which the ONNX exporter runs) traces the kept-dims index as a graph constant: no module attribute
+    is assigned while tracing (torch.export would warn and drop it), and the exported program computes the same."""
+    import warnings
+
+    from rankdyna_trainer.export import GatheredLinear, ScatteredLinear
+
+    x = torch.randn(3, 6)
+    for layer in (ScatteredLinear(6, [0, 2, 5], 8), GatheredLinear([1, 4], 6, 5)):
+        torch.nn.init.normal_(layer.weight)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            program = torch.export.export(layer, (x,))
+        torch.testing.assert_close(program.module()(x), layer(x))
