@@ -11,9 +11,11 @@ allocation, so it would distort the timed run:
 * ``smollm2``: a causal-LM fine-tune of the packaged SmolLM2-135M on SST-2 sentences packed into blocks, dense and
   with the default ``RankDynaConfig(target_budget=B)``.
 
-Every run writes one JSON under ``--results_dir`` and is skipped when it exists (``--force`` reruns), so the
-benchmark resumes. ``docs/cost.json`` (RankDyna over dense: whole-run ratio per budget on MiniLM, peak-memory ratio
-per model) and ``docs/cost.md`` are rebuilt from the run files after each run.
+After a model's RankDyna runs its dense run is timed once more (``repeat``): the ratios divide by the mean of the
+two dense runs, so that a machine whose speed drifts during the benchmark does not tilt them (the two dense rows show
+by how much it drifted). Every run writes one JSON under ``--results_dir`` and is skipped when it exists (``--force``
+reruns), so the benchmark resumes. ``docs/cost.json`` (RankDyna over dense: whole-run ratio per budget on MiniLM,
+peak-memory ratio per model) and ``docs/cost.md`` are rebuilt from the run files after each run.
 
     python scripts/bench_cost.py                      # both models, budgets 0.5 0.33 0.2
     python scripts/bench_cost.py --report_only
@@ -206,9 +208,18 @@ def load_runs(results_dir: str) -> dict[str, dict]:
     return runs
 
 
+def dense_wall_seconds(runs: dict[str, dict], model: str) -> float | None:
+    """The dense run's wall time: the mean of the run before the RankDyna runs and the one after them (``repeat``),
+    when both exist, so that a machine that speeds up or slows down during the benchmark does not tilt the ratios."""
+    walls = [runs[name]["wall_seconds"] for name in (run_name(model, None), run_name(model, None, "repeat"))
+             if name in runs]
+    return sum(walls) / len(walls) if walls else None
+
+
 def ratios(runs: dict[str, dict]) -> dict:
     """``docs/cost.json``: RankDyna over dense, whole timed run (MiniLM: ``run_ratio``, SmolLM2: ``lm_run_ratio``, per
-    budget) and peak memory of the memory runs (per model, the largest over the budgets)."""
+    budget; dense: :func:`dense_wall_seconds`) and peak memory of the memory runs (per model, the largest over the
+    budgets)."""
     out = {"run_ratio": {}, "lm_run_ratio": {}, "peak_memory_ratio": {}}
     for model, key in (("minilm", "run_ratio"), ("smollm2", "lm_run_ratio")):
         for kind in ("time", "memory"):
@@ -219,7 +230,7 @@ def ratios(runs: dict[str, dict]) -> dict:
                 continue
             if kind == "time":
                 for run in sorted(ours, key=lambda r: r["budget"], reverse=True):
-                    out[key][f"{run['budget']:g}"] = round(run["wall_seconds"] / dense["wall_seconds"], 3)
+                    out[key][f"{run['budget']:g}"] = round(run["wall_seconds"] / dense_wall_seconds(runs, model), 3)
             else:
                 out["peak_memory_ratio"][model] = round(max(r["peak_bytes"] for r in ours) / dense["peak_bytes"], 3)
     return out
@@ -241,19 +252,21 @@ def report(args) -> None:
             "(MiB) | of dense | dev accuracy or train loss | peak RSS of the timed run (MiB) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for model in ("minilm", "smollm2"):
-        dense, dense_memory = runs.get(run_name(model, None)), runs.get(run_name(model, None, "memory"))
+        dense_wall, dense_memory = dense_wall_seconds(runs, model), runs.get(run_name(model, None, "memory"))
         budgets = sorted({r["budget"] for r in runs.values() if r["model"] == model and r["budget"]}, reverse=True)
-        for budget in [None] + budgets:
-            run, memory = runs.get(run_name(model, budget)), runs.get(run_name(model, budget, "memory"))
+        for budget, kind in [(None, "time")] + [(b, "time") for b in budgets] + [(None, "repeat")]:
+            run, memory = runs.get(run_name(model, budget, kind)), runs.get(run_name(model, budget, "memory"))
             if run is None:
                 continue
+            if kind == "repeat":
+                memory = None
             steps = run["step_seconds"]
             quality = (f"{100 * run['metric']:.1f}" if run.get("metric") is not None
                        else f"loss {run['train_loss']:.3f}")
-            wall_ratio = f"{run['wall_seconds'] / dense['wall_seconds']:.2f}" if dense else ""
+            wall_ratio = f"{run['wall_seconds'] / dense_wall:.2f}" if dense_wall else ""
             peak = f"{memory['peak_bytes'] / 2**20:.0f}" if memory else ""
             memory_ratio = f"{memory['peak_bytes'] / dense_memory['peak_bytes']:.2f}" if memory and dense_memory else ""
-            name = "dense" if budget is None else f"RankDyna {budget:g}"
+            name = RUN_LABELS[kind] if budget is None else f"RankDyna {budget:g}"
             rows.append(f"| {model} | {name} | {run['wall_seconds']:.0f} | {wall_ratio} | {run['train_seconds']:.0f} "
                         f"| {steps['start']:.3f} / {steps['middle']:.3f} / {steps['end']:.3f} "
                         f"| {peak} | {memory_ratio} | {quality} | {run['peak_bytes'] / 2**20:.0f} |")
@@ -273,20 +286,22 @@ def step_part_rows(runs: dict[str, dict]) -> list[str]:
     """Where a step's time goes (timed runs that recorded it): medians at the start / middle / end of the run, ms."""
     rows = ["| model | run | forward, backward, clipping | RankDyna's hook | optimizer | scheduler, zero_grad |",
             "|---|---|---|---|---|---|"]
-    for run in sorted(runs.values(), key=lambda r: (r["model"], -(r["budget"] or 1.0))):
-        if run.get("kind", "time") != "time" or "step_part_seconds" not in run:
+    for run in sorted(runs.values(), key=lambda r: (r["model"], r.get("kind") == "repeat", -(r["budget"] or 1.0))):
+        kind = run.get("kind", "time")
+        if kind == "memory" or "step_part_seconds" not in run:
             continue
         parts, hook = run["step_part_seconds"], run.get("rankdyna_hook_seconds")
         # RankDyna's hook runs inside the forward_backward part (it is the first callback); shown apart.
         forward = {phase: parts["forward_backward"][phase] - (hook[phase] if hook else 0.0) for phase in PHASES}
         cells = [forward, hook, parts["optimizer"], parts["after"]]
-        name = "dense" if run["budget"] is None else f"RankDyna {run['budget']:g}"
+        name = RUN_LABELS[kind] if run["budget"] is None else f"RankDyna {run['budget']:g}"
         rows.append(f"| {run['model']} | {name} | " + " | ".join(
             " / ".join(f"{1000 * cell[phase]:.0f}" for phase in PHASES) if cell else "" for cell in cells) + " |")
     return rows if len(rows) > 2 else []
 
 
 PHASES = ("start", "middle", "end")
+RUN_LABELS = {"time": "dense", "repeat": "dense, again after"}
 
 
 def between_markers(page: str, name: str, rows: list[str]) -> str:
@@ -327,6 +342,7 @@ def main(argv=None) -> int:
             for budget in [None] + args.budgets:
                 for kind in ("time", "memory"):
                     measure_cell(args, argv, model, budget, kind)
+            measure_cell(args, argv, model, None, "repeat")  # the dense run again: drift of the machine
     report(args)
     return 0
 

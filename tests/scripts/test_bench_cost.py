@@ -74,7 +74,8 @@ def test_ratios_and_page_are_rebuilt_from_the_run_files(tmp_path):
                 _run("minilm", 0.5, 50.0, 1050, "memory", metric=0.8),
                 _run("minilm", 0.2, 50.0, 1040, "memory", metric=0.8),
                 _run("smollm2", None, 10.0, 4000, "memory", train_loss=3.0),
-                _run("smollm2", 0.5, 9.0, 3800, "memory", train_loss=3.0)]:
+                _run("smollm2", 0.5, 9.0, 3800, "memory", train_loss=3.0),
+                _run("smollm2", None, 80.0, 9, "repeat", train_loss=3.0)]:
         name = bench.run_name(run["model"], run["budget"], run["kind"])
         (runs / f"{name}.json").write_text(json.dumps(run))
     page = tmp_path / "cost.md"
@@ -83,14 +84,16 @@ def test_ratios_and_page_are_rebuilt_from_the_run_files(tmp_path):
     bench.main(["--report_only", "--results_dir", str(runs), "--json", str(tmp_path / "cost.json"),
                 "--out", str(page)])
     cost = json.loads((tmp_path / "cost.json").read_text())
-    assert cost["run_ratio"] == {"0.5": 0.7, "0.2": 0.5} and cost["lm_run_ratio"] == {"0.5": 0.9}
+    # SmolLM2's dense run was timed again after its RankDyna runs: the ratio is over the mean of the two (90 s).
+    assert cost["run_ratio"] == {"0.5": 0.7, "0.2": 0.5} and cost["lm_run_ratio"] == {"0.5": 1.0}
     assert cost["peak_memory_ratio"] == {"minilm": 1.05, "smollm2": 0.95}
     text = page.read_text()
     assert "old" not in text and "after\n<!-- bench_cost_parts:begin -->" in text
     # RankDyna's hook is shown apart from the forward/backward part it ran inside; runs without parts have no row.
     assert "| minilm | RankDyna 0.5 | 498 / 350 / 300 | 2 / 50 / 0 | 70 / 70 / 70 | 1 / 1 / 1 |" in text
     assert "| minilm | dense | 6" not in text.split("bench_cost_parts:begin")[1]
-    assert "| minilm | RankDyna 0.2 | 300 | 0.50 |" in text and "| smollm2 | RankDyna 0.5 | 90 | 0.90 |" in text
+    assert "| minilm | RankDyna 0.2 | 300 | 0.50 |" in text and "| smollm2 | RankDyna 0.5 | 90 | 1.00 |" in text
+    assert "| smollm2 | dense | 100 | 1.11 |" in text and "| smollm2 | dense, again after | 80 | 0.89 |" in text
     assert "| 1040 | 1.04 | 84.0 |" in text  # peak memory from the memory run, quality from the timed one
     bench.main(["--report_only", "--results_dir", str(runs), "--json", str(tmp_path / "new.json"),
                 "--out", str(tmp_path / "new.md")])  # a new page: the table alone
