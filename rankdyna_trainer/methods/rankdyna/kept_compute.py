@@ -27,7 +27,7 @@ from .layer import ChannelGroups, SVDLinear
 # A layer keeping more than this fraction of its groups runs the plain (gated, all-groups) path. One MiniLM training
 # step with every gated layer at the same kept fraction costs 1.07 / 1.02 / 0.94 / 0.86 of dense at 0.95 / 0.9 / 0.8 /
 # 0.7 kept on the kept path, against 1.00 on the plain path (`scripts/bench_step_profile.py --kept 1,1 1,0.95 1,0.9
-# 1,0.8 1,0.7`, 2-core CPU, docs/cost.md): break-even near 0.88.
+# 1,0.8 1,0.7 --steps 10`, 2-core CPU, before this threshold existed; docs/cost.md): break-even near 0.88.
 KEPT_PATH_MAX_FRACTION = 0.85
 
 
