@@ -6,6 +6,7 @@ a subset of tasks. Reads run files only (scripts/benchmark_glue.py writes them);
     python scripts/glue_controls.py --variant "warm-up 0.3=benchmarks/glue_schedule_warmup" \\
         --variant "warm-up 0.5=benchmarks/glue_schedule_warmup0.5" \\
         --variant "final 0.5=benchmarks/glue_schedule_control"
+    python scripts/glue_controls.py --method rankdyna_equal --variant "final 0.4=benchmarks/glue_equal_final0.4"
     python scripts/glue_controls.py --retention_seed 42
     python scripts/glue_controls.py --retention_tasks sst2 mrpc cola
     python scripts/glue_controls.py --headline          # the README's table: floor, dense, RankDyna, FWSVD
@@ -28,6 +29,8 @@ def parse_args(argv=None):
     parser.add_argument("--campaign", default=os.path.join(REPO, "benchmarks", "glue_protocol"))
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FOLDER",
                         help="a column: the run files under FOLDER, headed NAME (repeatable)")
+    parser.add_argument("--method", default="rankdyna", choices=["rankdyna", "rankdyna_equal"],
+                        help="--variant: the row the variants' runs are set beside (and the only runs they show)")
     parser.add_argument("--retention_seed", type=int, default=None, help="average retention from this seed's runs")
     parser.add_argument("--retention_tasks", nargs="+", default=None, choices=glue_report.TASK_ORDER,
                         help="average retention over these tasks only (means over seeds)")
@@ -54,7 +57,7 @@ def main(argv=None):
     if args.variant:
         variants = {name: glue_report.read_run_files(folder)
                     for name, _, folder in (v.partition("=") for v in args.variant)}
-        print("\n".join(glue_report.control_table(campaign, variants)) + "\n")
+        print("\n".join(glue_report.control_table(campaign, variants, method=args.method)) + "\n")
     if args.retention_seed is not None or args.retention_tasks is not None:
         averages = glue_report.average_retention(campaign, args.retention_seed, args.retention_tasks)
         print("| method@budget | average retention |\n|---|---|")
