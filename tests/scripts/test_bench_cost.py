@@ -54,6 +54,19 @@ def test_attention_groups_reach_run_glue(tmp_path, monkeypatch):
     assert "--rankdyna_attention_groups" not in seen[1]  # dense
 
 
+def test_smollm2_run_starts_from_the_decoder_defaults_whitened_svd(tmp_path, caplog):
+    # Without calibration text the decoder default falls back to the plain SVD: the benchmark must pass some, or its
+    # RankDyna rows measure a start no user of the defaults gets.
+    bench = _load_script("bench_cost")
+    args = bench.parse_args(["--models", "smollm2", "--report_only", "--results_dir", str(tmp_path),
+                             "--lm_memory_steps", "10"])  # the fewest steps the schedule can prune in
+    with caplog.at_level("WARNING"):
+        record = bench.measure_smollm2(args, 0.5, memory=True)
+    assert record["init"] == "whitened"
+    assert not [r for r in caplog.records if "calibration_batches" in r.getMessage()]
+    assert 0.45 < record["kept_fraction"] < 1.0
+
+
 def _run(model, budget, wall, peak, kind="time", **extra):
     steps = {"start": wall / 100, "middle": wall / 200, "end": wall / 300}
     return {"model": model, "budget": budget, "kind": kind, "wall_seconds": wall, "train_seconds": wall - 5,
