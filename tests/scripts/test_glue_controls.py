@@ -21,6 +21,18 @@ def test_prints_the_control_table_and_the_retention_of_one_seed(tmp_path, capsys
     assert "| rankdyna@0.5 |" in out and "| svd@0.33 |" not in out  # one task only: no four-task average
 
 
+def test_method_sets_variants_beside_the_equal_step_rows_and_shows_only_those_runs(tmp_path, capsys):
+    controls = _load_script("glue_controls")
+    write_runs(tmp_path / "campaign", campaign() + [run_record("rte", "rankdyna_equal", 0.5, 42, 57.0)])
+    write_runs(tmp_path / "final", [run_record("rte", "rankdyna_equal", 0.5, 42, 58.0),
+                                    run_record("rte", "rankdyna", 0.5, 1, 50.0)])
+    controls.main(["--campaign", str(tmp_path / "campaign"), "--method", "rankdyna_equal",
+                   "--variant", f"final 0.4={tmp_path / 'final'}"])
+    out = capsys.readouterr().out
+    assert "| rankdyna_equal (campaign) | final 0.4 |" in out
+    assert "| 57.0 / · / · | 58.0 / · / · |" in out and "50.0" not in out  # the one-round run is not this row's
+
+
 @pytest.mark.parametrize("argv, named", [(["--variant", "no-equals-sign"], "--variant"),
                                          (["--variant", "x=/no/such/folder"], "/no/such/folder"),
                                          ([], "nothing to print")])
