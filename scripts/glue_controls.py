@@ -21,7 +21,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from rankdyna_trainer.experiment import glue_report  # noqa: E402
+from rankdyna_trainer.experiment import glue_plan, glue_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -29,7 +29,7 @@ def parse_args(argv=None):
     parser.add_argument("--campaign", default=os.path.join(REPO, "benchmarks", "glue_protocol"))
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FOLDER",
                         help="a column: the run files under FOLDER, headed NAME (repeatable)")
-    parser.add_argument("--method", default="rankdyna", choices=["rankdyna", "rankdyna_equal"],
+    parser.add_argument("--method", default="rankdyna", choices=["rankdyna", *glue_plan.EQUAL_WORK],
                         help="--variant: the row the variants' runs are set beside (and the only runs they show)")
     parser.add_argument("--retention_seed", type=int, default=None, help="average retention from this seed's runs")
     parser.add_argument("--retention_tasks", nargs="+", default=None, choices=glue_report.TASK_ORDER,
