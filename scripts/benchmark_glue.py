@@ -48,6 +48,8 @@ from rankdyna_trainer.experiment.glue_plan import (  # noqa: E402  (the plan liv
     method_tag,
     run_path,
 )
+from rankdyna_trainer.experiment.run_cost import RunCost, hook_seconds  # noqa: E402
+from rankdyna_trainer.methods.rankdyna import RankDynaCallback  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------
 # The protocol: one fine-tuning round per task, the same for every method and round. Chosen so that dense is
@@ -265,6 +267,20 @@ def fine_tune(model, data, collator, seed, protocol, device, output_dir, callbac
     return time.perf_counter() - start, result.training_loss
 
 
+def step_cost_record(cost, hook_seconds: list[float]) -> dict:
+    """Where a fine-tune's time went: median step seconds at the start / middle / end of the run, split at the
+    Trainer's hooks (``RunCost``), and RankDyna's own per-step work (empty for other methods), so a run's ``x dense``
+    can be explained from its own file."""
+    from rankdyna_trainer.experiment.run_cost import phase_step_seconds
+
+    def phases(seconds):  # a run too short for three phases (a smoke run) gets its total only
+        return phase_step_seconds(seconds) if len(seconds) >= 10 else {"total": sum(seconds)}
+
+    return {"train_s": cost.train_seconds, "steps": len(cost.step_seconds), "step_s": phases(cost.step_seconds),
+            "step_part_s": {part: phases(times) for part, times in cost.step_parts.items()},
+            "rankdyna_hook_total_s": sum(hook_seconds)}
+
+
 def evaluate(model, data, collator, protocol, device, output_dir) -> dict:
     from transformers import Trainer
 
@@ -417,9 +433,11 @@ class Runner:
                                            optimizer_steps(data, run_protocol), model, rankdyna_options(args))
                 lr = protocol["adalora_learning_rate"] if method == "adalora" else protocol["learning_rate"]
                 model, callbacks = spec.prepare(model, config)
-                counter = glue_plan.step_counter()
-                tune_s, loss = fine_tune(model, data, self.collator, seed, run_protocol, device, work_dir,
-                                         [*callbacks, counter], lr)
+                counter, cost = glue_plan.step_counter(), RunCost()  # last: its steps include the method's hooks
+                with hook_seconds(RankDynaCallback, "on_pre_optimizer_step") as hook:
+                    tune_s, loss = fine_tune(model, data, self.collator, seed, run_protocol, device, work_dir,
+                                             [*callbacks, counter, cost], lr)
+                record["step_cost"] = step_cost_record(cost, hook)
                 config = getattr(model, "rankdyna_config", config)  # RankDyna's, resolved for this model and run
                 record["epochs"], record["optimizer_steps"] = run_protocol["epochs"], counter.steps
                 record["ranks"] = self.trained_ranks(trained, model)

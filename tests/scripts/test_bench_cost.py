@@ -117,7 +117,8 @@ def test_ratios_and_page_are_rebuilt_from_the_run_files(tmp_path):
                                          (["--steps", "2"], "--steps"),
                                          (["--attention_groups", "heads"], "--attention_groups"),
                                          (["--kept", "1,1", "1,0.5", "--schedule_bound", "0.2"], "--schedule_bound"),
-                                         (["--kept", "1,0.2", "--schedule_bound", "0.2"], "--schedule_bound")])
+                                         (["--kept", "1,0.2", "--schedule_bound", "0.2"], "--schedule_bound"),
+                                         (["--warmup_fraction", "1"], "--warmup_fraction")])
 def test_step_profile_bad_flags_are_one_line(argv, named, capsys):
     profile = _load_script("bench_step_profile")
     with pytest.raises(SystemExit) as stopped:
@@ -148,6 +149,26 @@ def test_step_profile_sets_a_run_allocation_layer_by_layer():
     assert rank_pattern(rebuilt) == ranks
     with pytest.raises(ValueError, match="missing: .*" + first.replace(".", r"\.")):
         profile.build({name: rank for name, rank in ranks.items() if name != first})
+
+
+def test_step_profile_times_the_optimizer_a_trainer_builds(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    profile = _load_script("bench_step_profile")
+    model, optimizer = profile.build(None)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-5, report_to=[])
+    built = Trainer(model=model, args=args).create_optimizer()
+    assert type(optimizer) is type(built)
+    for key in ("lr", "betas", "eps", "fused", "foreach"):
+        assert optimizer.defaults.get(key) == built.defaults.get(key), key
+
+
+def test_schedule_bound_follows_the_warmup():
+    profile = _load_script("bench_step_profile")
+    cost = {0.2: 0.5, 0.5: 0.7, 1.0: 1.0}
+    bound = {w: float(profile.schedule_bounds(cost, [0.2], 500, w).splitlines()[1].split(":")[1].split()[0])
+             for w in (0.0, 0.3)}
+    assert bound[0.0] < bound[0.3] <= 1.0
 
 
 @pytest.mark.parametrize("argv, named", [(["--weights", "0", "1.5"], "--weights"), (["--steps", "4"], "--steps"),
