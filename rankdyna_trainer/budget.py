@@ -44,6 +44,7 @@ class ParameterBudget:
     warmup_steps: int
     final_steps: int
     interval: int = 1
+    score_from: int = 0  # the first step whose gradients enter the scores (RankDynaCallback sets it)
 
     @classmethod
     def from_fractions(
@@ -95,8 +96,8 @@ class ParameterBudget:
         return in_pruning and (step - self.warmup_steps) % self.interval == 0
 
     def tracks_scores(self, step: int) -> bool:
-        """Scores are needed up to and including the last allocation."""
-        return step <= self.final_start
+        """Scores are needed from ``score_from`` up to and including the last allocation."""
+        return self.score_from <= step <= self.final_start
 
 
 def check_rank_multiple(value: int, name: str = "rank_multiple") -> None:

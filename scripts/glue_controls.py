@@ -10,6 +10,7 @@ a subset of tasks. Reads run files only (scripts/benchmark_glue.py writes them);
     python scripts/glue_controls.py --retention_seed 42
     python scripts/glue_controls.py --retention_tasks sst2 mrpc cola
     python scripts/glue_controls.py --headline          # the README's table: floor, dense, RankDyna, FWSVD
+    python scripts/glue_controls.py --side_by_side benchmarks/glue_side_by_side benchmarks/glue_side_by_side_dense_after
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from rankdyna_trainer.experiment import glue_plan, glue_report  # noqa: E402
+from rankdyna_trainer.experiment import glue_cost, glue_plan, glue_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -37,21 +38,29 @@ def parse_args(argv=None):
     parser.add_argument("--headline", action="store_true",
                         help="the README's table: the floor, dense, and per budget RankDyna (one round and FWSVD's "
                         "steps in one run) and FWSVD, mean score per task and average retention")
+    parser.add_argument("--side_by_side", nargs="+", default=[], metavar="FOLDER",
+                        help="runs made one after the other (dense, RankDyna, dense again): their wall time over the "
+                        "same window's dense runs, and where each step's time went")
     args = parser.parse_args(argv)
     for variant in args.variant:
         if "=" not in variant or not variant.partition("=")[0]:
             parser.error(f"--variant takes NAME=FOLDER, got {variant!r}")
-    for folder in [args.campaign] + [v.partition("=")[2] for v in args.variant]:
+    for folder in [args.campaign] + [v.partition("=")[2] for v in args.variant] + args.side_by_side:
         if not os.path.isdir(folder):
             parser.error(f"no run folder {folder!r}")
-    if not args.variant and args.retention_seed is None and args.retention_tasks is None and not args.headline:
-        parser.error("nothing to print: give --variant, --retention_seed, --retention_tasks or --headline")
+    if not (args.variant or args.side_by_side or args.headline) and args.retention_seed is None \
+            and args.retention_tasks is None:
+        parser.error("nothing to print: give --variant, --retention_seed, --retention_tasks, --headline or "
+                     "--side_by_side")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     campaign = glue_report.read_run_files(args.campaign)
+    if args.side_by_side:
+        runs = [run for folder in args.side_by_side for run in glue_report.read_run_files(folder)]
+        print("\n".join(glue_cost.side_by_side_table(runs)) + "\n")
     if args.headline:
         print("\n".join(glue_report.headline_table(glue_report.summarize(campaign))) + "\n")
     if args.variant:

@@ -79,6 +79,7 @@ def lead(records: list[dict], summary: dict, method: str, budget: float, tasks: 
     per_task = {t: 100 * statistics.fmean(gaps[t]) / dense[t]["mean"] for t in tasks
                 if gaps.get(t) and dense.get(t, {}).get("mean")}
     return {"pairs": {t: len(gaps.get(t, [])) for t in tasks}, "points": per_task,
+            "gaps": {t: gaps.get(t, []) for t in tasks},
             "average": statistics.fmean(per_task.values()) if tasks and set(per_task) == set(tasks) else None,
             "ahead": [t for t in tasks if per_task.get(t, 0) > 0],
             "complete": bool(tasks) and all(len(gaps.get(t, [])) >= REQUIRED_PAIRS for t in tasks)}
@@ -106,6 +107,14 @@ def lead_cell(result: dict) -> str:
     who = "RankDyna" if result["average"] > 0 else "FWSVD"
     note = "" if result["complete"] else ", provisional"
     return f"**{who}** by {abs(result['average']):.1f} ({_pairs_text(result)}{note})"
+
+
+def _behind_text(result: dict) -> str:
+    """The measured tasks a lead is not ahead on, with the paired score differences per seed: why a per-task
+    target fails, and whether the seeds agree on it (``; behind on MRPC by 0.1: +0.4 / +1.1 / -2.0 by seed``)."""
+    behind = [t for t, points in result["points"].items() if points <= 0]
+    return "".join(f"; behind on {t.upper()} by {-result['points'][t]:.1f}: "
+                   + " / ".join(f"{g:+.1f}" for g in result["gaps"][t]) + " by seed" for t in behind)
 
 
 def _verdict(decided: list[bool | None]) -> str:
@@ -156,7 +165,8 @@ def target_statements(records: list[dict], summary: dict) -> list[str]:
     lines.append(f"- At equal steps, ahead on at least 3 of 4 tasks at {' and '.join(f'{b:g}' for b in MOST_TASKS_AT)}"
                  f" (here {need} of the {len(tasks)} that decide): {_verdict(most)} ("
                  + ", ".join(f"{b:g}: ahead on {len(leads[EQUAL, b]['ahead'])} of "
-                             f"{sum(n > 0 for n in leads[EQUAL, b]['pairs'].values())} measured" for b in MOST_TASKS_AT)
+                             f"{sum(n > 0 for n in leads[EQUAL, b]['pairs'].values())} measured"
+                             + _behind_text(leads[EQUAL, b]) for b in MOST_TASKS_AT)
                  + ").")
 
     low, high = leads[EQUAL, 0.2], leads[EQUAL, 0.5]

@@ -26,7 +26,7 @@ from .defaults import (
     with_values,
 )
 from .distillation import TEACHER_FILE, SelfDistillation
-from .importance import SingularGroupScores
+from .importance import SingularGroupScores, memory_steps
 from .kept_compute import KeptCompute
 from .layer import SVDLinear
 from .model import dense_params, gated_layers, kept_params, layer_ranks, pruned_away, rank_pattern
@@ -93,6 +93,9 @@ class RankDynaCallback(TrainerCallback):
         )
         if config.reallocation_interval == AUTO:
             config = self._resolve_reallocation_interval(config)
+        # Scores are first read at the first reallocation; averages started memory_steps before it are the same.
+        self.budget = dataclasses.replace(
+            self.budget, score_from=max(0, self.budget.warmup_steps - memory_steps(config.beta1, config.beta2)))
         self.config = config
         unwrap_model(model).rankdyna_config = config  # the config this run trains with, for its record and export
         self.scores = SingularGroupScores(self._layers, config.beta1, config.beta2,
@@ -188,6 +191,7 @@ class RankDynaCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.budget is not None:
             self.kept_compute.use_kept(not self.scores_masked_groups(state.global_step))
+            self._score_gates(self.budget.tracks_scores(state.global_step))
         if self.distillation is not None and self.distillation.teacher is None \
                 and state.global_step >= self.budget.warmup_steps:
             self.distillation.take_teacher()  # the dense, task-tuned model, before the first reallocation
@@ -202,6 +206,12 @@ class RankDynaCallback(TrainerCallback):
         self.scores.zero_gate_grads()
         if self.budget.is_reallocation_step(step):
             self.reallocate(self.budget.params_at(step))
+
+    def _score_gates(self, scored: bool) -> None:
+        """Whether this step's forward gives the gates a gradient: a step whose scores nobody reads skips it (and
+        the multiplies by ones around it; layer.gate_for_forward). A host-side flag per layer, no sync."""
+        for layer in self._layers:
+            layer.gate_scored = scored
 
     @torch.no_grad()
     def reallocate(self, budget_params: int) -> None:
@@ -331,6 +341,7 @@ class RankDynaCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.budget is not None:
             self.kept_compute.clear()  # the gates are the user's from here (and load_best_model_at_end's)
+            self._score_gates(True)
         if self.distillation is not None:
             self.distillation.close()  # the model's forward and loss are the user's again; the teacher is freed
         if self._layers:

@@ -14,6 +14,8 @@ Two scores (``RankDynaConfig.importance``):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +24,14 @@ from .layer import SVDLinear
 
 SINGULAR_VALUE_SIGNALS = ("gate", "singular_value")
 IMPORTANCE_SCORES = ("sensitivity", "fisher")
+
+
+def memory_steps(beta1: float, beta2: float) -> int:
+    """Steps after which the scores no longer show an old step: every statistic is an exponential average that keeps
+    ``beta`` of its past per step, so a step this many steps back weighs less than 2**-24 (float32's resolution) of
+    a new one, and scores started this long before they are first read are those of scoring from step 0."""
+    keep = max(beta1, beta2)
+    return 0 if keep <= 0 else math.floor(24 * math.log(2) / -math.log(keep)) + 1  # keep**n < 2**-24
 
 
 def _masked_lerp_(averages: list[torch.Tensor], values: list[torch.Tensor], weight: float,

@@ -75,6 +75,7 @@ class KeptCompute:
             count, total = sum(k.numel() for k in kept[i:i + width]), sum(p.numel() for p in parts[i:i + width])
             gathers = computes and count < total and count <= self.max_kept_fraction * total
             self._indices.append(index if gathers else None)
+            layer.all_groups_kept = count == total  # its gate multiplies by ones only (layer.gate_for_forward)
             i += width
         self.use_kept(self._kept_only)
         if parts[0].device.type == "cpu":
@@ -95,3 +96,5 @@ class KeptCompute:
         """Back to every layer's plain, all-groups forward (training is over, or the gates may change elsewhere)."""
         self.use_kept(False)
         self._indices = None
+        for layer in self.layers:
+            layer.all_groups_kept = False  # not known once the gates are no longer refreshed here

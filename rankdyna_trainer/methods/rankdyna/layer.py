@@ -48,16 +48,24 @@ def register_gate(module: nn.Module, like: torch.Tensor) -> None:
     module.register_buffer("gate", torch.ones_like(like))
     module.register_buffer("gate_grad", torch.zeros_like(like), persistent=False)
     module.register_buffer("gate_fisher", torch.zeros_like(like))
+    # Whether a training step wants the gate's gradient (RankDynaCallback turns it off on the steps that do not
+    # score), and whether every group is kept (set by rankdyna.kept_compute while it manages the gates).
+    module.gate_scored = True
+    module.all_groups_kept = False
 
 
-def gate_for_forward(module: nn.Module) -> torch.Tensor:
-    """``module.gate``; while training, as a fresh leaf whose gradient is summed into ``module.gate_grad``, so
-    gradient accumulation over micro-batches adds up exactly like parameter gradients do."""
-    if not (torch.is_grad_enabled() and module.training):
-        return module.gate
-    gate = module.gate.detach().requires_grad_(True)
-    gate.register_hook(lambda grad: module.gate_grad.add_(grad.to(module.gate_grad.dtype)))
-    return gate
+def gate_for_forward(module: nn.Module, kept_only: bool = False) -> torch.Tensor | None:
+    """The gate as this forward applies it. While a training step scores it (``module.gate_scored``): a fresh leaf
+    whose gradient is summed into ``module.gate_grad``, so gradient accumulation over micro-batches adds up exactly
+    like parameter gradients do. Otherwise the 0/1 buffer, or None where it could only multiply by ones: every group
+    kept (``module.all_groups_kept``), or only the kept groups computed (``kept_only``; their gates are exactly 1).
+    Skipping those multiplies changes no value and saves three weight-sized passes per layer and step, which on
+    short batches is 6-11 % of a step (docs/cost.md)."""
+    if torch.is_grad_enabled() and module.training and module.gate_scored:
+        gate = module.gate.detach().requires_grad_(True)
+        gate.register_hook(lambda grad: module.gate_grad.add_(grad.to(module.gate_grad.dtype)))
+        return gate
+    return None if kept_only or module.all_groups_kept else module.gate
 
 
 class _GatherKept(torch.autograd.Function):
@@ -200,7 +208,8 @@ class SVDLinear(nn.Module):
             return self.effective_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s_eff = self.s * gate_for_forward(self)
+        gate = gate_for_forward(self, kept_only=self.kept_index is not None)
+        s_eff = self.s if gate is None else self.s * gate
         sizes = [self.trainable_rank, self.max_rank - self.trainable_rank]
         pairs = self._factor_pairs() if self.kept_index is None else self._kept_pairs()
         parts = s_eff.split(sizes) if self.kept_index is None else [
@@ -318,11 +327,13 @@ class ChannelGatedLinear(ChannelGroups):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The gate scales the weight's columns rather than the activations: autograd then keeps a weight-sized
         # tensor instead of a copy of the tokens x channels input.
-        gate = gate_for_forward(self).to(self.weight.dtype)
-        if x.shape[-1] == self.in_features:  # every channel (the producers computed them all)
-            return F.linear(x, self.weight * gate, self.bias)
-        kept = self.kept_index
-        return F.linear(x, gather_kept(self.weight, 1, kept) * gate.index_select(0, kept), self.bias)
+        every_channel = x.shape[-1] == self.in_features  # else the producers computed the kept channels only
+        gate = gate_for_forward(self, kept_only=not every_channel)
+        weight = self.weight if every_channel else gather_kept(self.weight, 1, self.kept_index)
+        if gate is not None:
+            gate = gate.to(self.weight.dtype)
+            weight = weight * (gate if every_channel else gate.index_select(0, self.kept_index))
+        return F.linear(x, weight, self.bias)
 
     def gated_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.weight * self.gate.to(self.weight), self.bias
@@ -356,8 +367,10 @@ class HeadChannelGatedLinear(ChannelGatedLinear):
         kept = self.kept_index
         if kept is None:
             return super().forward(x)
-        gate = gate_for_forward(self).to(self.weight.dtype)
-        weight = gather_kept(self.weight, 1, kept) * gate.index_select(0, kept)
+        gate = gate_for_forward(self, kept_only=True)
+        weight = gather_kept(self.weight, 1, kept)
+        if gate is not None:
+            weight = weight * gate.to(self.weight.dtype).index_select(0, kept)
         return F.linear(gather_kept(x, x.dim() - 1, kept), weight, self.bias)
 
     @torch.no_grad()
@@ -394,14 +407,16 @@ class OutputGatedLinear(ChannelGroups):
         return cls(weight, bias, list(producers), cost)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = gate_for_forward(self).to(self.weight.dtype)
         kept = self.kept_index
-        if kept is None:
-            return F.linear(x, self.weight * gate[:, None], None if self.bias is None else self.bias * gate)
-        gate = gate.index_select(0, kept)
-        bias = None if self.bias is None else gather_kept(self.bias, 0, kept) * gate
-        return scatter_kept(F.linear(x, gather_kept(self.weight, 0, kept) * gate[:, None], bias), kept,
-                            self.out_features)
+        gate = gate_for_forward(self, kept_only=kept is not None)
+        weight, bias = (self.weight, self.bias) if kept is None else (
+            gather_kept(self.weight, 0, kept), None if self.bias is None else gather_kept(self.bias, 0, kept))
+        if gate is not None:
+            gate = gate.to(self.weight.dtype)
+            gate = gate if kept is None else gate.index_select(0, kept)
+            weight, bias = weight * gate[:, None], None if bias is None else bias * gate
+        out = F.linear(x, weight, bias)
+        return out if kept is None else scatter_kept(out, kept, self.out_features)
 
     def gated_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         gate = self.gate.to(self.weight)

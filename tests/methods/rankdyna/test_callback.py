@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+import torch
 from transformers import Trainer, TrainingArguments
 
 from rankdyna_trainer import RankDynaCallback, RankDynaConfig, prepare_model, rank_pattern
@@ -71,3 +72,41 @@ def test_config_may_come_from_the_prepared_model(tmp_path):
     spent = sum(matrix_cost(r, l.out_features, l.in_features)
                 for r, l in zip(rank_pattern(model).values(), svd_layers(model).values()))
     assert spent <= 0.6 * dense
+
+
+def test_scores_start_where_the_first_reallocation_still_sees_them(tmp_path, monkeypatch):
+    """Gate gradients are computed only on the steps whose scores are read: from memory_steps before pruning starts
+    (beta 0.5: 25 steps) to the last allocation. The run ends exactly as one that scores from step 0."""
+    from rankdyna_trainer.methods.rankdyna import callback as callback_module
+    from rankdyna_trainer.methods.rankdyna import gated_layers
+    from rankdyna_trainer.methods.rankdyna.importance import memory_steps
+
+    assert memory_steps(0.5, 0.5) == 25 and memory_steps(0.85, 0.85) == 103 and memory_steps(0.0, 0.0) == 0
+
+    def run(folder):
+        config = RankDynaConfig(target_budget=0.4, beta1=0.5, beta2=0.5, warmup_fraction=0.5, final_fraction=0.2,
+                                reallocation_interval=4)
+        model = prepare_model(tiny_bert(), config)
+        scored = {}
+
+        class Probe(RankDynaCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                super().on_step_begin(args, state, control, **kwargs)
+                scored[state.global_step] = {l.gate_scored for l in self._layers}
+
+        args = TrainingArguments(str(folder), max_steps=80, per_device_train_batch_size=8, learning_rate=1e-3,
+                                 save_strategy="no", report_to=[], use_cpu=True, seed=0)
+        Trainer(model=model, args=args, train_dataset=random_classification_dataset(),
+                callbacks=[Probe(config)]).train()
+        return model, scored
+
+    model, scored = run(tmp_path / "a")
+    assert all(flags == {step in range(40 - 25, 64 + 1)} for step, flags in scored.items()), scored
+    assert all(l.gate_scored for l in gated_layers(model).values())  # back to the default after training
+    monkeypatch.setattr(callback_module, "memory_steps", lambda beta1, beta2: 10 ** 6)  # scores from step 0
+    from_zero, scored = run(tmp_path / "b")
+    assert all(flags == {step <= 64} for step, flags in scored.items())
+    layers, layers_from_zero = gated_layers(model), gated_layers(from_zero)
+    for name, layer in layers.items():
+        assert torch.equal(layer.gate, layers_from_zero[name].gate), name
+        torch.testing.assert_close(layer.gate_fisher, layers_from_zero[name].gate_fisher, rtol=1e-5, atol=0)

@@ -7,15 +7,20 @@ from transformers import Trainer, TrainingArguments
 from rankdyna_trainer import RankDynaCallback, RankDynaConfig, prepare_model
 from rankdyna_trainer.methods.rankdyna import ChannelGatedLinear, SVDLinear, gated_layers
 from rankdyna_trainer.methods.rankdyna.kept_compute import KEPT_PATH_MAX_FRACTION, KeptCompute
-from rankdyna_trainer.methods.rankdyna.layer import ChannelProducerConv1D, ChannelProducerLinear
+from rankdyna_trainer.methods.rankdyna.layer import (
+    ChannelProducerConv1D,
+    ChannelProducerLinear,
+    HeadChannelGatedLinear,
+    OutputGatedLinear,
+)
 from tests.conftest import random_classification_dataset, tiny_bert
 from tests.tiny_models import ARCHITECTURES, example_inputs
 
 
-def _prepared_with_random_masks(arch: str, seed: int = 0):
+def _prepared_with_random_masks(arch: str, seed: int = 0, attention_groups: str = "singular"):
     model = ARCHITECTURES[arch].build(seed)
     # factor_budget 0.25 leaves frozen groups beyond the trainable ones, so both factor parts are gathered.
-    prepare_model(model, RankDynaConfig(target_budget=0.5, factor_budget=0.25, attention_groups="singular"))
+    prepare_model(model, RankDynaConfig(target_budget=0.5, factor_budget=0.25, attention_groups=attention_groups))
     layers = list(gated_layers(model).values())
     g = torch.Generator().manual_seed(seed)
     for i, layer in enumerate(layers):
@@ -68,6 +73,34 @@ def test_kept_path_gives_the_same_outputs_and_kept_gradients(arch):
     kept.clear()
     assert all(l.kept_index is None for l in layers)
     torch.testing.assert_close(_loss_and_grads(model, layers, inputs)[0], full_logits)
+
+
+@pytest.mark.parametrize("arch, attention_groups", [("bert", "channels"), ("bert", "singular"), ("llama", "singular"),
+                                                    ("gpt2", "singular")])
+def test_a_step_that_does_not_score_skips_the_gates_and_changes_no_value(arch, attention_groups):
+    """With ``gate_scored`` off (RankDynaCallback's unscored steps) every layer runs without its gate's gradient and
+    without multiplying by ones: bit for bit the same logits and parameter gradients, on both paths."""
+    model, layers = _prepared_with_random_masks(arch, attention_groups=attention_groups)
+    inputs = example_inputs(ARCHITECTURES[arch].task)
+    kept = KeptCompute(model, layers)
+    for kept_only in (False, True):
+        kept.use_kept(kept_only)
+        kept.refresh()
+        assert layers[0].all_groups_kept and not layers[1].all_groups_kept
+        results = {}
+        for scored in (True, False):
+            for layer in layers:
+                layer.gate_scored = scored
+            results[scored] = _loss_and_grads(model, layers, inputs)
+        (logits, grads, gate_grads), (plain_logits, plain_grads, plain_gate_grads) = results[True], results[False]
+        assert torch.equal(plain_logits, logits)
+        assert plain_grads.keys() == grads.keys() and all(torch.equal(plain_grads[n], grads[n]) for n in grads)
+        assert any(g.any() for g in gate_grads) and not any(g.any() for g in plain_gate_grads)
+    kept.clear()  # the gates are no longer refreshed here: every layer multiplies by its gate again
+    assert not any(l.all_groups_kept for l in layers)
+    if attention_groups == "channels":
+        assert any(isinstance(l, HeadChannelGatedLinear) for l in layers)
+        assert any(isinstance(l, OutputGatedLinear) for l in layers)
 
 
 def test_a_layer_keeping_most_of_its_groups_stays_on_the_plain_path():
