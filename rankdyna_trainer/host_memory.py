@@ -5,6 +5,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
+
+# Trim only once the resident set has grown by this factor since the last trim. Trimming hands freed pages back, so
+# the next steps fault them in again: on CoLA at 0.2 (80 reallocations) trimming at every reallocation made the run
+# 120 s -> 139-143 s (docs/cost.md).
+TRIM_GROWTH = 1.25
 
 
 @functools.lru_cache(maxsize=1)
@@ -21,10 +27,39 @@ def trim_freed_heap() -> bool:
 
     A RankDyna run changes its tensors' shapes at every reallocation (the kept-groups path gathers the kept
     columns), and glibc serves each new shape from fresh heap while it keeps the old chunks: the resident set
-    then grows to several times the live memory. Trimming after each reallocation keeps it near the live size.
+    then grows to several times the live memory. :class:`FreedHeapTrim` trims once that growth adds up.
     """
     trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)
     return True
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size (Linux ``/proc/self/statm``), None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class FreedHeapTrim:
+    """Calls :func:`trim_freed_heap` when the resident set has grown by more than ``TRIM_GROWTH`` since the last
+    trim (always the first time): the resident set stays within that factor of its trimmed size, and a run whose
+    shapes keep changing does not pay the page faults of a trim at every change."""
+
+    def __init__(self):
+        self.trimmed_bytes: int | None = None
+        self.trims = 0
+
+    def __call__(self) -> bool:
+        rss = resident_bytes()
+        if rss is None or (self.trimmed_bytes is not None and rss <= TRIM_GROWTH * self.trimmed_bytes):
+            return False
+        if not trim_freed_heap():
+            return False
+        self.trims += 1
+        self.trimmed_bytes = resident_bytes()
+        return True

@@ -278,7 +278,8 @@ def step_cost_record(cost, hook_seconds: list[float]) -> dict:
 
     return {"train_s": cost.train_seconds, "steps": len(cost.step_seconds), "step_s": phases(cost.step_seconds),
             "step_part_s": {part: phases(times) for part, times in cost.step_parts.items()},
-            "rankdyna_hook_total_s": sum(hook_seconds)}
+            "rankdyna_hook_total_s": sum(hook_seconds),
+            "peak_rss_mib": cost.peak_bytes / 2 ** 20 if cost.memory_kind.startswith("peak_rss") else None}
 
 
 def evaluate(model, data, collator, protocol, device, output_dir) -> dict:

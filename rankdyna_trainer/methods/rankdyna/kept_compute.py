@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...host_memory import trim_freed_heap
+from ...host_memory import FreedHeapTrim
 from .layer import ChannelGroups, SVDLinear
 
 # A layer keeping more than this fraction of its groups runs the plain (gated, all-groups) path. One MiniLM training
@@ -49,6 +49,7 @@ class KeptCompute:
                           for l, computes in zip(layers, self.computes_kept)]
         self._indices: list | None = None
         self._kept_only = False
+        self.trim_heap = FreedHeapTrim()
 
     def _gate_parts(self) -> list[torch.Tensor]:
         # An SVDLinear's gate splits into its trainable and its frozen groups (separate factor tensors).
@@ -79,7 +80,7 @@ class KeptCompute:
             i += width
         self.use_kept(self._kept_only)
         if parts[0].device.type == "cpu":
-            trim_freed_heap()  # the previous allocation's gathered shapes (host_memory explains)
+            self.trim_heap()  # the previous allocations' gathered shapes, once they add up (host_memory explains)
 
     def use_kept(self, kept_only: bool) -> None:
         """Kept groups only (``True``) or every group, gated (``False``, needed for masked groups' scores)."""
