@@ -279,6 +279,7 @@ def step_cost_record(cost, hook_seconds: list[float]) -> dict:
     return {"train_s": cost.train_seconds, "steps": len(cost.step_seconds), "step_s": phases(cost.step_seconds),
             "step_part_s": {part: phases(times) for part, times in cost.step_parts.items()},
             "rankdyna_hook_total_s": sum(hook_seconds),
+            "every_step_ms": [round(1000 * t, 1) for t in cost.step_seconds],  # where in the schedule time goes
             "peak_rss_mib": cost.peak_bytes / 2 ** 20 if cost.memory_kind.startswith("peak_rss") else None}
 
 

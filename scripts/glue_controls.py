@@ -11,6 +11,8 @@ a subset of tasks. Reads run files only (scripts/benchmark_glue.py writes them);
     python scripts/glue_controls.py --retention_tasks sst2 mrpc cola
     python scripts/glue_controls.py --headline          # the README's table: floor, dense, RankDyna, FWSVD
     python scripts/glue_controls.py --side_by_side benchmarks/glue_side_by_side benchmarks/glue_side_by_side_dense_after
+    python scripts/glue_controls.py --schedule_cost benchmarks/glue_step_trace/cola/rankdyna_b0.2_seed42.json \
+        benchmarks/glue_step_trace/cola/dense_bna_seed42.json
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def parse_args(argv=None):
     parser.add_argument("--side_by_side", nargs="+", default=[], metavar="FOLDER",
                         help="runs made one after the other (dense, RankDyna, dense again): their wall time over the "
                         "same window's dense runs, and where each step's time went")
+    parser.add_argument("--schedule_cost", nargs=2, default=None, metavar=("RANKDYNA_RUN", "DENSE_RUN"),
+                        help="a RankDyna run file's step times per part of its schedule, over a dense run's same steps")
     args = parser.parse_args(argv)
     for variant in args.variant:
         if "=" not in variant or not variant.partition("=")[0]:
@@ -48,16 +52,27 @@ def parse_args(argv=None):
     for folder in [args.campaign] + [v.partition("=")[2] for v in args.variant] + args.side_by_side:
         if not os.path.isdir(folder):
             parser.error(f"no run folder {folder!r}")
-    if not (args.variant or args.side_by_side or args.headline) and args.retention_seed is None \
+    for path in args.schedule_cost or []:
+        if not os.path.isfile(path):
+            parser.error(f"--schedule_cost: no run file {path!r}")
+    if not (args.variant or args.side_by_side or args.headline or args.schedule_cost) and args.retention_seed is None \
             and args.retention_tasks is None:
-        parser.error("nothing to print: give --variant, --retention_seed, --retention_tasks, --headline or "
-                     "--side_by_side")
+        parser.error("nothing to print: give --variant, --retention_seed, --retention_tasks, --headline, "
+                     "--side_by_side or --schedule_cost")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     campaign = glue_report.read_run_files(args.campaign)
+    if args.schedule_cost:
+        import json
+
+        run, dense = (json.load(open(path)) for path in args.schedule_cost)
+        if "every_step_ms" not in run.get("step_cost", {}) or "every_step_ms" not in dense.get("step_cost", {}):
+            sys.exit("glue_controls.py: --schedule_cost needs run files with step_cost.every_step_ms (written since "
+                     "2026-12-06 17:40)")
+        print("\n".join(glue_cost.schedule_cost_table(run, dense)) + "\n")
     if args.side_by_side:
         runs = [run for folder in args.side_by_side for run in glue_report.read_run_files(folder)]
         print("\n".join(glue_cost.side_by_side_table(runs)) + "\n")

@@ -43,3 +43,43 @@ def side_by_side_table(runs: list[dict]) -> list[str]:
                     f"{run['score']:.1f} | {total:.0f} | {ratio} | {_phases_ms(cost.get('step_s'))} | "
                     f"{_phases_ms((cost.get('step_part_s') or {}).get('forward_backward'))} | {hook} |")
     return rows
+
+
+def schedule_parts(run: dict) -> dict[str, list[int]]:
+    """A RankDyna run's optimizer steps by what its schedule does on them (from the run file's resolved config):
+    warm-up before the scores start, warm-up scoring, reallocation steps (every group runs), the other pruning
+    steps (kept groups only, scored), and the last part at the target."""
+    from ..budget import ParameterBudget
+    from ..methods.rankdyna.importance import memory_steps
+
+    config, total = run["config"], run["optimizer_steps"]
+    budget = ParameterBudget.from_fractions(1, 1.0, run["budget"], total, config["warmup_fraction"],
+                                            config["final_fraction"], config["reallocation_interval"])
+    score_from = max(0, budget.warmup_steps - memory_steps(config["beta1"], config["beta2"]))
+    parts = {"warm-up, unscored": [], "warm-up, scored": [], "reallocation steps": [], "pruning, kept groups": [],
+             "at the target": []}
+    for step in range(total):
+        if step < budget.warmup_steps:
+            parts["warm-up, scored" if step >= score_from else "warm-up, unscored"].append(step)
+        elif budget.is_reallocation_step(step):
+            parts["reallocation steps"].append(step)
+        elif step < budget.final_start:
+            parts["pruning, kept groups"].append(step)
+        else:
+            parts["at the target"].append(step)
+    return parts
+
+
+def schedule_cost_table(run: dict, dense: dict) -> list[str]:
+    """Markdown rows: per part of a RankDyna run's schedule (:func:`schedule_parts`), its steps, and their time over
+    the same steps of a dense run of the same task and seed (both files need ``step_cost.every_step_ms``; the same
+    seed gives both runs the same batches, step for step)."""
+    steps, dense_steps = run["step_cost"]["every_step_ms"], dense["step_cost"]["every_step_ms"]
+    if len(steps) != len(dense_steps):
+        raise ValueError(f"the runs have {len(steps)} and {len(dense_steps)} steps: not the same batches")
+    rows = ["| part of the schedule | steps | time (s) | dense, same steps (s) | of dense |", "|---|---|---|---|---|"]
+    for part, indices in [*schedule_parts(run).items(), ("whole run", list(range(len(steps))))]:
+        mine, theirs = sum(steps[i] for i in indices) / 1000, sum(dense_steps[i] for i in indices) / 1000
+        ratio = f"{mine / theirs:.2f}" if theirs else ""
+        rows.append(f"| {part} | {len(indices)} | {mine:.1f} | {theirs:.1f} | {ratio} |")
+    return rows

@@ -111,10 +111,11 @@ def lead_cell(result: dict) -> str:
 
 def _behind_text(result: dict) -> str:
     """The measured tasks a lead is not ahead on, with the paired score differences per seed: why a per-task
-    target fails, and whether the seeds agree on it (``; behind on MRPC by 0.1: +0.4 / +1.1 / -2.0 by seed``)."""
+    target fails, and whether the seeds agree on it (``; behind on MRPC by 0.2: +1.2 / -2.0 / +0.4 by seed, lowest
+    first``)."""
     behind = [t for t, points in result["points"].items() if points <= 0]
     return "".join(f"; behind on {t.upper()} by {-result['points'][t]:.1f}: "
-                   + " / ".join(f"{g:+.1f}" for g in result["gaps"][t]) + " by seed" for t in behind)
+                   + " / ".join(f"{g:+.1f}" for g in result["gaps"][t]) + " by seed, lowest first" for t in behind)
 
 
 def _verdict(decided: list[bool | None]) -> str:

@@ -1,5 +1,7 @@
 """experiment/glue_cost.py: runs made one after the other, over the same window's dense runs."""
 
+import pytest
+
 from rankdyna_trainer.experiment import glue_cost
 
 from .test_glue_report import run_record
@@ -26,3 +28,24 @@ def test_each_run_is_over_the_mean_of_its_windows_dense_runs_in_finishing_order(
     assert rows[5] == ("| COLA | 42 | rankdyna 0.2 | 10:05 | 80.0 | 120 | 0.80 | 200 / 150 / 100 | 180 / 130 / 90 | "
                        "2.5 |")
     assert rows[6].startswith("| COLA | 42 | dense | 10:10 | 80.0 | 160 | 1.07 |")
+
+
+def test_a_runs_steps_split_by_its_schedule_and_set_over_the_same_dense_steps():
+    run = _run("cola", "rankdyna", 0.2, 42, 100.0, "10:00")
+    run["optimizer_steps"] = 100
+    run["config"] = {"warmup_fraction": 0.3, "final_fraction": 0.2, "reallocation_interval": 10, "beta1": 0.5,
+                     "beta2": 0.5}
+    parts = glue_cost.schedule_parts(run)
+    # scores start 25 steps (beta 0.5) before pruning at 30; reallocations at 30, 40, ..., 70 and at 80, the target's
+    assert parts["warm-up, unscored"] == list(range(5)) and parts["warm-up, scored"] == list(range(5, 30))
+    assert parts["reallocation steps"] == [30, 40, 50, 60, 70, 80]
+    assert len(parts["pruning, kept groups"]) == 45 and parts["at the target"] == list(range(81, 100))
+    run["step_cost"] = {"every_step_ms": [300.0 if i in parts["reallocation steps"] else 100.0 for i in range(100)]}
+    dense = _run("cola", "dense", None, 42, 200.0, "09:00", {"every_step_ms": [200.0] * 100})
+    rows = glue_cost.schedule_cost_table(run, dense)
+    assert rows[2] == "| warm-up, unscored | 5 | 0.5 | 1.0 | 0.50 |"
+    assert rows[4] == "| reallocation steps | 6 | 1.8 | 1.2 | 1.50 |"
+    assert rows[-1] == "| whole run | 100 | 11.2 | 20.0 | 0.56 |"
+    dense["step_cost"]["every_step_ms"] = [200.0] * 99
+    with pytest.raises(ValueError, match="100 and 99 steps"):
+        glue_cost.schedule_cost_table(run, dense)

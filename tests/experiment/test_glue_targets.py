@@ -122,7 +122,8 @@ def test_a_decided_failure_is_not_met_before_the_other_budgets_are_measured():
         if r["method"] == "rankdyna_equal" and r["task"] == "cola" and r["budget"] == 0.33:
             r["score"] = DENSE["cola"] - 5.0
     lines = glue_targets.target_statements(runs, glue_report.summarize(runs))
-    behind = f"behind on COLA by {retention_points(5.0 - FWSVD_BELOW[0.33], ['cola']):.1f}: -3.0 / -3.0 / -3.0 by seed"
+    points = retention_points(5.0 - FWSVD_BELOW[0.33], ["cola"])
+    behind = f"behind on COLA by {points:.1f}: -3.0 / -3.0 / -3.0 by seed, lowest first"
     assert "tasks at 0.33 and 0.2 (here 3 of the 3 that decide): **not met** (0.33: ahead on 2 of 3 measured; " \
            f"{behind}, 0.2: ahead on 0 of 0 measured)." in lines[3]
 

@@ -254,7 +254,7 @@ def test_rankdyna_equal_is_the_rankdyna_run_with_fwsvds_two_rounds_of_steps(tmp_
         cost = run["step_cost"]
         assert cost["steps"] == run["optimizer_steps"] and 0 < cost["train_s"] <= run["wall_time"]["fine_tune_s"]
         assert set(cost["step_part_s"]) == {"forward_backward", "optimizer", "after"}
-        assert 0 < cost["rankdyna_hook_total_s"] < cost["train_s"]
+        assert 0 < cost["rankdyna_hook_total_s"] < cost["train_s"] and len(cost["every_step_ms"]) == cost["steps"]
     summary = json.loads((tmp_path / "docs" / "results_glue.json").read_text())
     assert {"rankdyna@0.5", "rankdyna_equal@0.5"} <= set(summary["runs"])
     assert "| COLA | 1 | 3 | 3 + 3 = 6 | 6 |" in (tmp_path / "docs" / "R.md").read_text()
