@@ -6,7 +6,7 @@ its dense ``m * n``: past the break-even rank it is cheaper to store it dense, s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -94,6 +94,11 @@ class ParameterBudget:
             return True
         in_pruning = self.warmup_steps <= step < self.final_start
         return in_pruning and (step - self.warmup_steps) % self.interval == 0
+
+    def scoring_from(self, memory: int) -> "ParameterBudget":
+        """This schedule with scores starting ``memory`` steps before the first reallocation reads them (the scores'
+        memory: rankdyna.importance.memory_steps)."""
+        return replace(self, score_from=max(0, self.warmup_steps - memory))
 
     def tracks_scores(self, step: int) -> bool:
         """Scores are needed from ``score_from`` up to and including the last allocation."""

@@ -273,8 +273,11 @@ def step_cost_record(cost, hook_seconds: list[float]) -> dict:
     can be explained from its own file."""
     from rankdyna_trainer.experiment.run_cost import phase_step_seconds
 
-    def phases(seconds):  # a run too short for three phases (a smoke run) gets its total only
-        return phase_step_seconds(seconds) if len(seconds) >= 10 else {"total": sum(seconds)}
+    def phases(seconds):
+        try:
+            return phase_step_seconds(seconds)
+        except ValueError:  # a run too short for three phases (a smoke run): its total only
+            return {"total": sum(seconds)}
 
     return {"train_s": cost.train_seconds, "steps": len(cost.step_seconds), "step_s": phases(cost.step_seconds),
             "step_part_s": {part: phases(times) for part, times in cost.step_parts.items()},

@@ -68,7 +68,11 @@ def main(argv=None):
     if args.schedule_cost:
         import json
 
-        run, dense = (json.load(open(path)) for path in args.schedule_cost)
+        runs = []
+        for path in args.schedule_cost:
+            with open(path) as f:
+                runs.append(json.load(f))
+        run, dense = runs
         if "every_step_ms" not in run.get("step_cost", {}) or "every_step_ms" not in dense.get("step_cost", {}):
             sys.exit("glue_controls.py: --schedule_cost needs run files with step_cost.every_step_ms (written since "
                      "2026-12-06 17:40)")

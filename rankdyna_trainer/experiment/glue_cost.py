@@ -54,13 +54,13 @@ def schedule_parts(run: dict) -> dict[str, list[int]]:
 
     config, total = run["config"], run["optimizer_steps"]
     budget = ParameterBudget.from_fractions(1, 1.0, run["budget"], total, config["warmup_fraction"],
-                                            config["final_fraction"], config["reallocation_interval"])
-    score_from = max(0, budget.warmup_steps - memory_steps(config["beta1"], config["beta2"]))
+                                            config["final_fraction"], config["reallocation_interval"]
+                                            ).scoring_from(memory_steps(config["beta1"], config["beta2"]))
     parts = {"warm-up, unscored": [], "warm-up, scored": [], "reallocation steps": [], "pruning, kept groups": [],
              "at the target": []}
     for step in range(total):
         if step < budget.warmup_steps:
-            parts["warm-up, scored" if step >= score_from else "warm-up, unscored"].append(step)
+            parts["warm-up, scored" if budget.tracks_scores(step) else "warm-up, unscored"].append(step)
         elif budget.is_reallocation_step(step):
             parts["reallocation steps"].append(step)
         elif step < budget.final_start:

@@ -94,8 +94,7 @@ class RankDynaCallback(TrainerCallback):
         if config.reallocation_interval == AUTO:
             config = self._resolve_reallocation_interval(config)
         # Scores are first read at the first reallocation; averages started memory_steps before it are the same.
-        self.budget = dataclasses.replace(
-            self.budget, score_from=max(0, self.budget.warmup_steps - memory_steps(config.beta1, config.beta2)))
+        self.budget = self.budget.scoring_from(memory_steps(config.beta1, config.beta2))
         self.config = config
         unwrap_model(model).rankdyna_config = config  # the config this run trains with, for its record and export
         self.scores = SingularGroupScores(self._layers, config.beta1, config.beta2,
@@ -210,8 +209,9 @@ class RankDynaCallback(TrainerCallback):
     def _score_gates(self, scored: bool) -> None:
         """Whether this step's forward gives the gates a gradient: a step whose scores nobody reads skips it (and
         the multiplies by ones around it; layer.gate_for_forward). A host-side flag per layer, no sync."""
-        for layer in self._layers:
-            layer.gate_scored = scored
+        if self._layers and self._layers[0].gate_scored != scored:  # the flag changes twice a run
+            for layer in self._layers:
+                layer.gate_scored = scored
 
     @torch.no_grad()
     def reallocate(self, budget_params: int) -> None:
