@@ -1,11 +1,11 @@
-"""Handing host memory that the C allocator keeps after ``free`` back to the operating system."""
+"""This process's host memory: its resident set (now and peak), and freed heap handed back to the operating system."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
-import os
+import re
 
 # Trim only once the resident set has grown by this factor since the last trim. Trimming hands freed pages back, so
 # the next steps fault them in again; a model that reallocates every few steps should not pay that each time. On
@@ -36,13 +36,24 @@ def trim_freed_heap() -> bool:
     return True
 
 
-def resident_bytes() -> int | None:
-    """This process's resident set size (Linux ``/proc/self/statm``), None where it cannot be read."""
+def resident_bytes(field: str = "VmRSS") -> int | None:
+    """This process's resident set size from Linux's ``/proc/self/status``: ``VmRSS`` (now) or ``VmHWM`` (its peak
+    since start or since :func:`reset_peak_resident`); None where it cannot be read."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+    except (OSError, AttributeError, ValueError):
         return None
+
+
+def reset_peak_resident() -> bool:
+    """Reset ``VmHWM`` to the current resident set (Linux); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class FreedHeapTrim:

@@ -60,7 +60,8 @@ def measure() -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
     from transformers.distributed import DistributedConfig
 
-    from rankdyna_trainer.experiment.run_cost import release_free_heap, reset_peak_rss, rss_bytes
+    from rankdyna_trainer.experiment.run_cost import release_free_heap
+    from rankdyna_trainer.host_memory import reset_peak_resident, resident_bytes
     from rankdyna_trainer.methods.rankdyna import RankDynaCallback, RankDynaConfig, prepare_model, shard_model
     from rankdyna_trainer.packaged_models import smollm2_path
 
@@ -79,10 +80,10 @@ def measure() -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.steps * args.global_batch, args.seq_len), generator=g)
     train = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    prepare_peak = rss_bytes("VmHWM")
+    prepare_peak = resident_bytes("VmHWM")
     release_free_heap()
-    before = rss_bytes("VmRSS")
-    peak_reset = reset_peak_rss()
+    before = resident_bytes("VmRSS")
+    peak_reset = reset_peak_resident()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         training_args = TrainingArguments(
@@ -91,7 +92,7 @@ def measure() -> dict:
             logging_steps=1, ddp_backend="gloo" if world > 1 else None)
         Trainer(model=model, args=training_args, train_dataset=train, callbacks=[RankDynaCallback(config)]).train()
     return {"processes": world, "rank": rank, "training_state_bytes": state, "peak_rss_loading_preparing": prepare_peak,
-            "rss_before_training": before, "peak_rss_training": rss_bytes("VmHWM"), "peak_rss_reset": peak_reset,
+            "rss_before_training": before, "peak_rss_training": resident_bytes("VmHWM"), "peak_rss_reset": peak_reset,
             "seconds_per_step": (time.perf_counter() - start) / args.steps}
 
 

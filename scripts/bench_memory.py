@@ -72,7 +72,8 @@ def measure(setting: str) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from rankdyna_trainer import RankDynaCallback, RankDynaConfig, prepare_model
-    from rankdyna_trainer.experiment.run_cost import release_free_heap, reset_peak_rss, rss_bytes
+    from rankdyna_trainer.experiment.run_cost import release_free_heap
+    from rankdyna_trainer.host_memory import reset_peak_resident, resident_bytes
     from rankdyna_trainer.packaged_models import smollm2_path
 
     torch.set_num_threads(args.threads)
@@ -94,10 +95,10 @@ def measure(setting: str) -> dict:
     buffers = sum(b.numel() for b in model.buffers())
     state_bytes = 4 * (4 * trainable + frozen + buffers)  # fp32: weight, grad, Adam m and v; buffers once
     train = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    prepare_peak = rss_bytes("VmHWM")
+    prepare_peak = resident_bytes("VmHWM")
     release_free_heap()
-    before = rss_bytes("VmRSS")
-    peak_reset = reset_peak_rss()
+    before = resident_bytes("VmRSS")
+    peak_reset = reset_peak_resident()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -110,7 +111,7 @@ def measure(setting: str) -> dict:
         "setting": setting, "device": device, "trainable_params": trainable, "frozen_params": frozen,
         "buffer_elements": buffers, "training_state_bytes": state_bytes, "peak_rss_loading_preparing": prepare_peak,
         "rss_before_training": before,
-        "peak_rss_training": rss_bytes("VmHWM"), "peak_rss_reset": peak_reset,
+        "peak_rss_training": resident_bytes("VmHWM"), "peak_rss_reset": peak_reset,
         "seconds_per_step": (time.perf_counter() - start) / args.steps,
     }
     if device == "cuda":

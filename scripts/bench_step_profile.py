@@ -14,6 +14,11 @@ allocation spreads unevenly (early layers near full, late ones far below), unlik
     python scripts/bench_step_profile.py --kept 1,0.5 \
         --ranks_from benchmarks/glue_protocol/sst2/rankdyna_b0.5_seed1.json
 
+``--scoring on off`` profiles each ``--kept`` point as a scored step (the gates get their gradients: default) and as
+an unscored one (the warm-up's first steps and the final phase), to price the scoring itself.
+
+    python scripts/bench_step_profile.py --kept 1,1 1,0.3 --scoring on off --steps 24 --seq_len 64
+
 ``--schedule_bound B ...`` then prints, per target budget ``B``, the mean step cost over the main job's run (500
 optimizer steps, the encoder defaults' schedule) if every step cost what this profile measured at its kept fraction
 (``rankdyna_trainer.experiment.run_cost.schedule_step_cost``): what the schedule allows, whatever else the run does.
@@ -33,6 +38,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+
+SCORINGS = ("on", "off")
 
 
 def kept_fractions(text: str) -> tuple[float, float]:
@@ -76,7 +84,7 @@ def set_gates(layers: dict, kept) -> None:
             layer.gate[:count] = 1
 
 
-def build(kept: tuple[float, float] | dict[str, int] | None, attention_groups: str = "auto"):
+def build(kept: tuple[float, float] | dict[str, int] | None, attention_groups: str = "auto", scoring: str = "on"):
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -92,6 +100,8 @@ def build(kept: tuple[float, float] | dict[str, int] | None, attention_groups: s
         layers = gated_layers(model)
         set_gates(layers, kept)
         KeptCompute(model, list(layers.values())).use_kept(True)
+        for layer in layers.values():
+            layer.gate_scored = scoring != "off"
     return model, trainer_optimizer(model)
 
 
@@ -124,6 +134,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="steps per setting; the first two are not timed")
     parser.add_argument("--attention_groups", choices=["auto", "singular"], default="auto",
                         help="RankDynaConfig.attention_groups: 'auto' (the default) is per-head channels on MiniLM")
+    parser.add_argument("--scoring", nargs="+", choices=SCORINGS, default=["on"],
+                        help="'on': the gates get their gradients (a scored step: warm-up from its score start, "
+                        "pruning), 'off': they do not (an unscored step); both: each --kept point once per mode")
     args = parser.parse_args(argv)
     if args.steps < 3:
         parser.error(f"--steps must be at least 3 (two warm-up steps), got {args.steps}")
@@ -145,11 +158,31 @@ def main(argv=None) -> int:
 
     ids = torch.randint(1000, 20000, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, 2, (args.batch_size,), generator=torch.Generator().manual_seed(1))
-    settings = {"dense": build(None)} | {f"kept {s:g} / {c:g}": build((s, c), args.attention_groups)
-                                            for s, c in args.kept}
-    settings |= {name: build(ranks, args.attention_groups) for name, ranks in allocations.items()}
+
+    def named(name: str, scoring: str) -> str:
+        return name if len(args.scoring) == 1 else f"{name} ({scoring})"
+
+    settings = {"dense": build(None)} | {
+        named(f"kept {s:g} / {c:g}", mode): build((s, c), args.attention_groups, mode)
+        for s, c in args.kept for mode in args.scoring}
+    settings |= {named(name, mode): build(ranks, args.attention_groups, mode)
+                 for name, ranks in allocations.items() for mode in args.scoring}
+    medians = step_medians(settings, ids, labels, args.steps)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} x {args.seq_len}, "
+          f"attention_groups={args.attention_groups}, scoring={' / '.join(args.scoring)}")
+    print(step_table(medians))
+    if args.schedule_bound:
+        dense = sum(medians["dense"])
+        step_cost = {c: sum(medians[named(f"kept 1 / {c:g}", args.scoring[0])]) / dense for c in channel_points}
+        print(schedule_bounds(step_cost, args.schedule_bound, args.total_steps, args.warmup_fraction))
+    return 0
+
+
+def step_medians(settings: dict, ids, labels, steps: int) -> dict[str, list[float]]:
+    """Median forward, backward and optimizer seconds of each ``{name: (model, optimizer)}``, the settings taking
+    turns step by step (so that the machine's drift falls on all of them alike); the first two steps are not timed."""
     times = {name: [] for name in settings}
-    for step in range(args.steps):
+    for step in range(steps):
         for name, (model, optimizer) in settings.items():
             start = time.perf_counter()
             loss = model(input_ids=ids, labels=labels).loss
@@ -160,18 +193,17 @@ def main(argv=None) -> int:
             optimizer.zero_grad()
             if step >= 2:
                 times[name].append((forward - start, backward - forward, time.perf_counter() - backward))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} x {args.seq_len}, "
-          f"attention_groups={args.attention_groups}")
-    print("| step (s) | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings))
-    medians = {n: [statistics.median(t[i] for t in ts) for i in range(3)] for n, ts in times.items()}
+    return {n: [statistics.median(t[i] for t in ts) for i in range(3)] for n, ts in times.items()}
+
+
+def step_table(medians: dict[str, list[float]]) -> str:
+    """A markdown table of :func:`step_medians`, with each total over the ``dense`` setting's."""
+    lines = ["| step (s) | " + " | ".join(medians) + " |", "|---|" + "---|" * len(medians)]
     for i, part in enumerate(("forward", "backward", "optimizer (the Trainer's default)")):
-        print(f"| {part} | " + " | ".join(f"{m[i]:.3f}" for m in medians.values()) + " |")
+        lines.append(f"| {part} | " + " | ".join(f"{m[i]:.3f}" for m in medians.values()) + " |")
     dense = sum(medians["dense"])
-    print("| total, of dense | " + " | ".join(f"{sum(m) / dense:.2f}" for m in medians.values()) + " |")
-    if args.schedule_bound:
-        step_cost = {c: sum(medians[f"kept 1 / {c:g}"]) / dense for c in channel_points}
-        print(schedule_bounds(step_cost, args.schedule_bound, args.total_steps, args.warmup_fraction))
-    return 0
+    lines.append("| total, of dense | " + " | ".join(f"{sum(m) / dense:.2f}" for m in medians.values()) + " |")
+    return "\n".join(lines)
 
 
 def schedule_bounds(step_cost: dict[float, float], budgets: list[float], total_steps: int,

@@ -8,20 +8,13 @@ on a GPU it is ``torch.cuda.max_memory_allocated`` over training.
 from __future__ import annotations
 
 import contextlib
-import re
 import statistics
 import time
 
 import torch
 from transformers import TrainerCallback
 
-from ..host_memory import trim_freed_heap
-
-
-def rss_bytes(field: str = "VmRSS") -> int:
-    """``VmRSS`` (current) or ``VmHWM`` (peak) resident set size of this process, from /proc."""
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+from ..host_memory import reset_peak_resident, resident_bytes, trim_freed_heap
 
 
 def release_free_heap() -> None:
@@ -34,16 +27,6 @@ def release_free_heap() -> None:
 
     gc.collect()
     trim_freed_heap()
-
-
-def reset_peak_rss() -> bool:
-    """Reset ``VmHWM`` to the current RSS (Linux); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class RunCost(TrainerCallback):
@@ -74,8 +57,8 @@ class RunCost(TrainerCallback):
             self.memory_kind = "cuda_max_allocated"
         else:
             release_free_heap()
-            self.memory_kind = "peak_rss" if reset_peak_rss() else "peak_rss_since_start"
-        self.start_bytes = torch.cuda.memory_allocated() if torch.cuda.is_available() else rss_bytes("VmRSS")
+            self.memory_kind = "peak_rss" if reset_peak_resident() else "peak_rss_since_start"
+        self.start_bytes = torch.cuda.memory_allocated() if torch.cuda.is_available() else resident_bytes("VmRSS")
         self._train_start, self._train_cpu = time.perf_counter(), time.process_time()
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -101,7 +84,7 @@ class RunCost(TrainerCallback):
         self.train_seconds = time.perf_counter() - self._train_start
         self.train_cpu_seconds = time.process_time() - self._train_cpu
         self.peak_bytes = (torch.cuda.max_memory_allocated() if self.memory_kind == "cuda_max_allocated"
-                           else rss_bytes("VmHWM"))
+                           else resident_bytes("VmHWM"))
 
     def summary(self) -> dict:
         return {"train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,

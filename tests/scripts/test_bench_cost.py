@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from .test_glue_table import _load_script
 
@@ -161,6 +162,19 @@ def test_step_profile_times_the_optimizer_a_trainer_builds(tmp_path):
     assert type(optimizer) is type(built)
     for key in ("lr", "betas", "eps", "fused", "foreach"):
         assert optimizer.defaults.get(key) == built.defaults.get(key), key
+
+
+def test_step_profile_scores_the_gates_only_when_asked():
+    from rankdyna_trainer.methods.rankdyna import gated_layers
+
+    profile = _load_script("bench_step_profile")
+    ids = torch.randint(1000, 20000, (2, 8), generator=torch.Generator().manual_seed(0))
+    for scoring, scored in (("on", True), ("off", False)):
+        model, _ = profile.build((1.0, 0.5), scoring=scoring)
+        layers = list(gated_layers(model).values())
+        model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+        assert all(l.gate_scored == scored for l in layers)
+        assert any(l.gate_grad.any() for l in layers) == scored
 
 
 def test_schedule_bound_follows_the_warmup():
