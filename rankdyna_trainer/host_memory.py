@@ -36,6 +36,18 @@ def trim_freed_heap() -> bool:
     return True
 
 
+def release_free_heap() -> None:
+    """Hand memory that is freed but still held by glibc's allocator back to the OS (no effect elsewhere).
+
+    Preparing RankDyna (factorization, calibration) frees large temporaries that glibc may keep mapped; without
+    this the training peak would count them although training never uses them.
+    """
+    import gc
+
+    gc.collect()
+    trim_freed_heap()
+
+
 def resident_bytes(field: str = "VmRSS") -> int | None:
     """This process's resident set size from Linux's ``/proc/self/status``: ``VmRSS`` (now) or ``VmHWM`` (its peak
     since start or since :func:`reset_peak_resident`); None where it cannot be read."""

@@ -60,8 +60,7 @@ def measure() -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
     from transformers.distributed import DistributedConfig
 
-    from rankdyna_trainer.experiment.run_cost import release_free_heap
-    from rankdyna_trainer.host_memory import reset_peak_resident, resident_bytes
+    from rankdyna_trainer.host_memory import release_free_heap, reset_peak_resident, resident_bytes
     from rankdyna_trainer.methods.rankdyna import RankDynaCallback, RankDynaConfig, prepare_model, shard_model
     from rankdyna_trainer.packaged_models import smollm2_path
 

@@ -72,8 +72,7 @@ def measure(setting: str) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from rankdyna_trainer import RankDynaCallback, RankDynaConfig, prepare_model
-    from rankdyna_trainer.experiment.run_cost import release_free_heap
-    from rankdyna_trainer.host_memory import reset_peak_resident, resident_bytes
+    from rankdyna_trainer.host_memory import release_free_heap, reset_peak_resident, resident_bytes
     from rankdyna_trainer.packaged_models import smollm2_path
 
     torch.set_num_threads(args.threads)

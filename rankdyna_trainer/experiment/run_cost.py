@@ -14,19 +14,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from ..host_memory import reset_peak_resident, resident_bytes, trim_freed_heap
-
-
-def release_free_heap() -> None:
-    """Hand memory that is freed but still held by glibc's allocator back to the OS (no effect elsewhere).
-
-    Preparing RankDyna (factorization, calibration) frees large temporaries that glibc may keep mapped; without
-    this the training peak would count them although training never uses them.
-    """
-    import gc
-
-    gc.collect()
-    trim_freed_heap()
+from ..host_memory import release_free_heap, reset_peak_resident, resident_bytes
 
 
 class RunCost(TrainerCallback):
