@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 import rankdyna_trainer  # noqa: E402
 from rankdyna_trainer import RankDynaCallback, RankDynaConfig, export_model, prepare_model  # noqa: E402
+from rankdyna_trainer.experiment import lm_targets  # noqa: E402
 from rankdyna_trainer.experiment.glue_data import load_glue  # noqa: E402
 from rankdyna_trainer.export import exported_params  # noqa: E402
 from rankdyna_trainer.methods.lorap import LoRAPConfig, LowRankSVDConfig, compress_lorap, compress_svd  # noqa: E402
@@ -175,6 +176,8 @@ parser.add_argument("--runs-dir", default=os.path.join(REPO, "benchmarks", "lm")
 parser.add_argument("--results-json", default=os.path.join(REPO, "docs", "results_lm.json"))
 parser.add_argument("--out", default=os.path.join(REPO, "docs", "RESULTS_LM.md"))
 parser.add_argument("--report-only", action="store_true", help="rebuild --results-json and --out from the run files")
+parser.add_argument("--recipe-runs-dir", default=os.path.join(REPO, "benchmarks", "lm_recipe_before_28"),
+                    help="run files of the decoder recipe row that issue 28's target compares the default row with")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
 COMMAND = "python scripts/benchmark_lm.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -478,6 +481,9 @@ def write_report(runs: list[dict], stale: list[str]) -> None:
             f"{r['attention_params'] / att_dense:.0%} / {r['ffn_params'] / ffn_dense:.0%} | {r['seconds']:.0f} |")
     missing = [f"{m}@{b} seed {sd}" for m, b, sd in planned_runs()
                if not os.path.isfile(run_path(m, b, sd))] if not args.report_only else []
+    recipe_dir = os.path.relpath(args.recipe_runs_dir, REPO)
+    lines += [""] + lm_targets.default_against_recipe(results, lm_targets.load_recipe_runs(args.recipe_runs_dir),
+                                                      recipe_dir)
     if missing:
         lines += ["", f"Not run yet in the last command: {', '.join(missing)}."]
     if stale:

@@ -80,6 +80,7 @@ def main(argv=None):
     if args.side_by_side:
         runs = [run for folder in args.side_by_side for run in glue_report.read_run_files(folder)]
         print("\n".join(glue_cost.side_by_side_table(runs)) + "\n")
+        print("\n".join(glue_cost.side_by_side_summary(runs)) + "\n")
     if args.headline:
         print("\n".join(glue_report.headline_table(glue_report.summarize(campaign))) + "\n")
     if args.variant:

@@ -45,6 +45,35 @@ def side_by_side_table(runs: list[dict]) -> list[str]:
     return rows
 
 
+def side_by_side_summary(runs: list[dict], budgets=(0.5, 0.33, 0.2)) -> list[str]:
+    """Markdown rows, one per task: a one-round RankDyna run's wall time over the mean of the dense runs of its task
+    and seed among ``runs``, per budget and seed (seeds in the order ``42 / 1 / 2`` of the campaign, then any
+    other) with the mean over seeds in bold, and the dense runs' seconds. A cell without both runs is ``·``."""
+    dense: dict[tuple[str, int], list[float]] = {}
+    ours: dict[tuple[str, float, int], float] = {}
+    for run in runs:
+        total = run["wall_time"]["total_s"]
+        if run["method"] == "dense":
+            dense.setdefault((run["task"], run["seed"]), []).append(total)
+        elif run["method"] == "rankdyna" and run.get("budget") in budgets:
+            ours[(run["task"], run["budget"], run["seed"])] = total
+    seeds = sorted({seed for _, seed in dense} | {seed for *_, seed in ours}, key=lambda s: (s != 42, s))
+    tasks = [t for t in TASK_ORDER if any(k[0] == t for k in ours)]
+    rows = ["| task | " + " | ".join(f"RankDyna / dense at {b:g}" for b in budgets)
+            + " | dense (s), seeds " + " / ".join(map(str, seeds)) + " |", "|---|" + "---|" * (len(budgets) + 1)]
+    for task in tasks:
+        cells = []
+        for budget in budgets:
+            ratios = [ours[(task, budget, s)] / statistics.fmean(dense[(task, s)])
+                      if (task, budget, s) in ours and (task, s) in dense else None for s in seeds]
+            known = [r for r in ratios if r is not None]
+            cells.append(" / ".join("·" if r is None else f"{r:.2f}" for r in ratios)
+                         + (f" (**{statistics.fmean(known):.2f}**)" if known else ""))
+        clocks = " / ".join(f"{statistics.fmean(dense[(task, s)]):.0f}" if (task, s) in dense else "·" for s in seeds)
+        rows.append(f"| {task.upper()} | " + " | ".join(cells) + f" | {clocks} |")
+    return rows
+
+
 def schedule_parts(run: dict) -> dict[str, list[int]]:
     """A RankDyna run's optimizer steps by what its schedule does on them (from the run file's resolved config):
     warm-up before the scores start, warm-up scoring, reallocation steps (every group runs), the other pruning

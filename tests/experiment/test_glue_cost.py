@@ -30,6 +30,21 @@ def test_each_run_is_over_the_mean_of_its_windows_dense_runs_in_finishing_order(
     assert rows[6].startswith("| COLA | 42 | dense | 10:10 | 80.0 | 160 | 1.07 |")
 
 
+def test_the_summary_gives_each_task_its_ratios_per_budget_and_seed_over_the_same_seeds_dense():
+    runs = [_run("mrpc", "dense", None, 42, 280.0, "10:00"), _run("mrpc", "dense", None, 42, 260.0, "12:00"),
+            _run("mrpc", "dense", None, 1, 300.0, "10:05"),
+            _run("mrpc", "rankdyna", 0.5, 42, 243.0, "10:10"), _run("mrpc", "rankdyna", 0.5, 1, 330.0, "10:15"),
+            _run("mrpc", "rankdyna", 0.2, 1, 210.0, "10:20"), _run("mrpc", "rankdyna_equal", 0.2, 1, 500.0, "10:25"),
+            _run("sst2", "rankdyna", 0.33, 2, 100.0, "10:30")]
+    rows = glue_cost.side_by_side_summary(runs)
+    assert rows[0] == ("| task | RankDyna / dense at 0.5 | RankDyna / dense at 0.33 | RankDyna / dense at 0.2 "
+                       "| dense (s), seeds 42 / 1 / 2 |")
+    # SST-2 first (the page's task order); its seed 2 has no dense run, so no ratio, and no dense clock
+    assert rows[2] == "| SST2 | · / · / · | · / · / · | · / · / · | · / · / · |"
+    # 243 / mean(280, 260) = 0.90, 330 / 300 = 1.10, mean 1.00; the equal-steps row is not a one-round run
+    assert rows[3] == "| MRPC | 0.90 / 1.10 / · (**1.00**) | · / · / · | · / 0.70 / · (**0.70**) | 270 / 300 / · |"
+
+
 def test_a_runs_steps_split_by_its_schedule_and_set_over_the_same_dense_steps():
     run = _run("cola", "rankdyna", 0.2, 42, 100.0, "10:00")
     run["optimizer_steps"] = 100
