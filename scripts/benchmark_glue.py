@@ -137,6 +137,10 @@ def parse_args(argv=None):
     parser.add_argument("--summary", default=CAMPAIGN_SUMMARY)
     parser.add_argument("--report", default=CAMPAIGN_PAGE)
     parser.add_argument("--git_commit", action="store_true", help="git-commit each run file as it is written")
+    parser.add_argument("--same_process", action="store_true",
+                        help="run every cell in this process (default: each in a fresh child process, one after the "
+                        "other, so a run's time and memory do not depend on the runs before it: docs/cost.md)")
+    parser.add_argument("--recorded_command", default=None, help=argparse.SUPPRESS)  # a child's parent command
     parser.add_argument("--no_runs", action="store_true", help="no fine-tuning (latency / cost / report only)")
     parser.add_argument("--report_only", action="store_true", help="only regenerate the summary and the page")
     parser.add_argument("--no_report", action="store_true")
@@ -364,7 +368,7 @@ class Runner:
         self.data, self.protocols, self.floors = {}, {}, {}
         self.versions = versions()
         self.shapes, _ = target_shapes(self.model_dir)
-        self.command = "python scripts/benchmark_glue.py " + " ".join(sys.argv[1:])
+        self.command = args.recorded_command or "python scripts/benchmark_glue.py " + " ".join(sys.argv[1:])
 
     def task_data(self, task):
         if task not in self.data:
@@ -558,7 +562,7 @@ def commit_file(path: str, message: str, attempts: int = 5) -> None:
     print(f"WARNING: could not git-commit {path}; the run file is kept, commit it by hand", file=sys.stderr)
 
 
-def run_campaign(args) -> None:
+def run_campaign(args, argv: list[str]) -> None:
     runner = None
     for task, method, budget, seed in run_plan(args):
         multiple = args.rank_multiple if method in TAKES_RANK_MULTIPLE else 1
@@ -567,9 +571,28 @@ def run_campaign(args) -> None:
                                    args.rankdyna_attention_groups)):
             print(f"[skip] {task} {tag} b={budget} seed={seed}: already measured", flush=True)
             continue
-        runner = runner or Runner(args)
         print(f"[run] {task} {tag} b={budget} seed={seed}", flush=True)
-        runner.run_one(task, method, budget, seed)
+        if args.same_process:
+            runner = runner or Runner(args)
+            runner.run_one(task, method, budget, seed)
+        else:
+            run_in_child(argv, task, method, budget, seed)
+
+
+def run_in_child(argv: list[str], task: str, method: str, budget: float | None, seed: int) -> None:
+    """One cell in a fresh Python process. A RankDyna run leaves the process's heap larger and its later runs slower
+    (docs/cost.md), so runs sharing a process would be timed against what ran before them. The child gets this
+    command's options with the cell's own appended (argparse keeps the last), records this command, and writes its
+    run file as a run in this process would."""
+    cell = ["--tasks", task, "--methods", method, "--seeds", str(seed), "--same_process",
+            "--recorded_command", "python scripts/benchmark_glue.py " + " ".join(argv)]
+    if budget is not None:
+        cell += ["--budgets", f"{budget:g}"]
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, *cell])
+    if done.returncode != 0:
+        raise SystemExit(f"benchmark_glue.py: the run of {task} {method} budget {budget} seed {seed} failed in its "
+                         f"own process (exit code {done.returncode}); its error is above. Rerunning the command "
+                         "resumes from the files written so far.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -912,15 +935,19 @@ def write_summary_and_report(args) -> dict:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "disabled")
+    if args.recorded_command:  # a child of run_in_child: its one cell, nothing else
+        run_campaign(args, argv)
+        return
     if not args.report_only:
         if args.measure_cost:
             measure_cost(args)
         if not args.no_runs:
-            run_campaign(args)
+            run_campaign(args, argv)
         if args.latency_rounds > 0:
             measure_latency(args, rank_pattern_records(args.latency_patterns_from or args.results_dir))
     if not args.no_report:

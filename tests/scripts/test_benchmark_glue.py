@@ -47,7 +47,7 @@ def test_a_real_run_writes_its_file_and_the_post_hoc_run_reuses_the_dense_round(
     bench = _load_script("benchmark_glue")
     argv = ["--tasks", "cola", "--methods", "dense", "svd", "--budgets", "0.33", "--seeds", "7", "--limit", "48",
             "--epochs", "1", "--rank_multiple", "4", "--glue_dir", glue_dir, "--model", small_model,
-            "--device", "cpu"] + _paths(tmp_path)
+            "--device", "cpu", "--same_process"] + _paths(tmp_path)
     bench.main(argv)
     runs = tmp_path / "runs" / "cola"
     dense = json.loads((runs / "dense_bna_seed7.json").read_text())
@@ -91,7 +91,7 @@ def test_rankdyna_runs_ffn_channels_and_singular_groups_as_separate_rows(tmp_pat
     # test below).
     argv = ["--tasks", "cola", "--methods", "rankdyna", "--budgets", "0.5", "--seeds", "7", "--limit", "128",
             "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model, "--device", "cpu",
-            "--rankdyna_attention_groups", "singular"] + _paths(tmp_path)
+            "--rankdyna_attention_groups", "singular", "--same_process"] + _paths(tmp_path)
     bench.main(argv)
     run = json.loads((tmp_path / "runs" / "cola" / "rankdyna+attn_singular_b0.5_seed7.json").read_text())
     assert run["config"]["ffn_groups"] == "channels"  # the campaign's recipe by default
@@ -138,8 +138,8 @@ def test_rankdyna_runs_ffn_channels_and_singular_groups_as_separate_rows(tmp_pat
 def test_rankdyna_runs_attention_channels_by_default(tmp_path, glue_dir, small_model):
     bench = _load_script("benchmark_glue")
     argv = ["--tasks", "cola", "--methods", "rankdyna", "--budgets", "0.5", "--seeds", "7", "--limit", "128",
-            "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model, "--device", "cpu", "--no_report"
-            ] + _paths(tmp_path)
+            "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model, "--device", "cpu", "--no_report",
+            "--same_process"] + _paths(tmp_path)
     bench.main(argv)
     run = json.loads((tmp_path / "runs" / "cola" / "rankdyna_b0.5_seed7.json").read_text())
     assert run["config"]["attention_groups"] == "channels" and run["config"]["ffn_groups"] == "channels"
@@ -237,10 +237,11 @@ def test_rankdyna_equal_is_the_rankdyna_run_with_fwsvds_two_rounds_of_steps(tmp_
     argv = ["--tasks", "cola", "--methods", "rankdyna", "rankdyna_equal", "--budgets", "0.5", "--seeds", "7",
             "--limit", "96", "--epochs", "1", "--glue_dir", glue_dir, "--model", small_model,
             "--device", "cpu"] + _paths(tmp_path)
-    bench.main(argv)
+    bench.main(argv)  # each run in its own process (the default)
     runs = tmp_path / "runs" / "cola"
     one = json.loads((runs / "rankdyna_b0.5_seed7.json").read_text())
     equal = json.loads((runs / "rankdyna_equal_b0.5_seed7.json").read_text())
+    assert one["command"] == equal["command"] == "python scripts/benchmark_glue.py " + " ".join(argv)
     # 96 rows in batches of 32: 3 steps an epoch (warm-up, one pruning step, the final step). --epochs 1 is the round
     # of every method: FWSVD trains 1 + 1 epochs (its dense round, then its own), rankdyna_equal 2 in its one run.
     assert (one["epochs"], one["optimizer_steps"]) == (1.0, 3)
@@ -261,6 +262,14 @@ def test_rankdyna_equal_is_the_rankdyna_run_with_fwsvds_two_rounds_of_steps(tmp_
     capsys.readouterr()
     bench.main(argv + ["--no_report"])  # resumes: both files exist
     assert capsys.readouterr().out.count("[skip]") == 2
+
+
+def test_a_run_that_fails_in_its_own_process_stops_the_campaign_naming_the_run(tmp_path, glue_dir):
+    bench = _load_script("benchmark_glue")
+    with pytest.raises(SystemExit, match="the run of cola dense budget None seed 7 failed in its own process"):
+        bench.main(["--tasks", "cola", "--methods", "dense", "--seeds", "7", "--limit", "32", "--glue_dir", glue_dir,
+                    "--model", str(tmp_path / "no_model"), "--device", "cpu", "--no_report"] + _paths(tmp_path))
+    assert not list((tmp_path / "runs").rglob("*.json"))
 
 
 def test_rankdyna_equal_refuses_a_fractional_round(capsys):
