@@ -23,14 +23,15 @@ def _phases_ms(parts: dict | None) -> str:
 def side_by_side_table(runs: list[dict]) -> list[str]:
     """Markdown rows, per task and seed in the order the runs finished: score, wall time, time over the mean of the
     dense runs of the same task and seed among ``runs``, median optimizer-step time at the start / middle / end of
-    the run (RankDyna: warm-up, pruning, at the target) and its forward-and-backward part, and RankDyna's own hook
-    time (``step_cost`` of the run file). A task and seed without a dense run gets no ratio."""
+    the run (RankDyna: warm-up, pruning, at the target) and its forward-and-backward part, RankDyna's own hook
+    time and the training's peak RSS (``step_cost`` of the run file). A task and seed without a dense run gets no
+    ratio."""
     dense = {}
     for run in runs:
         if run["method"] == "dense":
             dense.setdefault((run["task"], run["seed"]), []).append(run["wall_time"]["total_s"])
     rows = ["| task | seed | run | finished (UTC) | score | wall (s) | x dense | step start / middle / end (ms) | "
-            "forward + backward (ms) | RankDyna's hook (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "forward + backward (ms) | RankDyna's hook (s) | peak RSS (MiB) |", "|---|" + "---|" * 10]
     order = sorted(runs, key=lambda r: (TASK_ORDER.index(r["task"]), r["seed"], r["finished"]))
     for run in order:
         clocks = dense.get((run["task"], run["seed"]))
@@ -39,9 +40,10 @@ def side_by_side_table(runs: list[dict]) -> list[str]:
         cost = run.get("step_cost") or {}
         name = run["method"] if run.get("budget") is None else f"{run['method']} {run['budget']:g}"
         hook = f"{cost['rankdyna_hook_total_s']:.1f}" if cost.get("rankdyna_hook_total_s") else ""
+        peak = f"{cost['peak_rss_mib']:.0f}" if cost.get("peak_rss_mib") else ""
         rows.append(f"| {run['task'].upper()} | {run['seed']} | {name} | {run['finished'][11:16]} | "
                     f"{run['score']:.1f} | {total:.0f} | {ratio} | {_phases_ms(cost.get('step_s'))} | "
-                    f"{_phases_ms((cost.get('step_part_s') or {}).get('forward_backward'))} | {hook} |")
+                    f"{_phases_ms((cost.get('step_part_s') or {}).get('forward_backward'))} | {hook} | {peak} |")
     return rows
 
 

@@ -110,21 +110,25 @@ def lead_cell(result: dict) -> str:
     return f"**{who}** by {abs(result['average']):.1f} ({_pairs_text(result)}{note})"
 
 
+def _tasks_behind(result: dict) -> list[str]:
+    """The measured tasks a lead is not ahead on."""
+    return [t for t, points in result["points"].items() if points <= 0]
+
+
 def _behind_text(result: dict) -> str:
     """The measured tasks a lead is not ahead on, with the paired score differences per seed and whether they are
     inside the seeds' noise: why a per-task target fails (``; behind on MRPC by 0.2: +1.2 / -2.0 / +0.4 by seed,
     lowest first (ahead on 2 of 3 seeds; mean -0.1 ± 1.0 standard error: inside the seeds' noise)``)."""
-    behind = [t for t, points in result["points"].items() if points <= 0]
     return "".join(f"; behind on {t.upper()} by {-result['points'][t]:.1f}: "
                    + " / ".join(f"{g:+.1f}" for g in result["gaps"][t])
                    + f" by seed, lowest first (ahead on {sum(g > 0 for g in result['gaps'][t])} of "
-                   f"{len(result['gaps'][t])} seeds; {noise_text(result['gaps'][t])})" for t in behind)
+                   f"{len(result['gaps'][t])} seeds; {noise_text(result['gaps'][t])})" for t in _tasks_behind(result))
 
 
 def _noise_reason(results: list[dict], decided: list[bool | None]) -> str:
     """The reason a failed per-task target fails when every task behind is inside the seeds' noise: level, not
     measured behind (empty otherwise)."""
-    behind = [r["gaps"][t] for r in results for t, points in r["points"].items() if points <= 0]
+    behind = [r["gaps"][t] for r in results for t in _tasks_behind(r)]
     if False not in decided or not behind or not all(inside_noise(g) for g in behind):
         return ""
     return (": every task behind is inside the seeds' noise (its mean paired difference within two standard errors "
